@@ -1,0 +1,289 @@
+"""Typed model configuration: three small dataclasses and a named-preset registry.
+
+A :class:`ModelConfig` fully describes a Monkey-style model: the vision tower (:class:`VisionConfig`),
+how an image is cut into views (:class:`ImageConfig`) and the causal LM (:class:`LLMConfig`).
+Everything is plain data so it round-trips through YAML/JSON and is saved beside each checkpoint.
+Derived quantities (views per image, visual tokens per image) are computed, never stored, so that
+changing the grid or the number of queries can never leave a stale constant behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+RESIZE_MODES = ("stretch", "crop", "pad")
+
+
+@dataclass
+class VisionConfig:
+    """Qwen-VL/Monkey ViT plus resampler sizes.
+
+    Attributes:
+        patch_size: Side of the square patches of the patch-embedding convolution.
+        width: ViT hidden size.
+        layers: Number of ViT blocks.
+        heads: ViT attention heads.
+        mlp_ratio: MLP width is ``int(width * mlp_ratio)`` (4.9231 gives 8192 for width 1664).
+        pos_grid: Side of the learned absolute position table (resized to the patch grid).
+        output_dim: Resampler and projection width; must equal the LLM hidden size.
+        n_queries: Learnable resampler queries per view (a perfect square).
+        resampler_heads: Cross-attention heads of the resampler; 0 means ``output_dim // 128``.
+        lora_slots: Number of per-window adapter sets (one per window position).
+        lora_rank_attn: Rank of the qkv and output-projection adapters.
+        lora_rank_mlp: Rank of the parallel MLP adapter.
+        lora_dropout: Dropout applied to adapter inputs during training.
+        layer_norm_eps: Epsilon of every LayerNorm in the tower and resampler.
+        gradient_checkpointing: Recompute ViT blocks in backward to save activation memory.
+    """
+
+    patch_size: int = 14
+    width: int = 1664
+    layers: int = 48
+    heads: int = 16
+    mlp_ratio: float = 4.9231
+    pos_grid: int = 16
+    output_dim: int = 4096
+    n_queries: int = 256
+    resampler_heads: int = 0
+    lora_slots: int = 4
+    lora_rank_attn: int = 16
+    lora_rank_mlp: int = 32
+    lora_dropout: float = 0.05
+    layer_norm_eps: float = 1e-6
+    gradient_checkpointing: bool = False
+
+    @property
+    def mlp_width(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+    @property
+    def num_resampler_heads(self) -> int:
+        return self.resampler_heads or max(1, self.output_dim // 128)
+
+
+@dataclass
+class ImageConfig:
+    """How one image becomes views.
+
+    The image is resized to ``(grid[0] * window_size, grid[1] * window_size)`` and cut into
+    ``grid[0] x grid[1]`` windows in row-major order; window ``k`` uses adapter slot ``k``.
+    The optional global view (the whole image at ``window_size``) comes last and uses no adapter.
+    ``grid = [0, 0]`` means no windows: a single global view (the Qwen-VL layout).
+
+    Attributes:
+        grid: ``[rows, cols]`` of windows.
+        window_size: Side of every view in pixels.
+        global_view: Whether to append the whole-image view.
+        resize_mode: ``stretch`` (official: distorts non-square images), ``crop`` (resize the
+            shorter side and centre-crop) or ``pad`` (letterbox on the mean colour).
+        mean: Per-channel normalisation mean.
+        std: Per-channel normalisation std.
+        max_pixels: Images with more pixels are refused (decompression-bomb guard).
+    """
+
+    grid: list[int] = field(default_factory=lambda: [2, 2])
+    window_size: int = 448
+    global_view: bool = True
+    resize_mode: str = "stretch"
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
+    max_pixels: int = 16384 * 16384
+
+    @property
+    def num_windows(self) -> int:
+        return int(self.grid[0]) * int(self.grid[1])
+
+    @property
+    def num_views(self) -> int:
+        return self.num_windows + int(self.global_view)
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """(height, width) the image is resized to before cutting windows."""
+        if self.num_windows == 0:
+            return (self.window_size, self.window_size)
+        return (self.grid[0] * self.window_size, self.grid[1] * self.window_size)
+
+
+@dataclass
+class LLMConfig:
+    """Causal LM sizes (a transformers ``Qwen2ForCausalLM`` in the Qwen-7B layout by default)."""
+
+    hidden_size: int = 4096
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    intermediate_size: int = 11008
+    vocab_size: int = 151936
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = False
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """A whole model: vision tower, view layout, LLM and the image token ids.
+
+    The prompt carries each image as ``image_start_id``, ``tokens_per_image`` copies of
+    ``image_pad_id`` and ``image_end_id``. The ids default to Qwen's ``<img>``, ``</img>`` and
+    ``<imgpad>``.
+    """
+
+    name: str = "custom"
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image: ImageConfig = field(default_factory=ImageConfig)
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    image_start_id: int = 151857
+    image_end_id: int = 151858
+    image_pad_id: int = 151859
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Visual tokens one image occupies in the prompt: views x queries."""
+        return self.image.num_views * self.vision.n_queries
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the offending field when the sizes do not fit together."""
+        v, im, llm = self.vision, self.image, self.llm
+        if v.output_dim != llm.hidden_size:
+            raise ValueError(
+                f"vision.output_dim ({v.output_dim}) must equal llm.hidden_size ({llm.hidden_size})"
+            )
+        if im.num_windows > v.lora_slots and v.lora_slots > 0:
+            raise ValueError(
+                f"image.grid {im.grid} has {im.num_windows} windows but vision.lora_slots is "
+                f"{v.lora_slots}: every window position needs its own adapter slot. Raise "
+                "vision.lora_slots (new slots start as zero adapters) or use a smaller grid."
+            )
+        if im.num_views == 0:
+            raise ValueError("image.grid is [0, 0] and image.global_view is false: no views")
+        if im.window_size % v.patch_size:
+            raise ValueError(
+                f"image.window_size ({im.window_size}) must be a multiple of "
+                f"vision.patch_size ({v.patch_size})"
+            )
+        q = int(round(v.n_queries**0.5))
+        if q * q != v.n_queries:
+            raise ValueError(f"vision.n_queries ({v.n_queries}) must be a perfect square")
+        if v.width % v.heads:
+            raise ValueError(f"vision.width ({v.width}) must be divisible by vision.heads ({v.heads})")
+        if v.output_dim % v.num_resampler_heads:
+            raise ValueError("vision.output_dim must be divisible by the resampler heads")
+        if llm.hidden_size % llm.num_heads:
+            raise ValueError("llm.hidden_size must be divisible by llm.num_heads")
+        if im.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"image.resize_mode must be one of {RESIZE_MODES}, got {im.resize_mode!r}")
+        for name in ("image_start_id", "image_end_id", "image_pad_id"):
+            if not 0 <= getattr(self, name) < llm.vocab_size:
+                raise ValueError(f"{name} ({getattr(self, name)}) is outside llm.vocab_size ({llm.vocab_size})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        data = dict(data)
+        sections = {"vision": VisionConfig, "image": ImageConfig, "llm": LLMConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        for key, value in data.items():
+            if key in sections:
+                section_cls = sections[key]
+                allowed = {f.name for f in dataclasses.fields(section_cls)}
+                bad = set(value) - allowed
+                if bad:
+                    raise ValueError(f"unknown keys in model config section {key!r}: {sorted(bad)}")
+                kwargs[key] = section_cls(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _monkey_7b() -> ModelConfig:
+    return ModelConfig(name="monkey-7b")
+
+
+def _qwen_vl_7b() -> ModelConfig:
+    return ModelConfig(
+        name="qwen-vl-7b",
+        image=ImageConfig(grid=[0, 0], window_size=448, global_view=True),
+        vision=VisionConfig(lora_slots=0),
+    )
+
+
+def _tiny() -> ModelConfig:
+    # A few million parameters. 224-pixel views with 14-pixel patches give a 16x16 patch grid,
+    # which matches the learned position table exactly; 64 queries per view keep the LLM
+    # sequence short (5 views -> 320 visual tokens) so forward+backward runs in about a second.
+    return ModelConfig(
+        name="tiny",
+        vision=VisionConfig(
+            patch_size=14,
+            width=96,
+            layers=3,
+            heads=4,
+            mlp_ratio=4.0,
+            output_dim=128,
+            n_queries=64,
+            resampler_heads=4,
+            lora_slots=4,
+            lora_rank_attn=8,
+            lora_rank_mlp=16,
+        ),
+        image=ImageConfig(grid=[2, 2], window_size=224, global_view=True),
+        llm=LLMConfig(
+            hidden_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=4,
+            intermediate_size=344,
+            vocab_size=1024,
+            max_position_embeddings=4096,
+        ),
+        image_start_id=1021,
+        image_end_id=1022,
+        image_pad_id=1023,
+    )
+
+
+def _mid() -> ModelConfig:
+    # A mid-size configuration for benchmarks: the real 448-pixel views and 256 queries, a
+    # narrower and shallower tower and LLM so a CPU can run it.
+    return ModelConfig(
+        name="mid",
+        vision=VisionConfig(
+            width=256, layers=4, heads=4, mlp_ratio=4.0, output_dim=512, n_queries=256,
+            resampler_heads=4,
+        ),
+        image=ImageConfig(grid=[2, 2], window_size=448, global_view=True),
+        llm=LLMConfig(
+            hidden_size=512, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=1376,
+            vocab_size=151936,
+        ),
+    )
+
+
+PRESETS = {
+    "monkey-7b": _monkey_7b,
+    "qwen-vl-7b": _qwen_vl_7b,
+    "tiny": _tiny,
+    "mid": _mid,
+}
+
+
+def get_config(name: str) -> ModelConfig:
+    """Return a fresh copy of a named configuration (``tiny``, ``mid``, ``monkey-7b``, ``qwen-vl-7b``)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
