@@ -1,0 +1,64 @@
+"""Cross-entropy over supervised positions only.
+
+A training sequence of 2048-4096 tokens is mostly prompt and image placeholders; only answer
+tokens carry a label. Projecting every hidden state to a 151936-word vocabulary would build a
+``[tokens x vocab]`` fp32 tensor of 1-2 GB per sample for nothing. Here the LM head runs only on
+positions whose next token is supervised, in chunks whose logits are recomputed during backward,
+so peak memory is bounded by ``chunk_size x vocab`` whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = F.linear(hidden, weight).float()
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def supervised_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    lm_head: nn.Module,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over supervised positions, and their count.
+
+    Args:
+        hidden: ``[B, T, H]`` final hidden states.
+        labels: ``[B, T]`` token ids aligned with the inputs; ``-100`` marks unsupervised
+            positions. Position ``t`` of ``hidden`` predicts ``labels[:, t + 1]``.
+        lm_head: The output projection (an ``nn.Linear`` without bias, possibly wrapped by peft).
+        chunk_size: Supervised positions per LM-head chunk.
+
+    Returns:
+        ``(loss_sum, num_tokens)``: a float32 scalar and an int64 scalar. The per-token mean is
+        ``loss_sum / num_tokens``; returning both lets a trainer normalise over a whole
+        gradient-accumulation window or over data-parallel ranks.
+    """
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    num_tokens = mask.sum()
+    selected = hidden[:, :-1][mask]  # [M, H]
+    targets = targets[mask]
+    if selected.shape[0] == 0:
+        # Keep the graph connected so every rank runs the same backward.
+        return hidden.sum() * 0.0, num_tokens
+    weight = getattr(lm_head, "weight", None)
+    if not isinstance(lm_head, nn.Linear) or getattr(lm_head, "bias", None) is not None or weight is None:
+        # A wrapped head (e.g. peft LoRA on lm_head): call the module, no chunked recomputation.
+        logits = lm_head(selected).float()
+        return F.cross_entropy(logits, targets, reduction="sum"), num_tokens
+    if selected.shape[0] <= chunk_size:
+        return _chunk_ce_sum(selected, targets, weight), num_tokens
+    total = selected.new_zeros((), dtype=torch.float32)
+    for start in range(0, selected.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_ce_sum, selected[start:end], targets[start:end], weight, use_reentrant=False)
+    return total, num_tokens

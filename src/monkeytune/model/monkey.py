@@ -1,0 +1,230 @@
+"""The assembled Monkey model: shared ViT with per-window LoRA, resampler, and a transformers causal LM.
+
+Data flow for a batch::
+
+    pixel_values [N_views, 3, S, S], view_slots [N_views]
+        -> VisionTower (one batched pass over every view of every image)   [N_views, L, width]
+        -> Resampler                                                       [N_views, Q, D]
+        -> flattened in view order                                         [N_views * Q, D]
+    input_ids [B, T] -> LLM input embeddings                               [B, T, D]
+        -> visual tokens written (out of place) over the image-pad positions, in order
+        -> LLM decoder -> hidden [B, T, D] -> LM head on supervised positions only
+
+The model takes tensors only; images are decoded and tiled by the data pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from monkeytune.config import LLMConfig, ModelConfig
+from monkeytune.model.loss import supervised_loss
+from monkeytune.vision.resampler import Resampler
+from monkeytune.vision.vit import VisionTower
+
+
+def build_llm(cfg: LLMConfig) -> Qwen2ForCausalLM:
+    """A ``Qwen2ForCausalLM`` in the Qwen-7B layout (q/k/v bias, no o_proj bias, RMSNorm, SwiGLU)."""
+    hf_cfg = Qwen2Config(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        use_cache=True,
+    )
+    hf_cfg._attn_implementation = "sdpa"
+    llm = Qwen2ForCausalLM(hf_cfg)
+    if cfg.gradient_checkpointing:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return llm
+
+
+@dataclass
+class MonkeyOutput:
+    """Result of :meth:`MonkeyForCausalLM.forward`.
+
+    Attributes:
+        loss: Mean cross-entropy over this batch's supervised tokens (when labels were given).
+        loss_sum: Sum of the per-token losses (for normalising over accumulation or ranks).
+        num_tokens: Number of supervised tokens.
+        logits: ``[B, T, vocab]`` (only when no labels were given).
+    """
+
+    loss: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class ImageTokenMismatch(ValueError):
+    """The prompt's image placeholders do not match the visual features supplied."""
+
+
+class MonkeyForCausalLM(nn.Module):
+    """Monkey-style multimodal causal LM.
+
+    Args:
+        config: The model configuration (validated here).
+        llm: An existing causal LM to use instead of building one from ``config.llm`` (any
+            transformers causal LM whose hidden size equals ``config.vision.output_dim``).
+    """
+
+    def __init__(self, config: ModelConfig, llm: nn.Module | None = None):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.vision = VisionTower(config.vision)
+        self.resampler = Resampler(config.vision)
+        self.llm = llm if llm is not None else build_llm(config.llm)
+        hidden = self.llm.get_input_embeddings().weight.shape[1]
+        if hidden != config.vision.output_dim:
+            raise ValueError(f"LLM hidden size {hidden} != vision.output_dim {config.vision.output_dim}")
+
+    # ------------------------------------------------------------------ vision
+    def encode_images(self, pixel_values: torch.Tensor, view_slots: torch.Tensor) -> torch.Tensor:
+        """Visual tokens of every view.
+
+        Args:
+            pixel_values: ``[N, 3, S, S]`` normalised views, images contiguous, each image's
+                windows (row-major) then its global view.
+            view_slots: ``[N]`` int64 adapter slot per view (-1: no adapter).
+
+        Returns:
+            ``[N, n_queries, output_dim]``.
+        """
+        if pixel_values.shape[0] != view_slots.shape[0]:
+            raise ValueError(f"pixel_values has {pixel_values.shape[0]} views but view_slots has {view_slots.shape[0]}")
+        max_slot = int(view_slots.max()) if view_slots.numel() else -1
+        if max_slot >= self.config.vision.lora_slots:
+            raise ValueError(f"view slot {max_slot} used but the model has {self.config.vision.lora_slots} adapter slots")
+        patch = self.config.vision.patch_size
+        grid_hw = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
+        feats = self.vision(pixel_values, view_slots.to(pixel_values.device))
+        return self.resampler(feats, grid_hw)
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        view_slots: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token embeddings with visual tokens written over the image-pad positions.
+
+        Pad positions are filled in row-major order (batch row, then position) with the visual
+        tokens of the views in order, so image ``i`` of the batch takes placeholders
+        ``[i * tokens_per_image, (i + 1) * tokens_per_image)`` of the flattened order. The write is
+        out of place (``masked_scatter``), which keeps autograd valid when adapters train.
+
+        Args:
+            input_ids: ``[B, T]``.
+            pixel_values: ``[N, 3, S, S]`` or None for text-only batches.
+            view_slots: ``[N]``.
+
+        Returns:
+            ``[B, T, D]`` input embeddings.
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        pad_mask = input_ids == self.config.image_pad_id
+        n_pad = int(pad_mask.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_pad:
+                raise ImageTokenMismatch(f"the batch has {n_pad} image placeholder tokens but no images")
+            return embeds
+        if view_slots is None:
+            raise ValueError("view_slots is required with pixel_values")
+        visual = self.encode_images(pixel_values, view_slots)  # [N, Q, D]
+        n_feat = visual.shape[0] * visual.shape[1]
+        if n_feat != n_pad:
+            per_image = self.config.tokens_per_image
+            raise ImageTokenMismatch(
+                f"the batch has {n_pad} image placeholder tokens ({n_pad / per_image:g} images at {per_image} tokens "
+                f"each) but {visual.shape[0]} views x {visual.shape[1]} queries = {n_feat} visual tokens"
+            )
+        visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
+        return embeds.masked_scatter(pad_mask.unsqueeze(-1), visual)
+
+    # ------------------------------------------------------------------ LM
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        view_slots: torch.Tensor | None = None,
+        loss_chunk_size: int = 1024,
+    ) -> MonkeyOutput:
+        """Run the model.
+
+        Args:
+            input_ids: ``[B, T]``.
+            attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding. Leave None for packed
+                rows: with ``position_ids`` restarting at 0 for each packed sample, the LLM builds
+                a block-diagonal causal mask so attention never crosses samples.
+            position_ids: ``[B, T]`` or None (0..T-1).
+            labels: ``[B, T]`` aligned with ``input_ids`` (-100 = unsupervised). When given, only
+                the loss is computed; logits are produced only at supervised positions.
+            pixel_values: ``[N, 3, S, S]`` all views of all images, in order of appearance.
+            view_slots: ``[N]`` adapter slot per view.
+            loss_chunk_size: Supervised positions per LM-head chunk.
+
+        Returns:
+            :class:`MonkeyOutput` with ``loss``/``loss_sum``/``num_tokens`` when labels were
+            given, else ``logits`` ``[B, T, vocab]``.
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
+        decoder = self.llm.get_decoder()
+        out = decoder(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,  # a cache would also disable packed-sequence masking
+        )
+        hidden = out.last_hidden_state
+        head = self.llm.get_output_embeddings()
+        if labels is None:
+            return MonkeyOutput(logits=head(hidden))
+        loss_sum, num_tokens = supervised_loss(hidden, labels, head, chunk_size=loss_chunk_size)
+        loss = loss_sum / num_tokens.clamp(min=1)
+        return MonkeyOutput(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        view_slots: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.Tensor:
+        """Generate with the LLM's own ``generate`` (KV cache, greedy or sampling).
+
+        The prompt's embeddings (with visual tokens written in) are computed once; decoding then
+        runs on the cached keys and values. Batched prompts must be left-padded.
+
+        Args:
+            input_ids: ``[B, T]`` prompt ids.
+            attention_mask: ``[B, T]`` (required when left-padded).
+            pixel_values, view_slots: As in :meth:`forward`.
+            **generate_kwargs: Passed to ``transformers.GenerationMixin.generate``
+                (``max_new_tokens``, ``do_sample``, ``temperature``, ``top_p``, ``streamer`` ...).
+
+        Returns:
+            ``[B, T_new]`` the generated ids only (without the prompt).
+        """
+        embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", generate_kwargs.get("eos_token_id"))
+        out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+        return out

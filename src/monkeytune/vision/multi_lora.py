@@ -1,0 +1,71 @@
+"""Per-window LoRA: K adapter sets stored as stacked tensors and applied to a batch of views at once.
+
+Monkey gives every window position of the grid its own low-rank adapters inside the shared ViT,
+while the global view uses none. Holding the K adapters as ``[K, ...]`` tensors (rather than K
+modules) lets one batched matmul serve every view of every image in a batch: each view gathers the
+adapter of its slot and ``einsum`` does the rest. No Python loop over windows runs in the forward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class MultiLoRA(nn.Module):
+    """K independent adapters ``delta_k(x) = B_k(A_k(dropout(x))) * scale_k``.
+
+    Attributes:
+        lora_a: ``[K, r, in_features]`` down projections (Kaiming-uniform init, as nn.Linear).
+        lora_b: ``[K, out_features, r]`` up projections (zero init, so a new adapter is a no-op).
+        lora_scale: ``[K]`` learnable scalar gains (init 1).
+    """
+
+    def __init__(self, slots: int, in_features: int, out_features: int, rank: int, dropout: float = 0.0):
+        super().__init__()
+        self.slots, self.rank = slots, rank
+        self.in_features, self.out_features = in_features, out_features
+        self.lora_a = nn.Parameter(torch.empty(slots, rank, in_features))
+        self.lora_b = nn.Parameter(torch.empty(slots, out_features, rank))
+        self.lora_scale = nn.Parameter(torch.empty(slots))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.lora_a.is_meta:
+            return
+        with torch.no_grad():
+            for k in range(self.slots):
+                # Same bound as nn.Linear's default init for a [rank, in] weight.
+                nn.init.kaiming_uniform_(self.lora_a[k], a=math.sqrt(5))
+            nn.init.zeros_(self.lora_b)
+            nn.init.ones_(self.lora_scale)
+
+    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """Adapter output for each view (zero for views whose slot is negative).
+
+        Args:
+            x: ``[N, L, in_features]`` one row per view.
+            slots: ``[N]`` int64 adapter index per view; ``-1`` means no adapter (global view).
+
+        Returns:
+            ``[N, L, out_features]``: the delta to add to the base projection's output.
+        """
+        n, length, _ = x.shape
+        out = x.new_zeros(n, length, self.out_features)
+        active = (slots >= 0).nonzero(as_tuple=True)[0]
+        if active.numel() == 0:
+            return out
+        k = slots[active]
+        xa = self.dropout(x[active])
+        # Gather each view's adapter and apply it in one batched contraction.
+        down = torch.einsum("nli,nri->nlr", xa, self.lora_a[k])
+        up = torch.einsum("nlr,nor->nlo", down, self.lora_b[k])
+        up = up * self.lora_scale[k].to(up.dtype)[:, None, None]
+        # Out-of-place scatter keeps autograd happy and leaves global-view rows exactly zero.
+        return out.index_copy(0, active, up)
+
+    def extra_repr(self) -> str:
+        return f"slots={self.slots}, in={self.in_features}, out={self.out_features}, rank={self.rank}"
