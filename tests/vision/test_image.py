@@ -113,7 +113,9 @@ def test_input_image_is_not_modified_and_not_returned():
     assert image.getpixel((0, 0)) == (1, 2, 3)
 
 
-@pytest.mark.parametrize("orientation, top, bottom", [(6, (255, 0, 0), (0, 0, 255)), (8, (0, 0, 255), (255, 0, 0))])
+@pytest.mark.parametrize(
+    "orientation, top, bottom", [(6, (255, 0, 0), (0, 0, 255)), (8, (0, 0, 255), (255, 0, 0))]
+)
 def test_exif_orientation_rotates(tmp_path: Path, orientation, top, bottom):
     # Stored 40 wide x 20 high: left half red, right half blue.
     image = Image.new("RGB", (40, 20), (255, 0, 0))
@@ -191,7 +193,8 @@ def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width x height`` RGB pixels but which holds no pixel data."""
 
     def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+        crc = struct.pack(">I", zlib.crc32(kind + payload))
+        return struct.pack(">I", len(payload)) + kind + payload + crc
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")

@@ -42,7 +42,8 @@ def _describe(source: object) -> str:
     """A human-readable name of ``source`` for error messages."""
     if isinstance(source, Image.Image):
         name = getattr(source, "filename", "")
-        return str(name) if name else f"<in-memory {source.mode} image {source.size[0]}x{source.size[1]}>"
+        width, height = source.size
+        return str(name) if name else f"<in-memory {source.mode} image {width}x{height}>"
     return os.fspath(source)  # type: ignore[arg-type]
 
 
