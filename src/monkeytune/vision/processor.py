@@ -110,7 +110,8 @@ class ImageProcessor:
         if mode == "crop":
             # Resample only the centred source region with the canvas aspect ratio: the same as
             # scaling to cover the canvas and centre-cropping, with a single resampling and no
-            # rounding of an intermediate size. Integer comparison of the aspect ratios picks the side that is cut exactly.
+            # rounding of an intermediate size. Comparing the aspect ratios in integers picks
+            # the side to cut without floating-point ties.
             if src_w * height > width * src_h:  # wider than the canvas: cut left and right
                 box_w, box_h = min(float(src_w), src_h * width / height), float(src_h)
             else:  # taller (or equal): cut top and bottom
