@@ -70,7 +70,15 @@ def test_pretokenizer_splits_digits_and_keeps_last_space_for_the_word(tok):
 
 @pytest.mark.parametrize(
     "text",
-    ["hello world", "", "  leading and trailing  ", "tabs\tand\nnewlines\r\n", "数字 123 ok", "emoji 😀👍🏽!", "it's"],
+    [
+        "hello world",
+        "",
+        "  leading and trailing  ",
+        "tabs\tand\nnewlines\r\n",
+        "数字 123 ok",
+        "emoji 😀👍🏽!",
+        "it's",
+    ],
 )
 def test_round_trip(tok, text):
     ids = tok.encode(text)

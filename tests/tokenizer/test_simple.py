@@ -37,7 +37,9 @@ def test_training_learns_merges(tok):
     assert len(tok.encode(" square")) < len(" square")
 
 
-@pytest.mark.parametrize("text", ["what colour is the circle?", "", "  spaces  ", "未见过的文字 😀", "a\nb\tc"])
+@pytest.mark.parametrize(
+    "text", ["what colour is the circle?", "", "  spaces  ", "未见过的文字 😀", "a\nb\tc"]
+)
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
@@ -86,7 +88,8 @@ def test_from_dir_errors(tok, tmp_path):
     marker.write_text(json.dumps({"format": "other", "version": 1, "special_tokens": []}))
     with pytest.raises(ValueError, match="field 'format'"):
         SimpleTokenizer.from_dir(tmp_path)
-    marker.write_text(json.dumps({"format": "monkeytune-simple-bpe", "version": 1, "special_tokens": ["<nope>"]}))
+    bad = {"format": "monkeytune-simple-bpe", "version": 1, "special_tokens": ["<nope>"]}
+    marker.write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="'<nope>' is not in the tokenizer vocabulary"):
         SimpleTokenizer.from_dir(tmp_path)
     marker.write_text("{not json")

@@ -240,7 +240,9 @@ class QwenTokenizer:
         for raw in ids:
             i = int(raw)
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
             if skip_special and i >= self._num_ranks:
                 continue
             clean.append(i)

@@ -194,7 +194,9 @@ class SimpleTokenizer:
         clean = [int(i) for i in ids]
         for i in clean:
             if not 0 <= i < self.vocab_size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})")
+                raise ValueError(
+                    f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})"
+                )
         if skip_special:
             clean = [i for i in clean if i not in self._special_ids]
         return self._hf.decode(clean, skip_special_tokens=False)
