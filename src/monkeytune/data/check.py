@@ -1,0 +1,265 @@
+"""Validate a data set before training: every problem found at once, with file, line and field.
+
+:func:`check_dataset` reads every record, renders it with the training template, measures it
+and opens every image, exactly as training would, and returns a :class:`Report`. It never stops
+at the first problem.
+
+Token counts need the tokenizer the model will train with. Without one, text length is
+estimated at one token per 3 UTF-8 bytes (byte-level BPE vocabularies such as Qwen's average
+3-4 bytes per token on English, fewer on CJK), while image placeholders and template tokens are
+counted exactly; over-length samples are then reported as warnings, not errors, since the
+count is only an estimate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from monkeytune.config import PRESETS, ModelConfig, get_config
+from monkeytune.data.dataset import fit_to_length
+from monkeytune.data.records import (
+    MISSING_IMAGE,
+    TEMPLATE,
+    TOO_LONG,
+    UNREADABLE_IMAGE,
+    DataError,
+    load_samples,
+)
+from monkeytune.data.templates import IM_END, IM_START, TEMPLATES, encode_conversation
+from monkeytune.tokenizer.base import Tokenizer
+
+BYTES_PER_TOKEN_ESTIMATE = 3
+
+
+class LengthEstimator:
+    """Tokenizer stand-in that only counts: ``ceil(utf8_bytes / 3)`` tokens per text piece.
+
+    Its ids are meaningless; it exists so that templates and image placeholders are counted
+    by the very code that builds training samples.
+    """
+
+    eos_id = pad_id = 0
+    image_start_id, image_end_id, image_pad_id = 1, 2, 3
+    _specials = {IM_START: 4, IM_END: 5}
+
+    @property
+    def vocab_size(self) -> int:
+        return 6
+
+    def encode(self, text: str) -> list[int]:
+        return [6] * math.ceil(len(text.encode("utf-8")) / BYTES_PER_TOKEN_ESTIMATE)
+
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
+        raise TypeError("a length estimator cannot decode")
+
+    def special_id(self, token: str) -> int:
+        return self._specials[token]
+
+
+@dataclass
+class Report:
+    """What :func:`check_dataset` found.
+
+    Attributes:
+        files: Data files checked.
+        num_records: Records read, valid or not (a JSON list that fails to decode counts the
+            records before the fault).
+        num_valid: Records without any error.
+        image_refs: Image references in parseable records.
+        image_files: Distinct image files referenced.
+        lengths: Token count of every sample that could be rendered.
+        supervised: Supervised token count of every such sample.
+        errors: Every problem, in file order.
+        warnings: Problems that do not fail the check (estimated over-length, config notes).
+        estimated: Whether lengths are estimates (no tokenizer given).
+    """
+
+    files: list[str]
+    template: str
+    max_length: int
+    tokens_per_image: int
+    estimated: bool
+    num_records: int = 0
+    num_valid: int = 0
+    image_refs: int = 0
+    image_files: int = 0
+    lengths: list[int] = field(default_factory=list)
+    supervised: list[int] = field(default_factory=list)
+    errors: list[DataError] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    @property
+    def errors_by_kind(self) -> dict[str, int]:
+        return dict(Counter(e.kind for e in self.errors).most_common())
+
+    def format(self, max_listed: int = 20) -> str:
+        """A human-readable summary; lists at most ``max_listed`` errors and warnings each."""
+        out = [f"data check: {', '.join(self.files)}"]
+        bad = self.num_records - self.num_valid
+        out.append(f"  records:  {self.num_records} ({self.num_valid} valid, {bad} with errors)")
+        out.append(f"  images:   {self.image_refs} references to {self.image_files} files")
+        how = "estimated, no tokenizer given" if self.estimated else "exact"
+        out.append(
+            f"  template: {self.template}, {self.tokens_per_image} tokens per image, "
+            f"max_length {self.max_length}"
+        )
+        if self.lengths:
+            s = sorted(self.lengths)
+            p95 = s[min(len(s) - 1, math.ceil(0.95 * len(s)) - 1)]
+            mean = sum(s) / len(s)
+            out.append(
+                f"  tokens per sample ({how}): min {s[0]}, mean {mean:.1f}, p95 {p95}, max {s[-1]}"
+            )
+            total_sup = sum(self.supervised)
+            out.append(
+                f"  supervised tokens: {total_sup} total, {total_sup / len(self.supervised):.1f} per sample"
+            )
+        if self.warnings:
+            out.append(f"warnings ({len(self.warnings)}):")
+            out.extend(f"  {w}" for w in self.warnings[:max_listed])
+            if len(self.warnings) > max_listed:
+                out.append(f"  ... {len(self.warnings) - max_listed} more")
+        if self.errors:
+            out.append(f"errors ({len(self.errors)}):")
+            out.extend(f"  {kind}: {n}" for kind, n in self.errors_by_kind.items())
+            out.extend(f"  {e.describe()}" for e in self.errors[:max_listed])
+            if len(self.errors) > max_listed:
+                out.append(f"  ... {len(self.errors) - max_listed} more")
+        out.append("result: OK" if self.ok else f"result: FAILED ({len(self.errors)} errors)")
+        return "\n".join(out)
+
+
+def _image_problem(path: str, max_pixels: int, decode: bool) -> tuple[str, str] | None:
+    """``(kind, reason)`` if the image cannot be used, else ``None``."""
+    if not os.path.isfile(path):
+        return MISSING_IMAGE, f"image file not found: {path}"
+    if not decode:
+        return None
+    from monkeytune.vision.image import load_image
+
+    try:
+        load_image(path, max_pixels)
+    except (ValueError, OSError) as e:
+        return UNREADABLE_IMAGE, str(e)
+    return None
+
+
+def check_dataset(
+    path: str | os.PathLike | Sequence[str | os.PathLike],
+    model_cfg: ModelConfig,
+    tokenizer: Tokenizer | None = None,
+    max_length: int = 2048,
+    template: str = "monkey",
+    truncate_turns: bool = False,
+    decode_images: bool = True,
+) -> Report:
+    """Check a data set as training would see it.
+
+    Args:
+        path: One data file or several.
+        model_cfg: Gives tokens per image and the image size limit.
+        tokenizer: The training tokenizer; ``None`` estimates text lengths (see module doc).
+        max_length: Longest accepted sample in tokens.
+        template: ``monkey`` or ``chatml``.
+        truncate_turns: Count a sample as fitting if dropping trailing text-only exchanges
+            makes it fit, as training with ``truncate_turns=True`` would.
+        decode_images: Fully decode every image (slow on big sets, but finds truncated
+            files); otherwise only check that the files exist.
+
+    Returns:
+        A :class:`Report`; ``report.ok`` is false when any error was found.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
+    estimated = tokenizer is None
+    tok: Tokenizer = LengthEstimator() if tokenizer is None else tokenizer
+    tpi = model_cfg.tokens_per_image
+    report = Report([str(p) for p in paths], template, max_length, tpi, estimated)
+    if tokenizer is not None:
+        for name in ("image_start_id", "image_end_id", "image_pad_id"):
+            if getattr(tokenizer, name) != getattr(model_cfg, name):
+                report.warnings.append(
+                    f"tokenizer.{name} ({getattr(tokenizer, name)}) differs from the model "
+                    f"config's {name} ({getattr(model_cfg, name)}); training refuses this pair"
+                )
+
+    parse_errors: list[DataError] = []
+    samples = load_samples(paths, parse_errors)
+    report.errors.extend(parse_errors)
+    report.num_records = len(samples) + sum(1 for e in parse_errors if e.index is not None)
+
+    image_status: dict[str, tuple[str, str] | None] = {}
+    for s in samples:
+        before = len(report.errors)
+        report.image_refs += len(s.images)
+        for path_ in s.images:
+            if path_ not in image_status:
+                image_status[path_] = _image_problem(path_, model_cfg.image.max_pixels, decode_images)
+            problem = image_status[path_]
+            if problem is not None:
+                report.errors.append(s.error(problem[0], problem[1], "conversations"))
+        if s.system is not None and template == "monkey":
+            report.errors.append(
+                s.error(TEMPLATE, "the monkey template has no system prompt (use chatml)", "conversations[0].from")
+            )
+        else:
+            enc = encode_conversation(template, s.turns, tok, tpi, s.system)
+            fitted = fit_to_length(enc, max_length, truncate_turns)
+            if isinstance(fitted, str):
+                if estimated:
+                    report.warnings.append(f"{s.error(TOO_LONG, 'about ' + fitted).describe()}")
+                else:
+                    report.errors.append(s.error(TOO_LONG, fitted))
+            else:
+                enc = fitted[0]
+            report.lengths.append(len(enc))
+            report.supervised.append(enc.num_supervised)
+        if len(report.errors) == before:
+            report.num_valid += 1
+    report.image_files = len(image_status)
+    report.errors.sort(key=lambda e: (report.files.index(e.file) if e.file in report.files else 0, e.index or 0))
+    return report
+
+
+def resolve_model_config(spec: str | None) -> ModelConfig:
+    """A model config from a preset name or a YAML file.
+
+    The YAML file holds a model config mapping, or a mapping with a ``model`` key whose value
+    is a preset name or such a mapping (the layout of a training config).
+
+    Raises:
+        ValueError: unknown preset, unreadable file or invalid config, naming the file.
+    """
+    if spec is None:
+        return get_config("monkey-7b")
+    if spec in PRESETS:
+        return get_config(spec)
+    p = Path(spec)
+    if not p.is_file():
+        raise ValueError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config {p}: {e}") from e
+    if isinstance(data, dict) and "model" in data:
+        data = data["model"]
+    if isinstance(data, str):
+        return get_config(data)
+    if not isinstance(data, dict):
+        raise ValueError(f"config {p}: expected a mapping of model settings")
+    try:
+        return ModelConfig.from_dict(data)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"config {p}: {e}") from e

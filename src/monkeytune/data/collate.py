@@ -1,0 +1,173 @@
+"""Batching: pad samples (or packed rows) into the tensors the model's forward takes.
+
+Batch keys (``B`` rows, ``T`` tokens per row, ``N`` views in the batch):
+
+Model inputs (:data:`MODEL_KEYS`, pass them as keyword arguments):
+    ``input_ids`` ``[B, T]`` int64, padded with ``pad_id``.
+    ``attention_mask`` ``[B, T]`` int64, 1 real / 0 pad. **Absent for packed batches**: there
+    the model gets no mask and derives a block-diagonal causal mask from ``position_ids``
+    (transformers detects every restart at 0 as a new sequence), so attention never crosses
+    samples.
+    ``position_ids`` ``[B, T]`` int64, ``0..len-1`` for every sample; the padding tail of a row
+    also counts from 0, so in a packed row it forms a sequence of its own and never attends
+    into, or is attended by, a real sample.
+    ``labels`` ``[B, T]`` int64, ``-100`` where unsupervised and on padding; aligned with
+    ``input_ids`` (the model shifts).
+    ``pixel_values`` ``[N, 3, S, S]`` float32 and ``view_slots`` ``[N]`` int64: all views of all
+    images, row 0's images first, each row's in order of appearance, which is the order in
+    which the model fills the ``image_pad_id`` positions of the flattened batch.
+
+Packing metadata (present in every batch, for an attention kernel that wants it):
+    ``seq_lens`` ``[B, K]`` int32: lengths of the samples in each row, zero-filled on the right
+    (``K`` = most samples in a row; ``K = 1`` when not packed). Padding is not included.
+    ``cu_seqlens`` ``[M + 1]`` int32 and ``max_seqlen`` int: cumulative boundaries over the
+    flattened ``B * T`` tokens, where every sample and every non-empty padding tail is one
+    segment (so the segments tile ``B * T`` exactly), as ``flash_attn_varlen_func`` expects.
+    An SDPA or eager kernel can use :func:`packed_attention_mask` instead.
+
+Loss bookkeeping (not model inputs):
+    ``num_supervised_tokens`` int64 scalar: targets in the batch after the model's shift, i.e.
+    ``(labels[:, 1:] != -100).sum()`` (the first label of every sample is always ``-100``).
+    To average over a gradient-accumulation window or data-parallel ranks, sum the loss sums
+    and divide by the sum of these counts rather than averaging per-batch means.
+    ``num_samples`` int: samples in the batch (packed samples counted one by one).
+    ``ids`` list of the record ids, row by row.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from monkeytune.data.templates import IGNORE_INDEX
+
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "view_slots")
+
+
+def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
+    """The subset of ``batch`` the model's ``forward`` takes."""
+    return {k: batch[k] for k in MODEL_KEYS if k in batch}
+
+
+def _round_up(n: int, multiple: int | None) -> int:
+    if not multiple or multiple <= 1:
+        return n
+    return -(-n // multiple) * multiple
+
+
+class Collator:
+    """Pad a list of dataset items into one batch.
+
+    Items are either single samples (:class:`~monkeytune.data.dataset.ConversationDataset`) or
+    packed rows (:class:`~monkeytune.data.packing.PackedDataset`, which carry ``seq_lens`` and
+    ``position_ids``); a batch must not mix the two.
+
+    Args:
+        pad_id: Token id written into padding (the tokenizer's ``pad_id``).
+        pad_to_multiple_of: Round ``T`` up to a multiple of this (8 suits tensor cores);
+            ``None`` or 1 for exact longest-in-batch padding.
+        pad_to_length: Pad every batch to exactly this length (the official behaviour, which
+            pads to ``model_max_length``); overrides dynamic padding.
+
+    Raises (on call):
+        ValueError: a row is longer than ``pad_to_length``, or packed and plain items are mixed.
+    """
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, pad_to_length: int | None = None):
+        self.pad_id = int(pad_id)
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.pad_to_length = pad_to_length
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty list of items")
+        packed = ["seq_lens" in it for it in items]
+        if any(packed) and not all(packed):
+            raise ValueError("a batch mixes packed rows and single samples")
+        packed_batch = packed[0]
+        lens = [int(it["input_ids"].shape[0]) for it in items]
+        longest = max(lens)
+        if self.pad_to_length is not None:
+            if longest > self.pad_to_length:
+                raise ValueError(f"a row has {longest} tokens, more than pad_to_length {self.pad_to_length}")
+            width = self.pad_to_length
+        else:
+            width = _round_up(longest, self.pad_to_multiple_of)
+        b = len(items)
+        input_ids = torch.full((b, width), self.pad_id, dtype=torch.int64)
+        labels = torch.full((b, width), IGNORE_INDEX, dtype=torch.int64)
+        attention_mask = torch.zeros((b, width), dtype=torch.int64)
+        position_ids = torch.zeros((b, width), dtype=torch.int64)
+        row_seq_lens: list[list[int]] = []
+        for r, (it, n) in enumerate(zip(items, lens)):
+            input_ids[r, :n] = it["input_ids"]
+            labels[r, :n] = it["labels"]
+            attention_mask[r, :n] = 1
+            if packed_batch:
+                position_ids[r, :n] = it["position_ids"]
+                row_seq_lens.append([int(x) for x in it["seq_lens"]])
+            else:
+                position_ids[r, :n] = torch.arange(n)
+                row_seq_lens.append([n])
+            # The padding tail counts from 0 so that it is a separate sequence in packed rows.
+            position_ids[r, n:] = torch.arange(width - n)
+
+        k = max(len(s) for s in row_seq_lens)
+        seq_lens = torch.zeros((b, k), dtype=torch.int32)
+        segments: list[int] = []
+        for r, (s, n) in enumerate(zip(row_seq_lens, lens)):
+            seq_lens[r, : len(s)] = torch.tensor(s, dtype=torch.int32)
+            segments.extend(s)
+            if width > n:
+                segments.append(width - n)
+        cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
+        cu_seqlens[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int64), 0).to(torch.int32)
+
+        batch: dict[str, Any] = {
+            "input_ids": input_ids,
+            "position_ids": position_ids,
+            "labels": labels,
+            "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+            "view_slots": torch.cat([it["view_slots"] for it in items]).to(torch.int64),
+            "seq_lens": seq_lens,
+            "cu_seqlens": cu_seqlens,
+            "max_seqlen": max(segments),
+            "num_supervised_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+            "num_samples": sum(len(s) for s in row_seq_lens),
+            "ids": [i for it in items for i in (it["ids"] if packed_batch else [it["id"]])],
+        }
+        if not packed_batch:
+            batch["attention_mask"] = attention_mask
+        return batch
+
+
+def packed_attention_mask(seq_lens: torch.Tensor | Sequence[Sequence[int]], length: int) -> torch.Tensor:
+    """Block-diagonal causal mask for packed rows, for SDPA or eager attention.
+
+    Token ``i`` may attend to token ``j`` when both belong to the same sample and ``j <= i``.
+    Padding positions (beyond the row's samples) attend only to themselves, so that no row of
+    the mask is empty (an all-masked row makes softmax produce NaN); their labels are ``-100``.
+
+    Args:
+        seq_lens: ``[B, K]`` sample lengths per row (zeros ignored), or a list of lists.
+        length: ``T``, the padded row length.
+
+    Returns:
+        ``[B, 1, T, T]`` bool, ``True`` where attention is allowed.
+    """
+    rows = seq_lens.tolist() if isinstance(seq_lens, torch.Tensor) else [list(r) for r in seq_lens]
+    seg = torch.empty((len(rows), length), dtype=torch.int64)
+    for r, lens in enumerate(rows):
+        lens = [int(x) for x in lens if int(x) > 0]
+        total = sum(lens)
+        if total > length:
+            raise ValueError(f"row {r} has {total} tokens of samples but length is {length}")
+        ids = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens, dtype=torch.int64))
+        seg[r, :total] = ids
+        # Unique ids for padding positions: each one is a block of its own.
+        seg[r, total:] = torch.arange(length - total) + len(lens)
+    pos = torch.arange(length)
+    causal = pos[None, :] <= pos[:, None]  # [T, T], key <= query
+    same = seg[:, :, None] == seg[:, None, :]  # [B, T, T]
+    return (same & causal).unsqueeze(1)

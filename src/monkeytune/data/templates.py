@@ -1,0 +1,251 @@
+"""Conversation templates: how turns become token ids and which ids are supervised.
+
+Two templates, used identically for training (:func:`encode_conversation`) and for inference
+(:func:`build_prompt`) so a fine-tuned model is always prompted the way it was trained:
+
+``monkey`` (the official Monkey fine-tuning format)
+    Every exchange is the user text immediately followed by the answer and ``<|endoftext|>``,
+    with no separator and no role names: ``user1 answer1 <eos> user2 answer2 <eos>``. The user
+    text carries its own prompt wording (e.g. ``"<img>a.jpg</img> What is it? Answer: "``).
+    The answer and its ``<eos>`` are supervised. User text and answer are tokenized separately,
+    as the official code does, so the label boundary never falls inside a token. There is no
+    system prompt; a record with a ``system`` turn is refused.
+
+``chatml`` (Qwen-VL-Chat)
+    ``<|im_start|>system\\n{system}<|im_end|>\\n`` then, per turn,
+    ``<|im_start|>{role}\\n{text}<|im_end|>\\n``. The default system prompt is
+    ``"You are a helpful assistant."``. The assistant text and its ``<|im_end|>`` are supervised;
+    the role header and the newline after ``<|im_end|>`` are not (generation stops at
+    ``<|im_end|>``, so nothing after it needs learning). Role names, the newline and the text
+    are tokenized separately, matching Qwen's own training and inference code.
+
+In both, image tags expand to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>`` and
+every image token has label ``IGNORE_INDEX``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, Turn
+from monkeytune.tokenizer.base import Tokenizer, split_image_tags
+
+IGNORE_INDEX = -100
+TEMPLATES = ("monkey", "chatml")
+DEFAULT_SYSTEM = "You are a helpful assistant."
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+@dataclass
+class Encoded:
+    """A tokenized conversation.
+
+    Attributes:
+        input_ids: Token ids, length ``L``.
+        labels: Same length; ``IGNORE_INDEX`` where nothing is learned, else the id itself
+            (aligned with ``input_ids``: the model shifts them).
+        image_paths: Image paths in order of appearance, as written in the tags.
+        exchange_ends: ``exchange_ends[k]`` is the length of the prefix holding exchanges
+            ``0..k`` (an exchange is a user turn plus its answer), so cutting there drops whole
+            trailing exchanges and never an image span.
+        exchange_images: Number of images in each exchange.
+    """
+
+    input_ids: list[int]
+    labels: list[int]
+    image_paths: list[str]
+    exchange_ends: list[int] = field(default_factory=list)
+    exchange_images: list[int] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(1 for t in self.labels if t != IGNORE_INDEX)
+
+    def keep_exchanges(self, n: int) -> "Encoded":
+        """The conversation cut after its first ``n`` exchanges (``n >= 1``)."""
+        end = self.exchange_ends[n - 1]
+        n_img = sum(self.exchange_images[:n])
+        return Encoded(
+            self.input_ids[:end],
+            self.labels[:end],
+            self.image_paths[:n_img],
+            self.exchange_ends[:n],
+            self.exchange_images[:n],
+        )
+
+
+def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]:
+    """Accept :class:`Turn` objects or dicts (``role``/``content`` or ``from``/``value``).
+
+    Returns:
+        ``(system, turns)`` where ``system`` comes from an optional first system message.
+
+    Raises:
+        ValueError: unknown roles or turns that do not alternate user/assistant from user.
+    """
+    system: str | None = None
+    turns: list[Turn] = []
+    for i, m in enumerate(messages):
+        if isinstance(m, Turn):
+            role, text = m.role, m.text
+        elif isinstance(m, dict):
+            role = m.get("role", m.get("from"))
+            text = m.get("content", m.get("value"))
+        else:
+            raise ValueError(f"message {i}: expected a dict or Turn, got {type(m).__name__}")
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            raise ValueError(f"message {i}: unknown role {role!r}")
+        if not isinstance(text, str):
+            raise ValueError(f"message {i}: content must be a string")
+        role = ROLE_ALIASES[role.lower()]
+        if role == SYSTEM:
+            if i != 0:
+                raise ValueError(f"message {i}: a system message is only allowed first")
+            system = text
+            continue
+        expected = USER if len(turns) % 2 == 0 else ASSISTANT
+        if role != expected:
+            raise ValueError(f"message {i}: expected a {expected} message, got {role!r}")
+        turns.append(Turn(role, text))
+    return system, turns
+
+
+class _Builder:
+    """Accumulates ids and labels, expanding image tags."""
+
+    def __init__(self, tokenizer: Tokenizer, tokens_per_image: int):
+        self.tok = tokenizer
+        self.tpi = tokens_per_image
+        self.out = Encoded([], [], [])
+        self._images_in_exchange = 0
+
+    def ids(self, ids: Sequence[int], supervised: bool) -> None:
+        self.out.input_ids.extend(ids)
+        self.out.labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
+
+    def text(self, text: str, supervised: bool) -> None:
+        pieces, images = split_image_tags(text)
+        for i, piece in enumerate(pieces):
+            if piece:
+                self.ids(self.tok.encode(piece), supervised)
+            if i < len(images):
+                block = [self.tok.image_start_id] + [self.tok.image_pad_id] * self.tpi
+                self.ids(block + [self.tok.image_end_id], supervised=False)
+                self.out.image_paths.append(images[i].path)
+                self._images_in_exchange += 1
+
+    def end_exchange(self) -> None:
+        self.out.exchange_ends.append(len(self.out.input_ids))
+        self.out.exchange_images.append(self._images_in_exchange)
+        self._images_in_exchange = 0
+
+
+def _special(tokenizer: Tokenizer, token: str) -> int:
+    try:
+        return tokenizer.special_id(token)
+    except KeyError:
+        raise ValueError(f"the chatml template needs the special token {token} in the tokenizer") from None
+
+
+def _render(
+    template: str,
+    system: str | None,
+    turns: list[Turn],
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    add_generation_prompt: bool,
+) -> Encoded:
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    b = _Builder(tokenizer, tokens_per_image)
+    if template == "monkey":
+        if system is not None:
+            raise ValueError("the monkey template has no system prompt; remove the system turn")
+        for t in turns:
+            if t.role == USER:
+                b.text(t.text, supervised=False)
+            else:
+                b.text(t.text, supervised=True)
+                b.ids([tokenizer.eos_id], supervised=True)
+                b.end_exchange()
+        # The generation prompt is empty: the answer follows the user text directly.
+        return b.out
+
+    im_start, im_end = _special(tokenizer, IM_START), _special(tokenizer, IM_END)
+    nl = tokenizer.encode("\n")
+
+    def header(role: str) -> None:
+        b.ids([im_start], False)
+        b.ids(tokenizer.encode(role), False)
+        b.ids(nl, False)
+
+    header("system")
+    b.text(DEFAULT_SYSTEM if system is None else system, supervised=False)
+    b.ids([im_end], False)
+    b.ids(nl, False)
+    for t in turns:
+        header(t.role)
+        b.text(t.text, supervised=t.role == ASSISTANT)
+        b.ids([im_end], supervised=t.role == ASSISTANT)
+        b.ids(nl, False)
+        if t.role == ASSISTANT:
+            b.end_exchange()
+    if add_generation_prompt:
+        header("assistant")
+    return b.out
+
+
+def encode_conversation(
+    template: str,
+    turns: list[Turn],
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    system: str | None = None,
+) -> Encoded:
+    """Tokenize a training conversation and build its labels.
+
+    Args:
+        template: ``monkey`` or ``chatml``.
+        turns: Alternating user/assistant turns, first user, last assistant.
+        tokenizer: Any :class:`~monkeytune.tokenizer.base.Tokenizer`.
+        tokens_per_image: Placeholders per image (``ModelConfig.tokens_per_image``).
+        system: System prompt for ``chatml`` (default prompt when ``None``).
+
+    Returns:
+        :class:`Encoded` with ids, labels, image paths and exchange boundaries.
+
+    Raises:
+        ValueError: unknown template, a system prompt with ``monkey``, unbalanced image tags,
+            or a tokenizer lacking the template's special tokens.
+    """
+    return _render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt=False)
+
+
+def build_prompt(
+    template: str,
+    messages: Iterable[Any],
+    tokenizer: Tokenizer,
+    tokens_per_image: int,
+    add_generation_prompt: bool = True,
+) -> tuple[list[int], list[str]]:
+    """Token ids of a prompt for inference, exactly as training renders the same turns.
+
+    Args:
+        template: ``monkey`` or ``chatml``.
+        messages: Dicts with ``role``/``content`` (or ``from``/``value``) or :class:`Turn`s; an
+            optional first ``system`` message (``chatml`` only); usually ending with a user turn.
+        tokenizer: Any tokenizer.
+        tokens_per_image: Placeholders per image.
+        add_generation_prompt: Append ``<|im_start|>assistant\\n`` (``chatml``). The ``monkey``
+            template has no generation prompt, so this changes nothing there.
+
+    Returns:
+        ``(ids, image_paths)``: the prompt ids and the images in order of appearance.
+    """
+    system, turns = normalize_messages(messages)
+    enc = _render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt)
+    return enc.input_ids, enc.image_paths
