@@ -1,0 +1,300 @@
+"""Training-memory estimate per GPU: weights, gradients, optimizer states and activations.
+
+The estimate is a planning aid (does this plan fit on N GPUs?), not a measurement. It ignores
+the CUDA context (~0.5-1 GiB), allocator fragmentation, communication buffers and temporary
+tensors of individual kernels; expect real peaks 10-30% above it.
+
+**Model states** (P = all parameters, T = trainable parameters, N = GPUs, AdamW):
+
+=========  ==========================  ==============  ======================================
+precision  weights                     gradients       optimizer states
+=========  ==========================  ==============  ======================================
+bf16/fp16  2 B x P (half copy)         2 B x T         12 B x T (fp32 master, m and v)
+fp32       4 B x P                     4 B x T         8 B x T (m and v)
+=========  ==========================  ==============  ======================================
+
+* ``ddp``: nothing sharded (gradient buckets assumed to be views, ``gradient_as_bucket_view``).
+* ``zero1``: optimizer states / N. ``zero2``: optimizer states and gradients / N.
+* ``zero3``: weights, gradients and optimizer states / N, plus the gathered half-precision
+  weights of the root unit (everything outside the transformer blocks: embeddings, LM head,
+  patch embedding, resampler) and of two blocks (the one computing and the one prefetched).
+* ``fsdp`` (FULL_SHARD with a ``MixedPrecision`` policy): the sharded parameters stay fp32, so
+  weights 4 B x P / N, gradients 4 B x T / N, optimizer 8 B x T / N, plus the same gathered
+  half-precision units as ``zero3``. With fp32 it equals ``zero3``.
+
+**Activations** (per GPU, per micro-batch of ``batch_size`` sequences of ``seq_len`` tokens and
+``images_per_sample`` images each; ``a`` = activation bytes, 2 for bf16/fp16, 4 for fp32).
+Elements saved for backward per token and layer, assuming memory-efficient attention (PyTorch
+SDPA / flash attention stores no ``seq x seq`` score matrix):
+
+* LLM decoder layer (hidden ``h``, key/value width ``kv``, MLP width ``f``):
+  ``6h + 2kv + 4f`` - two RMSNorm inputs and outputs, q/k/v, attention output, gate and up
+  outputs, the SiLU output and the gated product; ``+ 6h + f`` with peft LoRA on the LLM (the
+  dropout output each adapted projection keeps).
+* ViT block (width ``w``, MLP width ``m``, adapter ranks ``r_attn``, ``r_mlp``):
+  ``10w + 2m + 2 r_attn + r_mlp`` - LayerNorms, qkv, attention output, MLP hidden and GELU
+  output, and the inputs and low-rank intermediates of the three per-window adapters. The patch
+  embedding adds ``3w`` per vision token, the resampler ``5 d`` (``d`` = output width).
+* The loss: the LM head runs on at most 1024 supervised positions at a time, keeping fp32
+  logits, log-probabilities and their gradient: ``min(tokens, 1024) x vocab x 12`` bytes.
+
+Only the parts that backward must traverse are stored: the ViT from its first trainable block
+(nothing if no vision parameter trains), the resampler if it or the ViT trains, and the LLM
+from layer 0 when anything before it trains (its inputs need gradients) or else from its first
+trainable layer. With gradient checkpointing each layer keeps only its input (``h`` or ``w``
+per token) and one layer at a time is recomputed during backward, so the peak adds the largest
+single layer's full activations.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from monkeytune.config import ModelConfig
+from monkeytune.policy.components import canonical_name
+from monkeytune.policy.plan import Decision
+
+PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+LOSS_CHUNK = 1024
+GIB = 1024**3
+
+_BLOCK = re.compile(r"^(vision\.blocks\.(\d+)|llm\.model\.layers\.(\d+))\.")
+
+
+@dataclass(frozen=True)
+class ParamSummary:
+    """What the memory estimate needs to know about a resolved plan.
+
+    Attributes:
+        total: All parameters.
+        trainable: Trainable parameters.
+        root_unit: Parameters outside the transformer blocks (gathered whole under ZeRO-3/FSDP).
+        largest_block: Parameters of the largest ViT block or LLM layer.
+        vision_from: First ViT block backward must reach (``None``: the ViT needs no backward).
+        resampler_grad: Whether backward runs through the resampler.
+        llm_from: First LLM layer backward must reach (``num_layers`` when only the final norm
+            or head trains).
+        llm_lora: Whether peft LoRA adapters sit in the LLM.
+    """
+
+    total: int
+    trainable: int
+    root_unit: int
+    largest_block: int
+    vision_from: int | None
+    resampler_grad: bool
+    llm_from: int
+    llm_lora: bool
+
+
+def summarize(decisions: Iterable[Decision], config: ModelConfig) -> ParamSummary:
+    """Reduce per-parameter decisions (``resolve_plan``/``plan_report``) to a :class:`ParamSummary`."""
+    decisions = list(decisions)
+    blocks: dict[str, int] = {}
+    root = 0
+    vision_first: int | None = None
+    llm_first: int | None = None
+    upstream = False
+    for d in decisions:
+        canon = canonical_name(d.name)
+        m = _BLOCK.match(canon)
+        if m:
+            blocks[m.group(1)] = blocks.get(m.group(1), 0) + d.numel
+        else:
+            root += d.numel
+        if not d.trainable:
+            continue
+        if d.component in ("vision_tower", "vision_adapters"):
+            idx = int(m.group(2)) if m and m.group(2) is not None else 0
+            vision_first = idx if vision_first is None else min(vision_first, idx)
+        if d.component in ("vision_tower", "vision_adapters", "resampler", "embeddings"):
+            upstream = True
+        if m and m.group(3) is not None:
+            idx = int(m.group(3))
+            llm_first = idx if llm_first is None else min(llm_first, idx)
+    resampler_grad = vision_first is not None or any(d.trainable and d.component == "resampler" for d in decisions)
+    llm_from = 0 if upstream else (llm_first if llm_first is not None else config.llm.num_layers)
+    return ParamSummary(
+        total=sum(d.numel for d in decisions),
+        trainable=sum(d.numel for d in decisions if d.trainable),
+        root_unit=root,
+        largest_block=max(blocks.values(), default=0),
+        vision_from=vision_first,
+        resampler_grad=resampler_grad,
+        llm_from=llm_from,
+        llm_lora=any(d.component == "llm_lora" for d in decisions),
+    )
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes per GPU for one precision and strategy (``activations_ckpt``: with checkpointing)."""
+
+    precision: str
+    strategy: str
+    gpus: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    activations_ckpt: int
+
+    @property
+    def states(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.states + self.activations
+
+    @property
+    def total_ckpt(self) -> int:
+        return self.states + self.activations_ckpt
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {
+            "precision": self.precision, "strategy": self.strategy, "gpus": self.gpus,
+            "weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
+            "activations": self.activations, "activations_ckpt": self.activations_ckpt,
+            "total": self.total, "total_ckpt": self.total_ckpt,
+        }
+
+
+def model_state_bytes(s: ParamSummary, precision: str, strategy: str, gpus: int) -> tuple[int, int, int]:
+    """``(weights, gradients, optimizer)`` bytes per GPU; see the module docstring for the rules."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if gpus < 1:
+        raise ValueError(f"gpus must be >= 1, got {gpus}")
+    half = precision != "fp32"
+    w_b, g_b, o_b = (2, 2, 12) if half else (4, 4, 8)
+    if strategy == "fsdp" and half:
+        w_b, g_b, o_b = 4, 4, 8
+    n = gpus
+    weights, grads, optim = w_b * s.total, g_b * s.trainable, o_b * s.trainable
+    if strategy in ("zero1", "zero2", "zero3", "fsdp"):
+        optim = -(-optim // n)
+    if strategy in ("zero2", "zero3", "fsdp"):
+        grads = -(-grads // n)
+    if strategy in ("zero3", "fsdp"):
+        gathered = PRECISIONS[precision] * (s.root_unit + 2 * s.largest_block) if n > 1 else 0
+        weights = -(-weights // n) + gathered
+    return weights, grads, optim
+
+
+def activation_bytes(
+    s: ParamSummary,
+    config: ModelConfig,
+    batch_size: int,
+    seq_len: int,
+    precision: str = "bf16",
+    checkpointing: bool = False,
+    images_per_sample: int = 1,
+) -> dict[str, int]:
+    """Approximate activation memory per GPU, split into ``vision``, ``resampler``, ``llm``, ``loss``.
+
+    Args:
+        s: From :func:`summarize`.
+        config: The model configuration (sizes).
+        batch_size: Sequences per GPU per micro-batch.
+        seq_len: Tokens per sequence (visual tokens included).
+        precision: ``bf16``, ``fp16`` or ``fp32``.
+        checkpointing: Gradient checkpointing on the ViT blocks and LLM layers.
+        images_per_sample: Images per sequence.
+
+    Returns:
+        Bytes per part plus ``total``.
+    """
+    if batch_size < 1 or seq_len < 1 or images_per_sample < 0:
+        raise ValueError("batch_size and seq_len must be >= 1 and images_per_sample >= 0")
+    a = PRECISIONS[precision]
+    v, im, llm = config.vision, config.image, config.llm
+    patches = (im.window_size // v.patch_size) ** 2
+    vis_tokens = batch_size * images_per_sample * im.num_views * patches
+    tokens = batch_size * seq_len
+
+    w, m = v.width, v.mlp_width
+    vit_layer = 10 * w + 2 * m + 2 * v.lora_rank_attn + v.lora_rank_mlp
+    h, f = llm.hidden_size, llm.intermediate_size
+    kv = h * llm.num_kv_heads // llm.num_heads
+    llm_layer = 6 * h + 2 * kv + 4 * f + ((6 * h + f) if s.llm_lora else 0)
+
+    vit_layers = 0 if s.vision_from is None else max(0, v.layers - s.vision_from)
+    llm_layers = max(0, llm.num_layers - s.llm_from)
+    peak_layer = 0
+    if checkpointing:
+        vision = vis_tokens * (vit_layers * w + (3 * w if s.vision_from == 0 else 0)) * a
+        lm = tokens * llm_layers * h * a
+        if vit_layers:
+            peak_layer = max(peak_layer, vis_tokens * vit_layer * a)
+        if llm_layers:
+            peak_layer = max(peak_layer, tokens * llm_layer * a)
+    else:
+        vision = vis_tokens * (vit_layers * vit_layer + (3 * w if s.vision_from == 0 else 0)) * a
+        lm = tokens * llm_layers * llm_layer * a
+    resampler = vis_tokens * 5 * v.output_dim * a if s.resampler_grad else 0
+    # Final norm input/output sit before the head whenever anything trains.
+    loss = min(tokens, LOSS_CHUNK) * llm.vocab_size * 12 + tokens * 2 * h * a
+    parts = {"vision": vision, "resampler": resampler, "llm": lm + peak_layer, "loss": loss}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def estimate_memory(
+    s: ParamSummary,
+    config: ModelConfig,
+    precision: str = "bf16",
+    strategy: str = "ddp",
+    gpus: int = 1,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    images_per_sample: int = 1,
+) -> MemoryEstimate:
+    """Per-GPU memory of one precision/strategy, with and without gradient checkpointing."""
+    weights, grads, optim = model_state_bytes(s, precision, strategy, gpus)
+    act = activation_bytes(s, config, batch_size, seq_len, precision, False, images_per_sample)["total"]
+    act_ck = activation_bytes(s, config, batch_size, seq_len, precision, True, images_per_sample)["total"]
+    return MemoryEstimate(precision, strategy, gpus, weights, grads, optim, act, act_ck)
+
+
+def estimate_all(
+    s: ParamSummary,
+    config: ModelConfig,
+    gpus: int = 1,
+    batch_size: int = 1,
+    seq_len: int = 2048,
+    images_per_sample: int = 1,
+    precisions: Iterable[str] = tuple(PRECISIONS),
+) -> list[MemoryEstimate]:
+    """Every precision x strategy combination."""
+    return [
+        estimate_memory(s, config, p, st, gpus, batch_size, seq_len, images_per_sample)
+        for p in precisions
+        for st in STRATEGIES
+    ]
+
+
+def format_memory(estimates: list[MemoryEstimate], batch_size: int, seq_len: int) -> str:
+    """Fixed-width GiB table of :func:`estimate_all` output."""
+    if not estimates:
+        return ""
+    gpus = estimates[0].gpus
+    header = ("precision", "strategy", "weights", "grads", "optim", "activ", "activ+ckpt", "total", "total+ckpt")
+    rows = [
+        (e.precision, e.strategy, *(f"{x / GIB:.2f}" for x in (
+            e.weights, e.gradients, e.optimizer, e.activations, e.activations_ckpt, e.total, e.total_ckpt)))
+        for e in estimates
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def fmt(cells: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
+
+    title = (f"training memory per GPU (GiB), {gpus} GPU(s), AdamW, micro-batch {batch_size} x {seq_len} tokens"
+             " (approximate; see monkeytune.memory)")
+    return "\n".join([title, "", fmt(header), fmt(tuple("-" * wd for wd in widths)), *[fmt(r) for r in rows]])

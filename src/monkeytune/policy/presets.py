@@ -1,0 +1,173 @@
+"""Named training presets: the default trainable set and, for LoRA-on-LLM presets, the peft wrap.
+
+| preset           | trainable by default                                                          |
+| ---------------- | ----------------------------------------------------------------------------- |
+| ``monkey``       | per-window adapters, whole resampler, whole LLM (ViT base frozen)              |
+| ``monkey-fix-llm`` | per-window adapters, whole resampler (LLM layers/embeddings/norm/head frozen) |
+| ``lora-only``    | parameters whose name contains ``lora``                                       |
+| ``llm-lora``     | peft LoRA on the LLM's q/k/v/o and gate/up/down, per-window adapters, resampler |
+| ``llm-qlora``    | as ``llm-lora`` with the LLM's linear layers quantised to 4-bit NF4 (bitsandbytes + CUDA) |
+| ``full``         | everything                                                                    |
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from monkeytune.policy.rules import PlanError
+
+# Qwen2 projection names; LoRA on all of them is the usual QLoRA-paper recipe.
+LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Rank/alpha/dropout of the Qwen-VL and Monkey fine-tuning scripts.
+DEFAULT_LLM_LORA: dict[str, Any] = {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": list(LLM_LORA_TARGETS)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A default trainable set.
+
+    Attributes:
+        name: Preset name as written in configs.
+        description: One line for ``--help`` and reports.
+        components: Components trainable by default, or ``None`` to use ``name_contains``.
+        name_contains: Substring a parameter name must contain to be trainable by default.
+        llm_lora: ``None``, ``"lora"`` (peft LoRA on the LLM) or ``"qlora"`` (4-bit base + LoRA).
+    """
+
+    name: str
+    description: str
+    components: tuple[str, ...] | None
+    name_contains: str = ""
+    llm_lora: str | None = None
+
+    def default(self, name: str, canonical: str, component: str) -> bool:
+        """Whether a parameter is trainable when no rule matches it."""
+        if self.components is None:
+            return self.name_contains in name or self.name_contains in canonical
+        return component in self.components
+
+
+_LLM_ALL = ("llm_layers", "embeddings", "lm_head", "final_norm", "llm_lora")
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("monkey", "ViT base frozen; per-window LoRA, resampler and LLM trainable",
+               ("vision_adapters", "resampler") + _LLM_ALL),
+        Preset("monkey-fix-llm", "as monkey with the whole LLM frozen",
+               ("vision_adapters", "resampler")),
+        Preset("lora-only", "only parameters whose name contains 'lora'", None, name_contains="lora"),
+        Preset("llm-lora", "peft LoRA on the LLM (base frozen), per-window LoRA and resampler trainable",
+               ("vision_adapters", "resampler", "llm_lora"), llm_lora="lora"),
+        Preset("llm-qlora", "llm-lora on a 4-bit NF4 LLM base (needs bitsandbytes and a CUDA GPU)",
+               ("vision_adapters", "resampler", "llm_lora"), llm_lora="qlora"),
+        Preset("full", "every parameter trainable",
+               ("vision_tower", "vision_adapters", "resampler", "other") + _LLM_ALL),
+    )
+}
+
+
+def get_preset(name: str) -> Preset:
+    """Look a preset up by name, with the list of valid names in the error."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise PlanError(f"unknown policy preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def has_llm_lora(model: nn.Module) -> bool:
+    """Whether peft LoRA layers are already present in ``model.llm``."""
+    llm = getattr(model, "llm", None)
+    return llm is not None and any("lora_" in n for n, _ in llm.named_parameters())
+
+
+def qlora_unavailable_reason() -> str | None:
+    """Why 4-bit QLoRA cannot run here, or ``None`` when it can."""
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package is not installed (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is available")
+    if not missing:
+        return None
+    return "preset llm-qlora needs 4-bit bitsandbytes kernels: " + "; ".join(missing) + (
+        ". Use preset llm-lora (LoRA on an unquantised LLM) instead."
+    )
+
+
+def quantize_llm_4bit(llm: nn.Module, targets: tuple[str, ...] | list[str], compute_dtype: torch.dtype) -> int:
+    """Replace the LLM's target ``nn.Linear`` layers by bitsandbytes NF4 ``Linear4bit`` on the GPU.
+
+    The weights are moved to the current CUDA device, where bitsandbytes quantises them; the
+    rest of the LLM is moved there too so the forward runs on one device.
+
+    Returns:
+        Number of linear layers replaced.
+    """
+    reason = qlora_unavailable_reason()
+    if reason:
+        raise PlanError(reason)
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency, only here
+
+    device = torch.device("cuda", torch.cuda.current_device())
+    replaced = 0
+    for parent_name, parent in list(llm.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            if type(child) is not nn.Linear or child_name not in targets:
+                continue
+            if child.weight.is_meta:
+                raise PlanError(f"cannot quantise {parent_name}.{child_name}: its weight is on the meta device")
+            q = bnb.nn.Linear4bit(
+                child.in_features, child.out_features, bias=child.bias is not None,
+                compute_dtype=compute_dtype, quant_type="nf4",
+            )
+            q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
+            if child.bias is not None:
+                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, child_name, q.to(device))  # .to(cuda) performs the quantisation
+            replaced += 1
+    llm.to(device)
+    return replaced
+
+
+def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, quantize: bool = False) -> bool:
+    """Wrap ``model.llm`` with peft LoRA (idempotent).
+
+    After this, LLM parameter names gain peft's prefixes, e.g.
+    ``llm.base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight``; component
+    classification and rule matching see through them.
+
+    Args:
+        model: A model with an ``llm`` attribute (a transformers causal LM).
+        options: Overrides of :data:`DEFAULT_LLM_LORA` (``r``, ``alpha``, ``dropout``,
+            ``target_modules``).
+        quantize: Quantise the target linear layers to 4-bit first (QLoRA).
+
+    Returns:
+        ``True`` if LoRA was added, ``False`` if the model already had it.
+    """
+    if not hasattr(model, "llm"):
+        raise PlanError(f"LLM LoRA presets need a model with an 'llm' attribute; {type(model).__name__} has none")
+    if has_llm_lora(model):
+        return False
+    opts = dict(DEFAULT_LLM_LORA)
+    unknown = set(options or {}) - set(opts)
+    if unknown:
+        raise PlanError(f"policy.lora: unknown keys {sorted(unknown)}; allowed: {sorted(opts)}")
+    opts.update(options or {})
+    from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - heavy import, only when needed
+
+    if quantize:
+        weight = next(model.llm.parameters())
+        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), dtype)
+    cfg = LoraConfig(
+        r=int(opts["r"]), lora_alpha=int(opts["alpha"]), lora_dropout=float(opts["dropout"]),
+        target_modules=list(opts["target_modules"]), bias="none",
+    )
+    model.llm = get_peft_model(model.llm, cfg)
+    return True
