@@ -14,6 +14,8 @@ import sys
 # Module names under monkeytune.cli, in the order they appear in --help.
 SUBCOMMANDS = [
     "smoke",
+    "data",
+    "inspect",
 ]
 
 
