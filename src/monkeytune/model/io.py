@@ -1,0 +1,528 @@
+"""Saving and loading model folders.
+
+A monkeytune folder holds::
+
+    config.json                     {"format": "monkeytune", "version": 1, "model": ModelConfig,
+                                     "complete": true, "metadata": {...}}
+    model.safetensors               all weights (or model-0000k-of-0000n.safetensors shards plus
+                                    model.safetensors.index.json when large)
+    qwen.tiktoken | tokenizer.json  the tokenizer, when one was given
+
+``complete: false`` marks a folder written with ``trainable_only=True``: it holds only the
+trainable tensors and loads on top of a base model (``load_model(dir, base=...)`` or the
+``base_model`` path recorded at save time).
+
+:func:`load_model` also reads official Monkey / Qwen-VL folders (see
+:mod:`monkeytune.model.official`); which kind a folder is comes from its ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from monkeytune.config import ModelConfig
+
+FORMAT = "monkeytune"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 4 * 2**30
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or weights file is malformed; the message names the file and keys."""
+
+
+# ----------------------------------------------------------------------------- tensor files
+def _name_list(names, limit: int = 12) -> str:
+    names = sorted(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" ... (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def write_tensors(
+    tensors: dict[str, torch.Tensor],
+    directory: str | Path,
+    weights_name: str = WEIGHTS_NAME,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Write tensors as one safetensors file, or as shards plus an index when larger than a shard.
+
+    Shards are named like transformers names them (``model-00001-of-00003.safetensors``) and the
+    index is ``<weights_name>.index.json`` with ``metadata.total_size`` and ``weight_map``.
+
+    Args:
+        tensors: Name to tensor; tensors sharing memory must be deduplicated by the caller.
+        directory: Output folder (created).
+        weights_name: File name of the unsharded file; its stem prefixes the shards.
+        max_shard_bytes: Largest shard size (a single larger tensor gets a shard of its own).
+        metadata: String metadata stored in each safetensors header.
+
+    Returns:
+        The written weight files.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in prepared.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    stem = weights_name[: -len(".safetensors")]
+    meta = {"format": "pt", **(metadata or {})}
+    # Remove stale weights of a previous save so the folder never mixes two layouts.
+    for old in list(directory.glob(f"{stem}-*-of-*.safetensors")) + [directory / weights_name]:
+        if old.exists():
+            old.unlink()
+    if len(shards) == 1:
+        path = directory / weights_name
+        save_file(shards[0], str(path), metadata=meta)
+        index = directory / f"{weights_name}.index.json"
+        if index.exists():
+            index.unlink()
+        return [path]
+    paths, weight_map = [], {}
+    for i, shard in enumerate(shards, start=1):
+        path = directory / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(path), metadata=meta)
+        paths.append(path)
+        weight_map.update({k: path.name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in prepared.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return paths
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """``torch.load`` restricted to tensors and plain containers (no code from the pickle runs)."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            # Files in the legacy (non-zip) format cannot be memory-mapped.
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refusing to load: the pickle asks to run code or build objects other than "
+            f"tensors ({str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; convert "
+            "the file to safetensors with a trusted tool if you trust its origin."
+        ) from None
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+    return data
+
+
+def weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a folder: safetensors preferred, then ``pytorch_model*.bin``.
+
+    A ``*.index.json`` (transformers' sharding index) decides the shard list when present.
+
+    Raises:
+        CheckpointError: when the folder has no weights, or an index names a missing shard.
+    """
+    directory = Path(directory)
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = directory / index_name
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index}: not a valid weights index ({e})") from None
+            files = [directory / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} names shards that are missing: {_name_list(missing)}")
+            return files
+        if (directory / single).is_file():
+            return [directory / single]
+    others = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
+    if others:
+        return others
+    raise CheckpointError(
+        f"no weights in {directory}: looked for model.safetensors, pytorch_model.bin and their "
+        "sharded forms (*.index.json)"
+    )
+
+
+def iter_tensors(directory: str | Path, device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, tensor)`` for every tensor of a folder, file by file (memory-mapped where possible)."""
+    seen: dict[str, Path] = {}
+    for path in weight_files(directory):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                items = ((k, f.get_tensor(k)) for k in f.keys())
+                for name, t in items:
+                    if name in seen:
+                        raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {path}")
+                    seen[name] = path
+                    yield name, t
+        else:
+            for name, t in _load_bin(path).items():
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {path}")
+                seen[name] = path
+                yield name, t.to(device)
+
+
+def read_tensors(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a folder as one dict (see :func:`iter_tensors`)."""
+    return dict(iter_tensors(directory, device))
+
+
+# ----------------------------------------------------------------------------- state dicts
+def unique_state_dict(module: nn.Module, trainable_only: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The module's state dict with tensors that share memory kept once.
+
+    Returns:
+        ``(tensors, tied)`` where ``tied`` maps each dropped name to the kept name it shares
+        memory with (e.g. a tied LM head).
+    """
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    out: dict[str, torch.Tensor] = {}
+    tied: dict[str, str] = {}
+    owner: dict[tuple, str] = {}
+    for name, t in module.state_dict().items():
+        if trainable_only and name not in trainable:
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype) if t.device.type != "meta" else None
+        if key is not None and key in owner:
+            tied[name] = owner[key]
+            continue
+        if key is not None:
+            owner[key] = name
+        out[name] = t
+    return out, tied
+
+
+def assign_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where: str, allow_missing=()) -> None:
+    """Load ``tensors`` into ``model`` by assignment, checking names and shapes first.
+
+    Raises:
+        CheckpointError: naming missing, unexpected and wrongly shaped keys (``where`` names the source).
+    """
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors) - set(allow_missing))
+    unexpected = sorted(set(tensors) - set(expected))
+    bad_shape = [
+        f"{k} {tuple(tensors[k].shape)} != {tuple(expected[k].shape)}"
+        for k in tensors
+        if k in expected and tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys: {_name_list(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys: {_name_list(unexpected)}")
+    if bad_shape:
+        problems.append(f"shape mismatches: {_name_list(bad_shape)}")
+    if problems:
+        raise CheckpointError(f"{where}: " + "; ".join(problems))
+    model.load_state_dict(tensors, strict=False, assign=True)
+
+
+def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
+    """Rebuild non-persistent buffers left on the meta device after a meta-device build.
+
+    Only the LLM's rotary tables are non-persistent in this model; anything else still on meta
+    is an error, since it would silently compute garbage.
+    """
+    llm = getattr(model, "llm", None)
+    rotary = getattr(getattr(llm, "model", None), "rotary_emb", None)
+    if rotary is not None and any(b.is_meta for b in rotary.buffers()):
+        if hasattr(rotary, "rebuild"):
+            rotary.rebuild(device)
+        else:
+            llm.model.rotary_emb = type(rotary)(config=llm.config).to(device)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"tensors were not loaded from the checkpoint: {_name_list(left)}")
+
+
+# ----------------------------------------------------------------------------- folders
+def folder_kind(directory: str | Path) -> str:
+    """``"monkeytune"`` or ``"official"`` for a model folder.
+
+    Raises:
+        CheckpointError: no ``config.json``, invalid JSON or an unknown layout.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a model folder: no {CONFIG_FILE}")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    if cfg.get("format") == FORMAT:
+        return "monkeytune"
+    if cfg.get("model_type") in ("monkey", "qwen") or "visual" in cfg:
+        return "official"
+    raise CheckpointError(
+        f"{path}: unknown checkpoint layout (no \"format\": \"monkeytune\" and no official "
+        "model_type monkey/qwen with a visual block)"
+    )
+
+
+def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    if not hasattr(tokenizer, "save"):
+        raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}: it has no save(dir) method")
+    tokenizer.save(directory)
+
+
+def load_tokenizer_if_any(directory: str | Path):
+    """The folder's tokenizer, or None when it holds no tokenizer files."""
+    from monkeytune.tokenizer.loading import load_tokenizer
+
+    directory = Path(directory)
+    if not any((directory / f).is_file() for f in ("qwen.tiktoken", "tokenizer.json")):
+        return None
+    return load_tokenizer(directory)
+
+
+def save_model(
+    model: nn.Module,
+    directory: str | Path,
+    tokenizer: Any = None,
+    trainable_only: bool = False,
+    metadata: dict[str, Any] | None = None,
+    base_model: str | Path | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
+    """Write a monkeytune model folder.
+
+    Args:
+        model: A :class:`~monkeytune.model.MonkeyForCausalLM`.
+        directory: Output folder (created; earlier weights there are replaced).
+        tokenizer: Saved beside the weights when given (any tokenizer with ``save(dir)``).
+        trainable_only: Save only parameters with ``requires_grad`` (adapters, unfrozen
+            parts); the folder then loads on top of a base model.
+        metadata: Extra JSON-able facts stored in ``config.json`` (merged over the model's own
+            ``model.metadata``, e.g. ``{"chat_format": "chatml"}``).
+        base_model: Recorded with ``trainable_only`` so loading can find the base by itself.
+        max_shard_bytes: Shard size limit for the safetensors files.
+
+    Returns:
+        The folder path.
+    """
+    from monkeytune.model.qwen_compat import get_compat
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, tied = unique_state_dict(model, trainable_only=trainable_only)
+    if trainable_only and not tensors:
+        raise ValueError("trainable_only=True but the model has no trainable parameters")
+    meta = dict(getattr(model, "metadata", {}) or {})
+    meta.update(metadata or {})
+    compat = get_compat(model)
+    if compat is not None:
+        meta["qwen_compat"] = compat.to_dict()
+    info: dict[str, Any] = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "complete": not trainable_only,
+        "tied_weights": tied,
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "metadata": meta,
+    }
+    if trainable_only and base_model is not None:
+        info["base_model"] = str(base_model)
+    write_tensors(tensors, directory, max_shard_bytes=max_shard_bytes)
+    (directory / CONFIG_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    if tokenizer is not None:
+        _save_tokenizer(tokenizer, directory)
+    return directory
+
+
+def read_config(directory: str | Path) -> dict[str, Any]:
+    """The parsed ``config.json`` of a monkeytune folder (validated format and version)."""
+    path = Path(directory) / CONFIG_FILE
+    info = json.loads(path.read_text())
+    if info.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a monkeytune config (format={info.get('format')!r})")
+    if int(info.get("version", 0)) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format version {info['version']} is newer than this monkeytune ({FORMAT_VERSION})")
+    if "model" not in info:
+        raise CheckpointError(f"{path}: missing field 'model'")
+    return info
+
+
+def _build_on_meta(config: ModelConfig):
+    from monkeytune.model import build_model
+
+    with torch.device("meta"):
+        return build_model(config)
+
+
+def finish_model(model: nn.Module, dtype: torch.dtype | None, device: str | torch.device, metadata: dict) -> nn.Module:
+    """Common tail of every loader: buffers, ties, compat layer, dtype, eval mode."""
+    from monkeytune.model.qwen_compat import CompatConfig, apply_compat
+
+    if model.config.llm.tie_word_embeddings:
+        model.llm.tie_weights()
+    materialize_buffers(model, device)
+    compat = metadata.get("qwen_compat")
+    if compat:
+        apply_compat(model.llm, CompatConfig.from_dict(compat))
+    if dtype is not None:
+        model.to(dtype=dtype)
+    model.to(device)
+    model.metadata = metadata
+    return model.eval()
+
+
+def load_monkeytune(
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    base: str | Path | None = None,
+):
+    """Load a monkeytune folder; see :func:`load_model`."""
+    directory = Path(directory)
+    info = read_config(directory)
+    try:
+        config = ModelConfig.from_dict(info["model"])
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid field 'model': {e}") from None
+    metadata = dict(info.get("metadata") or {})
+    tensors = read_tensors(directory, device)
+    if info.get("complete", True):
+        model = _build_on_meta(config)
+        tied = info.get("tied_weights") or {}
+        assign_state_dict(model, tensors, where=str(directory), allow_missing=tied)
+    else:
+        base = base if base is not None else info.get("base_model")
+        if base is None:
+            raise CheckpointError(
+                f"{directory} holds only trainable weights; pass the base model folder (base=...)"
+            )
+        model, _ = load_model(base, dtype=None, device=device)
+        base_cfg = model.config.to_dict()
+        if base_cfg != config.to_dict():
+            diff = sorted(k for k in config.to_dict() if base_cfg.get(k) != config.to_dict()[k])
+            raise CheckpointError(f"{directory}: base model {base} has a different config (fields {diff})")
+        load_adapters(model, tensors, where=str(directory))
+        metadata = {**getattr(model, "metadata", {}), **metadata}
+    model = finish_model(model, dtype, device, metadata)
+    return model, load_tokenizer_if_any(directory) or (None if info.get("complete", True) else load_tokenizer_if_any(base))
+
+
+def load_model(
+    directory: str | Path,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    base: str | Path | None = None,
+):
+    """Load a model folder, monkeytune or official (detected from ``config.json``).
+
+    Weights are assigned without first initialising a random model, so a 7B checkpoint needs
+    only its own size in memory.
+
+    Args:
+        directory: The folder.
+        dtype: Convert floating weights to this dtype; None keeps the stored dtypes.
+        device: Where the weights go.
+        base: Base model folder for a ``trainable_only`` folder (default: the path recorded
+            when it was saved).
+
+    Returns:
+        ``(model, tokenizer)`` with the model in eval mode and the folder's tokenizer (None if it
+        has none).
+
+    Raises:
+        CheckpointError: unknown layout, missing/unexpected/misshaped weights (named), or an
+            unsafe pickle.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model folder {directory} does not exist")
+    if folder_kind(directory) == "official":
+        from monkeytune.model.official import load_official
+
+        return load_official(directory, dtype=dtype, device=device)
+    return load_monkeytune(directory, dtype=dtype, device=device, base=base)
+
+
+# ----------------------------------------------------------------------------- adapters
+def save_adapters(model: nn.Module, path: str | Path, names: list[str] | None = None) -> Path:
+    """Save trainable parameters (or the named ones) to one safetensors file.
+
+    Args:
+        model: Any module.
+        path: Output ``.safetensors`` file.
+        names: Parameter names to save; default: every parameter with ``requires_grad``.
+    """
+    path = Path(path)
+    params = dict(model.named_parameters())
+    if names is None:
+        names = [n for n, p in params.items() if p.requires_grad]
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise KeyError(f"not parameters of the model: {_name_list(unknown)}")
+    if not names:
+        raise ValueError("no parameters to save: none requires grad and no names were given")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: params[n].detach().to("cpu").contiguous() for n in names}, str(path), metadata={"format": "pt"})
+    return path
+
+
+def load_adapters(model: nn.Module, source: str | Path | dict[str, torch.Tensor], where: str | None = None) -> list[str]:
+    """Copy saved tensors into the matching parameters/buffers of ``model`` (in place, any dtype).
+
+    Args:
+        model: The model to update.
+        source: A ``.safetensors`` file, a folder holding weights, or a name -> tensor dict.
+        where: Name of the source in error messages.
+
+    Returns:
+        The names loaded.
+
+    Raises:
+        CheckpointError: a name the model lacks or a shape mismatch (all offenders named).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        where = where or str(source)
+        p = Path(source)
+        if p.is_dir():
+            tensors = read_tensors(p)
+        else:
+            with safe_open(str(p), framework="pt", device="cpu") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+    else:
+        tensors, where = source, where or "adapter tensors"
+    state = model.state_dict()
+    unknown = [k for k in tensors if k not in state]
+    bad = [f"{k} {tuple(v.shape)} != {tuple(state[k].shape)}" for k, v in tensors.items() if k in state and v.shape != state[k].shape]
+    if unknown or bad:
+        parts = ([f"keys the model lacks: {_name_list(unknown)}"] if unknown else []) + (
+            [f"shape mismatches: {_name_list(bad)}"] if bad else []
+        )
+        raise CheckpointError(f"{where}: " + "; ".join(parts))
+    with torch.no_grad():
+        for k, v in tensors.items():
+            state[k].copy_(v)
+    return sorted(tensors)
