@@ -1,0 +1,336 @@
+"""Training configuration: typed sections, YAML loading, dotted command-line overrides.
+
+A run is described by one YAML file with up to seven sections, each a flat dataclass::
+
+    model:      {preset: tiny}            # or {config: {...}} or {from: path/to/model}
+    data:       {train: data/train.jsonl, template: monkey, max_length: 2048}
+    policy:     {preset: monkey, lr: {vision_adapters: 1.0e-4}}
+    optim:      {lr: 1.0e-5, weight_decay: 0.1, betas: [0.9, 0.95]}
+    train:      {epochs: 1, micro_batch_size: 1, grad_accum: 8, precision: bf16}
+    checkpoint: {output_dir: runs/my-run, every: 500, keep_last: 3}
+    log:        {progress: true, plot: true}
+
+Overrides such as ``--train.max_steps 100`` or ``--optim.betas [0.9,0.99]`` are applied on top,
+converted to the field's type by :mod:`monkeytune.train.config_load`. Values read from YAML go
+through the same conversion, so ``lr: 1e-5`` (a string to PyYAML) is a float here. Every error
+names the file, the line where known, and the ``section.key`` at fault, and suggests close
+spellings of unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+LOSS_NORMS = ("per_token", "per_sample")
+SCHEDULERS = ("cosine", "linear", "constant")
+PADDINGS = ("dynamic", "max_length")
+FINAL_SAVES = ("full", "adapters", "none")
+CHECKPOINTABLE = ("llm", "vit")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names where and which field."""
+
+
+@dataclass
+class ModelSection:
+    """Which model to train. Exactly one of ``preset``, ``config`` and ``from`` is set.
+
+    Attributes:
+        preset: Name of a built-in configuration (``tiny``, ``mid``, ``monkey-7b``, ...), randomly
+            initialised.
+        config: An inline :class:`~monkeytune.config.ModelConfig` dict, randomly initialised.
+        from_dir: A model folder written by ``monkeytune.model.io.save_model`` (YAML key ``from``).
+        tokenizer: Tokenizer folder; by default the model folder's own tokenizer.
+        init_seed: Seed for the random initialisation of ``preset``/``config`` models.
+    """
+
+    preset: str | None = None
+    config: dict | None = None
+    from_dir: str | None = field(default=None, metadata={"key": "from"})
+    tokenizer: str | None = None
+    init_seed: int = 0
+
+
+@dataclass
+class DataSection:
+    """Training data and batching.
+
+    Attributes:
+        train: One data file (JSON list or JSON Lines) or a list of them.
+        template: ``monkey`` (official) or ``chatml``.
+        max_length: Longest sample in tokens, images included (also the packed row length).
+        padding: ``dynamic`` (pad to the longest sample of the batch) or ``max_length``
+            (always pad to ``max_length``, the official behaviour). Ignored when packing.
+        packing: Concatenate the samples of a micro-batch into rows of ``max_length``.
+        on_bad_sample: ``error`` or ``skip`` (skipped samples listed in ``report_file``).
+        report_file: Where skipped samples are reported; default ``<output_dir>/bad_samples.jsonl``.
+        truncate_turns: Drop trailing text-only exchanges of over-long samples.
+        num_workers: DataLoader worker processes.
+        shuffle: Shuffle the sample order each epoch (a pure function of seed and epoch).
+        synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
+            many samples (small images, captions and a trained tokenizer) there first.
+    """
+
+    train: list[str] = field(default_factory=list)
+    template: str = "monkey"
+    max_length: int = 2048
+    padding: str = "dynamic"
+    packing: bool = False
+    on_bad_sample: str = "error"
+    report_file: str | None = None
+    truncate_turns: bool = False
+    num_workers: int = 0
+    shuffle: bool = True
+    synthetic: int = 0
+
+
+@dataclass
+class PolicySection:
+    """What trains and how fast (see ``monkeytune.policy``).
+
+    Attributes:
+        preset: ``monkey``, ``monkey-fix-llm``, ``lora-only``, ``llm-lora`` or ``full``.
+        rules: Ordered ``train``/``freeze`` rules applied on top of the preset.
+        lr: Learning rate per component or alias (e.g. ``{vision_adapters: 1.0e-4}``);
+            components not listed use ``optim.lr``.
+        no_decay: Extra parameter-name patterns excluded from weight decay (biases and norms
+            always are).
+        unfreeze: Progressive unfreezing stages, e.g. ``[{at: 100, train: ["llm.*"]}]``.
+        lora: Options of the LLM LoRA (``r``, ``alpha``, ``dropout``, ``target_modules``).
+    """
+
+    preset: str = "monkey"
+    rules: list = field(default_factory=list)
+    lr: dict = field(default_factory=dict)
+    no_decay: list[str] = field(default_factory=list)
+    unfreeze: list = field(default_factory=list)
+    lora: dict = field(default_factory=dict)
+
+
+@dataclass
+class OptimSection:
+    """AdamW and the learning-rate schedule (defaults: the official Monkey recipe).
+
+    Attributes:
+        lr: Peak learning rate.
+        weight_decay: Decoupled weight decay (not applied to biases and norms).
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        warmup_ratio: Warmup length as a fraction of the optimizer steps.
+        warmup_steps: Warmup length in steps; overrides ``warmup_ratio`` when > 0.
+        scheduler: ``cosine`` (to zero), ``linear`` (to zero) or ``constant`` after warmup.
+        grad_clip: Maximum global gradient norm; 0 disables clipping.
+    """
+
+    lr: float = 1e-5
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    warmup_ratio: float = 0.02
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    grad_clip: float = 1.0
+
+
+@dataclass
+class TrainSection:
+    """Loop length, batching, numerics.
+
+    Attributes:
+        epochs: Passes over the data (used when ``max_steps`` is 0).
+        max_steps: Optimizer steps; 0 means ``epochs`` worth.
+        micro_batch_size: Samples per forward pass per process.
+        grad_accum: Micro-batches per optimizer step per process.
+        precision: ``bf16``, ``fp16`` (with loss scaling) or ``fp32``.
+        gradient_checkpointing: Parts recomputed in backward: any of ``llm`` and ``vit``.
+        seed: Seed of the data order, dropout and every RNG.
+        loss_norm: ``per_token`` (every supervised token of the optimizer step weighs the
+            same) or ``per_sample`` (every sample weighs the same).
+        max_bad_steps: Stop after this many consecutive steps with a non-finite loss or gradient.
+        find_unused_parameters: Let DDP tolerate parameters a batch does not use (the vision
+            side of a text-only batch).
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    micro_batch_size: int = 1
+    grad_accum: int = 1
+    precision: str = "bf16"
+    gradient_checkpointing: list[str] = field(default_factory=list)
+    seed: int = 42
+    loss_norm: str = "per_token"
+    max_bad_steps: int = 10
+    find_unused_parameters: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    """Run folder, periodic checkpoints and the final save.
+
+    Attributes:
+        output_dir: Run folder (config, metrics, checkpoints, final model).
+        every: Save a resumable checkpoint every this many optimizer steps; 0 only at the end.
+        keep_last: Keep this many most recent checkpoints (0 keeps all).
+        final_save: ``full`` (a model folder chat/eval can load), ``adapters`` (trainable
+            weights only) or ``none``.
+        merge_llm_lora: With an LLM LoRA policy, merge the adapters into the LLM in the final
+            full save (a peft adapter folder is written either way).
+        resume: ``latest``, a checkpoint folder, or null to start fresh.
+    """
+
+    output_dir: str = "runs/monkeytune"
+    every: int = 0
+    keep_last: int = 3
+    final_save: str = "full"
+    merge_llm_lora: bool = False
+    resume: str | None = None
+
+
+@dataclass
+class LogSection:
+    """Progress and metrics.
+
+    Attributes:
+        every: Write a metrics line every this many optimizer steps.
+        progress: Show a tqdm progress bar (main process only).
+        plot: Draw ``loss.png`` at the end.
+        tensorboard: ``auto`` (when installed), ``true`` or ``false``.
+    """
+
+    every: int = 1
+    progress: bool = True
+    plot: bool = True
+    tensorboard: str = "auto"
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelSection,
+    "data": DataSection,
+    "policy": PolicySection,
+    "optim": OptimSection,
+    "train": TrainSection,
+    "checkpoint": CheckpointSection,
+    "log": LogSection,
+}
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: one attribute per section."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    policy: PolicySection = field(default_factory=PolicySection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    log: LogSection = field(default_factory=LogSection)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain data using the YAML key names (``from``, not ``from_dir``)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            out[name] = {_key(f): _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_yaml(), encoding="utf-8")
+        return path
+
+
+def _key(f: dataclasses.Field) -> str:
+    return f.metadata.get("key", f.name)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _choice(value: str, choices: tuple[str, ...], name: str, origin: str) -> None:
+    if value not in choices:
+        raise ConfigError(f"{origin}: {name} must be one of {list(choices)}, got {value!r}")
+
+
+def validate(cfg: TrainConfig, origin: str = "config") -> None:
+    """Check values and their combinations; raise :class:`ConfigError` naming the field."""
+    m = cfg.model
+    given = [k for k, v in (("preset", m.preset), ("config", m.config), ("from", m.from_dir)) if v]
+    if len(given) != 1:
+        raise ConfigError(
+            f"{origin}: model needs exactly one of preset, config or from; got {given or 'none'}"
+        )
+    if m.config:
+        from monkeytune.config import ModelConfig
+
+        try:
+            ModelConfig.from_dict(m.config).validate()
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{origin}: model.config: {e}") from None
+    if not cfg.data.train:
+        raise ConfigError(f"{origin}: data.train is required (a data file or a list of them)")
+    _choice(cfg.data.padding, PADDINGS, "data.padding", origin)
+    _choice(cfg.data.on_bad_sample, ("error", "skip"), "data.on_bad_sample", origin)
+    _choice(cfg.data.template, ("monkey", "chatml"), "data.template", origin)
+    _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler", origin)
+    _choice(cfg.train.precision, PRECISIONS, "train.precision", origin)
+    _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
+    _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)
+    _choice(cfg.log.tensorboard, ("auto", "true", "false"), "log.tensorboard", origin)
+    for part in cfg.train.gradient_checkpointing:
+        _choice(part, CHECKPOINTABLE, "train.gradient_checkpointing entries", origin)
+    positive = {
+        "data.max_length": cfg.data.max_length,
+        "train.micro_batch_size": cfg.train.micro_batch_size,
+        "train.grad_accum": cfg.train.grad_accum,
+        "train.max_bad_steps": cfg.train.max_bad_steps,
+        "log.every": cfg.log.every,
+    }
+    for name, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{origin}: {name} must be >= 1, got {value}")
+    non_negative = {
+        "train.epochs": cfg.train.epochs,
+        "train.max_steps": cfg.train.max_steps,
+        "data.num_workers": cfg.data.num_workers,
+        "data.synthetic": cfg.data.synthetic,
+        "checkpoint.every": cfg.checkpoint.every,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+        "optim.warmup_steps": cfg.optim.warmup_steps,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.grad_clip": cfg.optim.grad_clip,
+    }
+    for name, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
+    if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
+        raise ConfigError(f"{origin}: set train.epochs or train.max_steps")
+    if not cfg.optim.lr > 0:
+        raise ConfigError(f"{origin}: optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 <= cfg.optim.warmup_ratio < 1:
+        raise ConfigError(f"{origin}: optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
+    if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"{origin}: optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
+    for comp, lr in cfg.policy.lr.items():
+        try:
+            ok = float(lr) >= 0
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"{origin}: policy.lr.{comp} must be a non-negative number, got {lr!r}")
