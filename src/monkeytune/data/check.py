@@ -219,7 +219,7 @@ def check_dataset(
             fitted = fit_to_length(enc, max_length, truncate_turns)
             if isinstance(fitted, str):
                 if estimated:
-                    report.warnings.append(f"{s.error(TOO_LONG, 'about ' + fitted).describe()}")
+                    report.warnings.append(s.error(TOO_LONG, "estimated " + fitted).describe())
                 else:
                     report.errors.append(s.error(TOO_LONG, fitted))
             else:
