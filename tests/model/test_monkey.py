@@ -142,6 +142,6 @@ def test_batched_left_padded_generation_matches_single(model):
     ids = torch.tensor([[0] * pad + p1, p2])
     mask = torch.tensor([[0] * pad + [1] * len(p1), [1] * len(p2)])
     pv, slots = views(2, cfg)
-    both = model.generate(ids, attention_mask=mask, pixel_values=pv, view_slots=slots, max_new_tokens=4, do_sample=False, eos_token_id=-1)
-    one = model.generate(torch.tensor([p1]), pixel_values=pv[:5], view_slots=slots[:5], max_new_tokens=4, do_sample=False, eos_token_id=-1)
+    both = model.generate(ids, attention_mask=mask, pixel_values=pv, view_slots=slots, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    one = model.generate(torch.tensor([p1]), pixel_values=pv[:5], view_slots=slots[:5], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(both[0], one[0])

@@ -225,6 +225,8 @@ class MonkeyForCausalLM(nn.Module):
         embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        generate_kwargs.setdefault("pad_token_id", generate_kwargs.get("eos_token_id"))
+        eos = generate_kwargs.get("eos_token_id")
+        if "pad_token_id" not in generate_kwargs and isinstance(eos, int) and eos >= 0:
+            generate_kwargs["pad_token_id"] = eos
         out = self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
         return out
