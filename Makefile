@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/monkeytune demo
+	$(VENV)/bin/monkeytune smoke
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
