@@ -45,8 +45,8 @@ def test_every_problem_is_reported_with_its_location(files, tok, cfg):
     assert not r.ok and r.num_records == 8 and r.num_valid == 2
     found = {(e.line, e.kind, e.field) for e in r.errors}
     assert found == {
-        (3, "missing_image", "conversations"),
-        (4, "unreadable_image", "conversations"),
+        (3, "missing_image", "conversations[0].value"),
+        (4, "unreadable_image", "conversations[0].value"),
         (5, "bad_roles", "conversations[0].from"),
         (6, "unbalanced_image_tags", "conversations[0].value"),
         (7, "too_long", ""),
@@ -104,3 +104,20 @@ def test_cli_with_a_tokenizer_folder(files, config_yaml, tmp_path, capsys):
     assert "differs from the model config" in out
     assert main(argv + ["--max-length", "20"]) == 1
     assert "too_long: 2" in capsys.readouterr().out
+
+
+def test_cli_reads_a_training_config(files, cfg, tmp_path, capsys):
+    from monkeytune.tokenizer.simple import SimpleTokenizer
+
+    SimpleTokenizer.train(["What? Red."] * 4, vocab_size=280).save(tmp_path / "tok")
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({
+        "model": {"config": cfg.to_dict(), "tokenizer": str(tmp_path / "tok")},
+        "data": {"train": [str(files["good"])], "template": "chatml", "max_length": 40},
+    }))
+    assert main(["data", "check", str(files["good"]), "--config", str(run)]) == 1
+    out = capsys.readouterr().out
+    assert "template: chatml" in out and "max_length 40" in out and "(exact)" in out
+    assert "too_long: 2" in out
+    # Command-line values win over the config's.
+    assert main(["data", "check", str(files["good"]), "--config", str(run), "--max-length", "400"]) == 0

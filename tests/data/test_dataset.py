@@ -60,6 +60,7 @@ def test_error_mode_raises_naming_the_sample(data, tok, cfg, tmp_path):
         ds[1]
     e = info.value
     assert (e.kind, e.file, e.line, e.sample_id) == ("missing_image", str(data), 2, "two")
+    assert e.field == "conversations[2].value"  # the turn whose tag names the file
     assert "b.jpg" in str(e)
 
 

@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Validate conversation files (JSON list or JSON Lines) as training would see them.",
     )
     c.add_argument("files", nargs="+", metavar="FILE", help="data file(s)")
-    c.add_argument("--config", default=None, help="model preset or YAML file (default: monkey-7b)")
+    c.add_argument(
+        "--config",
+        default=None,
+        help="model preset, model folder, model config YAML or training config YAML "
+        "(default: monkey-7b); a training config also supplies the tokenizer, template, "
+        "max length and truncate-turns unless given here",
+    )
     c.add_argument(
         "--tokenizer",
         default=None,
@@ -27,11 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="tokenizer folder for exact token counts; without it text length is estimated "
         "(1 token per 3 UTF-8 bytes) and over-length samples are only warnings",
     )
-    c.add_argument("--max-length", type=int, default=2048, help="longest sample in tokens (default: 2048)")
-    c.add_argument("--template", default="monkey", help="monkey (default) or chatml")
+    c.add_argument("--max-length", type=int, default=None, help="longest sample in tokens (default: 2048)")
+    c.add_argument("--template", default=None, help="monkey (default) or chatml")
     c.add_argument(
         "--truncate-turns",
         action="store_true",
+        default=None,
         help="accept over-long samples that fit after dropping trailing text-only exchanges",
     )
     c.add_argument(
@@ -42,22 +49,28 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from monkeytune.data.check import check_dataset, resolve_model_config
+    from monkeytune.data.check import check_dataset, resolve_check_settings
+
+    def pick(given, from_config, default):
+        if given is not None:
+            return given
+        return default if from_config is None else from_config
 
     try:
-        cfg = resolve_model_config(args.config)
+        settings = resolve_check_settings(args.config)
         tokenizer = None
-        if args.tokenizer is not None:
+        tokenizer_dir = pick(args.tokenizer, settings.tokenizer_dir, None)
+        if tokenizer_dir is not None:
             from monkeytune.tokenizer.loading import load_tokenizer
 
-            tokenizer = load_tokenizer(args.tokenizer)
+            tokenizer = load_tokenizer(tokenizer_dir)
         report = check_dataset(
             args.files,
-            cfg,
+            settings.model_cfg,
             tokenizer=tokenizer,
-            max_length=args.max_length,
-            template=args.template,
-            truncate_turns=args.truncate_turns,
+            max_length=int(pick(args.max_length, settings.max_length, 2048)),
+            template=pick(args.template, settings.template, "monkey"),
+            truncate_turns=bool(pick(args.truncate_turns, settings.truncate_turns, False)),
             decode_images=not args.no_decode,
         )
     except (ValueError, FileNotFoundError) as e:

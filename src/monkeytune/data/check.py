@@ -136,7 +136,8 @@ class Report:
             out.extend(f"  {e.describe()}" for e in self.errors[:max_listed])
             if len(self.errors) > max_listed:
                 out.append(f"  ... {len(self.errors) - max_listed} more")
-        out.append("result: OK" if self.ok else f"result: FAILED ({len(self.errors)} errors)")
+        n = len(self.errors)
+        out.append("result: OK" if self.ok else f"result: FAILED ({n} error{'s' if n > 1 else ''})")
         return "\n".join(out)
 
 
@@ -204,12 +205,12 @@ def check_dataset(
     for s in samples:
         before = len(report.errors)
         report.image_refs += len(s.images)
-        for path_ in s.images:
+        for path_, fld in zip(s.images, s.image_fields):
             if path_ not in image_status:
                 image_status[path_] = _image_problem(path_, model_cfg.image.max_pixels, decode_images)
             problem = image_status[path_]
             if problem is not None:
-                report.errors.append(s.error(problem[0], problem[1], "conversations"))
+                report.errors.append(s.error(problem[0], problem[1], fld))
         if s.system is not None and template == "monkey":
             report.errors.append(
                 s.error(TEMPLATE, "the monkey template has no system prompt (use chatml)", "conversations[0].from")
@@ -233,33 +234,90 @@ def check_dataset(
     return report
 
 
-def resolve_model_config(spec: str | None) -> ModelConfig:
-    """A model config from a preset name or a YAML file.
+@dataclass
+class CheckSettings:
+    """What a ``--config`` value says about checking; ``None`` fields were not given there."""
 
-    The YAML file holds a model config mapping, or a mapping with a ``model`` key whose value
-    is a preset name or such a mapping (the layout of a training config).
+    model_cfg: ModelConfig
+    tokenizer_dir: str | None = None
+    template: str | None = None
+    max_length: int | None = None
+    truncate_turns: bool | None = None
+
+
+def _model_folder_settings(folder: Path) -> CheckSettings:
+    from monkeytune.model.io import read_config
+
+    try:
+        info = read_config(folder)
+        cfg = ModelConfig.from_dict(info["model"])
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(
+            f"cannot read the model config of {folder}: {e} (for an official checkpoint pass "
+            "--config monkey-7b or qwen-vl-7b and --tokenizer with the folder)"
+        ) from e
+    has_tok = any((folder / f).is_file() for f in ("qwen.tiktoken", "tokenizer.json"))
+    return CheckSettings(cfg, tokenizer_dir=str(folder) if has_tok else None)
+
+
+def resolve_check_settings(spec: str | None) -> CheckSettings:
+    """Model config (and, for a training config, data settings) from a ``--config`` value.
+
+    ``spec`` is one of:
+
+    * ``None``: the ``monkey-7b`` preset;
+    * a preset name (``tiny``, ``mid``, ``monkey-7b``, ``qwen-vl-7b``);
+    * a monkeytune model folder: its config, and its tokenizer if it holds one;
+    * a YAML file holding a model config mapping;
+    * a training config YAML: ``model: {preset: ...}``, ``{config: {...}}`` or
+      ``{from: folder}`` (plus ``tokenizer``), and ``data:`` ``template``, ``max_length`` and
+      ``truncate_turns``, used unless given on the command line.
 
     Raises:
         ValueError: unknown preset, unreadable file or invalid config, naming the file.
     """
     if spec is None:
-        return get_config("monkey-7b")
+        return CheckSettings(get_config("monkey-7b"))
     if spec in PRESETS:
-        return get_config(spec)
+        return CheckSettings(get_config(spec))
     p = Path(spec)
+    if p.is_dir():
+        return _model_folder_settings(p)
     if not p.is_file():
-        raise ValueError(f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file")
+        raise ValueError(
+            f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}), a model folder nor a file"
+        )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise ValueError(f"cannot read config {p}: {e}") from e
-    if isinstance(data, dict) and "model" in data:
-        data = data["model"]
-    if isinstance(data, str):
-        return get_config(data)
     if not isinstance(data, dict):
-        raise ValueError(f"config {p}: expected a mapping of model settings")
+        raise ValueError(f"config {p}: expected a mapping")
     try:
-        return ModelConfig.from_dict(data)
+        if "model" not in data:
+            return CheckSettings(ModelConfig.from_dict(data))
+        model = data["model"]
+        tokenizer_dir = None
+        if isinstance(model, str):
+            settings = CheckSettings(get_config(model))
+        elif isinstance(model, dict) and model.get("preset"):
+            settings = CheckSettings(get_config(model["preset"]))
+        elif isinstance(model, dict) and model.get("config"):
+            settings = CheckSettings(ModelConfig.from_dict(model["config"]))
+        elif isinstance(model, dict) and model.get("from"):
+            settings = _model_folder_settings(Path(model["from"]))
+        elif isinstance(model, dict):
+            settings = CheckSettings(ModelConfig.from_dict(model))
+        else:
+            raise ValueError("model: expected a preset name or a mapping")
+        if isinstance(model, dict) and model.get("tokenizer"):
+            tokenizer_dir = str(model["tokenizer"])
+        settings.tokenizer_dir = tokenizer_dir or settings.tokenizer_dir
+        section = data.get("data") or {}
+        if isinstance(section, dict):
+            settings.template = section.get("template")
+            settings.max_length = section.get("max_length")
+            settings.truncate_turns = section.get("truncate_turns")
+        return settings
     except (TypeError, ValueError) as e:
         raise ValueError(f"config {p}: {e}") from e

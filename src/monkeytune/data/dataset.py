@@ -228,13 +228,13 @@ class ConversationDataset(Dataset):
         text = self.encode(i)
         sample = self.samples[i]
         views, slots = [], []
-        for path in text.images:
+        for path, fld in zip(text.images, sample.image_fields):
             if not os.path.isfile(path):
-                raise sample.error(MISSING_IMAGE, f"image file not found: {path}", "conversations")
+                raise sample.error(MISSING_IMAGE, f"image file not found: {path}", fld)
             try:
                 processed = self.image_processor(path)
             except (ValueError, OSError) as e:
-                raise sample.error(UNREADABLE_IMAGE, str(e), "conversations") from e
+                raise sample.error(UNREADABLE_IMAGE, str(e), fld) from e
             v = processed.views
             if v.shape[0] * self.model_cfg.vision.n_queries != self.tokens_per_image:
                 raise ValueError(

@@ -117,6 +117,7 @@ class Sample:
         turns: Alternating user/assistant turns, first user, last assistant.
         system: System prompt from a leading ``system`` turn, or ``None`` for the template default.
         images: Resolved image paths in order of appearance.
+        image_fields: Field of each image's tag, e.g. ``conversations[2].value``.
         file: Data file the record came from.
         line: 1-based line where the record starts.
         index: 0-based record index within the file.
@@ -126,6 +127,7 @@ class Sample:
     turns: list[Turn]
     system: str | None
     images: list[str]
+    image_fields: list[str]
     file: str
     line: int
     index: int
@@ -234,6 +236,7 @@ def parse_record(obj: Any, file: str, line: int, index: int) -> Sample:
     turns: list[Turn] = []
     system: str | None = None
     images: list[str] = []
+    image_fields: list[str] = []
     for i, turn in enumerate(convs):
         where = f"conversations[{i}]"
         if not isinstance(turn, dict):
@@ -274,6 +277,7 @@ def parse_record(obj: Any, file: str, line: int, index: int) -> Sample:
         except ValueError as e:
             raise err(UNBALANCED_IMAGE_TAGS, str(e), f"{where}.value", sid) from e
         images.extend(resolve_image_path(span.path, file) for span in spans)
+        image_fields.extend(f"{where}.value" for _ in spans)
         turns.append(Turn(role, value))
     if not turns:
         raise err(MALFORMED_RECORD, "no user/assistant turns", "conversations", sid)
@@ -285,7 +289,7 @@ def parse_record(obj: Any, file: str, line: int, index: int) -> Sample:
             sid,
         )
     extra = {k: v for k, v in obj.items() if k not in ("id", "conversations")}
-    return Sample(sid, turns, system, images, str(file), line, index, extra)
+    return Sample(sid, turns, system, images, image_fields, str(file), line, index, extra)
 
 
 def load_samples(

@@ -8,8 +8,9 @@ Two templates, used identically for training (:func:`encode_conversation`) and f
     with no separator and no role names: ``user1 answer1 <eos> user2 answer2 <eos>``. The user
     text carries its own prompt wording (e.g. ``"<img>a.jpg</img> What is it? Answer: "``).
     The answer and its ``<eos>`` are supervised. User text and answer are tokenized separately,
-    as the official code does, so the label boundary never falls inside a token. There is no
-    system prompt; a record with a ``system`` turn is refused.
+    as the official code does, so the label boundary never falls inside a token. The official
+    multi-turn script repeats this pattern for every exchange, as here (its single-turn script
+    reads only the first exchange). There is no system prompt; a ``system`` turn is refused.
 
 ``chatml`` (Qwen-VL-Chat)
     ``<|im_start|>system\\n{system}<|im_end|>\\n`` then, per turn,
