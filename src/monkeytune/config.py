@@ -187,6 +187,35 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def matched_to_tokenizer(self, tokenizer: Any, pad_vocab_to: int = 64) -> "ModelConfig":
+        """A copy whose image token ids and vocabulary fit ``tokenizer`` (for a model built fresh).
+
+        The image ids are taken from the tokenizer, and ``llm.vocab_size`` becomes the tokenizer's
+        vocabulary rounded up to a multiple of ``pad_vocab_to`` (aligned embedding tables are faster).
+        A model loaded from weights must instead already agree with its tokenizer; see
+        :meth:`check_tokenizer`.
+        """
+        vocab = -(-int(tokenizer.vocab_size) // pad_vocab_to) * pad_vocab_to
+        return dataclasses.replace(
+            self,
+            llm=dataclasses.replace(self.llm, vocab_size=vocab),
+            image_start_id=int(tokenizer.image_start_id),
+            image_end_id=int(tokenizer.image_end_id),
+            image_pad_id=int(tokenizer.image_pad_id),
+        )
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Raise ``ValueError`` if ``tokenizer`` disagrees with this config's image ids or vocabulary."""
+        for name in ("image_start_id", "image_end_id", "image_pad_id"):
+            if int(getattr(tokenizer, name)) != getattr(self, name):
+                raise ValueError(
+                    f"tokenizer {name} is {getattr(tokenizer, name)} but the model config says {getattr(self, name)}"
+                )
+        if int(tokenizer.vocab_size) > self.llm.vocab_size:
+            raise ValueError(
+                f"tokenizer vocabulary ({tokenizer.vocab_size}) is larger than llm.vocab_size ({self.llm.vocab_size})"
+            )
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         data = dict(data)

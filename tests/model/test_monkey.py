@@ -145,3 +145,17 @@ def test_batched_left_padded_generation_matches_single(model):
     both = model.generate(ids, attention_mask=mask, pixel_values=pv, view_slots=slots, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     one = model.generate(torch.tensor([p1]), pixel_values=pv[:5], view_slots=slots[:5], max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert torch.equal(both[0], one[0])
+
+
+def test_config_matched_to_tokenizer():
+    from monkeytune.tokenizer import SimpleTokenizer
+
+    tok = SimpleTokenizer.train(["a red square in the top-left part", "vertical stripes"] * 5, vocab_size=300)
+    cfg = get_config("tiny")
+    with pytest.raises(ValueError, match="image_start_id"):
+        cfg.check_tokenizer(tok)
+    fitted = cfg.matched_to_tokenizer(tok)
+    fitted.check_tokenizer(tok)
+    assert fitted.image_pad_id == tok.image_pad_id and fitted.llm.vocab_size % 64 == 0
+    assert fitted.llm.vocab_size >= tok.vocab_size and cfg.image_pad_id == 1023  # the original is unchanged
+    fitted.validate()
