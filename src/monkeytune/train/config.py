@@ -280,7 +280,10 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         from monkeytune.config import ModelConfig
 
         try:
-            ModelConfig.from_dict(m.config).validate()
+            mc = ModelConfig.from_dict(m.config)
+            # Image token ids are taken from the tokenizer when the model is built.
+            mc.image_start_id = mc.image_end_id = mc.image_pad_id = 0
+            mc.validate()
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{origin}: model.config: {e}") from None
     if not cfg.data.train:

@@ -1,0 +1,84 @@
+"""The end-of-run save: a model folder chat/eval can load, or the trained weights only.
+
+``<output_dir>/final/`` is a monkeytune model folder (:func:`monkeytune.model.io.save_model`):
+
+* ``final_save: full`` - every weight plus the tokenizer; loads on its own.
+* ``final_save: adapters`` - only parameters trained in the run (``complete: false``); with a
+  ``model.from`` base it records that folder, so ``load_model`` finds the base by itself.
+
+With an LLM LoRA policy (``llm-lora``) the LLM adapters are also written as a standard peft
+adapter folder, ``final/llm_lora/`` (``adapter_config.json`` + ``adapter_model.safetensors``),
+loadable onto the LLM with ``peft.PeftModel.from_pretrained``. The model folder itself then holds
+the LLM either with the adapters merged in (``merge_llm_lora: true``) or without them (the base
+LLM; apply ``llm_lora/`` on top). The per-window ViT adapters are part of the ViT's own
+parameters and stay separate from the LLM LoRA in either case.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+
+def assert_finite(model: nn.Module, where: str) -> None:
+    """Refuse to write weights holding NaN or inf (names the first offenders)."""
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    if bad:
+        raise FloatingPointError(f"not saving {where}: non-finite values in {', '.join(bad[:5])}")
+
+
+def save_final(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    mode: str = "full",
+    merge_llm_lora: bool = False,
+    base_model: str | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write the run's final model.
+
+    The model is modified when it carries peft LoRA on the LLM (the wrapper is unloaded, with or
+    without merging), so call this last.
+
+    Args:
+        model: The bare trained model (not wrapped by the engine).
+        tokenizer: Saved beside full models.
+        out_dir: Target folder.
+        mode: ``full``, ``adapters`` or ``none``.
+        merge_llm_lora: Merge LLM LoRA into the LLM weights of the model folder.
+        base_model: The ``model.from`` folder, recorded in adapter-only saves.
+        metadata: Extra facts for ``config.json``.
+
+    Returns:
+        The folder, or None for ``mode == "none"``.
+    """
+    from monkeytune.model.io import save_model
+    from monkeytune.policy.presets import has_llm_lora
+
+    if mode == "none":
+        return None
+    assert_finite(model, str(out_dir))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = dict(metadata or {})
+    if has_llm_lora(model):
+        lora_dir = out_dir / "llm_lora"
+        model.llm.save_pretrained(str(lora_dir))
+        meta["llm_lora"] = {"folder": "llm_lora", "merged": bool(merge_llm_lora)}
+        # Trainable flags of the rest survive unloading; the LoRA tensors leave with the wrapper.
+        model.llm = model.llm.merge_and_unload() if merge_llm_lora else model.llm.unload()
+        logger.info("LLM LoRA adapters written to %s (%s)", lora_dir, "merged into the model" if merge_llm_lora else "not merged")
+    if mode == "adapters":
+        if not any(p.requires_grad for p in model.parameters()):
+            logger.info("no trainable parameters outside the LLM LoRA; the adapters are in %s/llm_lora", out_dir)
+            return out_dir
+        return save_model(model, out_dir, tokenizer=tokenizer, trainable_only=True,
+                          metadata=meta, base_model=base_model)
+    return save_model(model, out_dir, tokenizer=tokenizer, metadata=meta)

@@ -1,0 +1,133 @@
+"""Data order that a checkpoint can return to exactly.
+
+The order of epoch ``e`` is a pure function of ``(seed, e)``: a seeded permutation of the items,
+cut into micro-batches of ``micro_batch_size``, dealt round-robin to the ranks (micro-batch ``j``
+of the epoch goes to rank ``j % world_size``). Nothing depends on what happened before, so a
+resumed run rebuilds epoch ``e``'s list and starts at the saved micro-batch index.
+
+Dealing whole micro-batches round-robin makes a ``W``-process run with ``G`` accumulation steps
+see, per optimizer step, exactly the micro-batches a 1-process run with ``W * G`` accumulation
+steps sees: the data-parallel run is the single-process run split across ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def epoch_order(num_items: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """Item order of one epoch: ``0..n-1`` or a permutation seeded by ``(seed, epoch)``."""
+    if not shuffle:
+        return list(range(num_items))
+    g = torch.Generator().manual_seed((int(seed) * 1_000_003 + int(epoch)) % (2**63))
+    return torch.randperm(num_items, generator=g).tolist()
+
+
+def rank_batches(
+    num_items: int, micro_batch_size: int, seed: int, epoch: int,
+    shuffle: bool = True, rank: int = 0, world_size: int = 1,
+) -> list[list[int]]:
+    """Micro-batches (lists of item indices) of ``rank`` in ``epoch``.
+
+    The last micro-batch of the epoch may be short. Trailing micro-batches that cannot be dealt
+    to every rank (fewer than ``world_size`` left) are dropped, so all ranks run the same number
+    of forward passes.
+    """
+    order = epoch_order(num_items, seed, epoch, shuffle)
+    batches = [order[i : i + micro_batch_size] for i in range(0, num_items, micro_batch_size)]
+    usable = len(batches) // world_size * world_size
+    return batches[rank:usable:world_size]
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batch sampler over :func:`rank_batches`, starting at any micro-batch of any epoch.
+
+    Args:
+        num_items: Dataset length (samples, or packed rows).
+        micro_batch_size: Items per micro-batch.
+        seed: Seed of the order.
+        shuffle: Shuffle each epoch.
+        rank: This process's rank.
+        world_size: Number of data-parallel processes.
+    """
+
+    def __init__(self, num_items: int, micro_batch_size: int, seed: int, shuffle: bool = True,
+                 rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.num_items = num_items
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+        self.start = 0
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"{num_items} items make fewer than {world_size} micro-batches of {micro_batch_size}: "
+                "every process needs at least one micro-batch per epoch"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Micro-batches per epoch on each rank."""
+        n = -(-self.num_items // self.micro_batch_size)
+        return n // self.world_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """Iterate epoch ``epoch`` from its micro-batch ``start`` on."""
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = rank_batches(self.num_items, self.micro_batch_size, self.seed, self.epoch,
+                               self.shuffle, self.rank, self.world_size)
+        yield from batches[self.start :]
+
+    def __len__(self) -> int:
+        return max(0, self.batches_per_epoch - self.start)
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where the next micro-batch comes from: ``batch`` index (on this rank) within ``epoch``."""
+
+    epoch: int = 0
+    batch: int = 0
+
+
+def micro_batches(
+    dataset: Dataset,
+    sampler: EpochBatchSampler,
+    collate: Callable[[list[Any]], dict[str, Any]],
+    start: Position,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> Iterator[tuple[Position, dict[str, Any]]]:
+    """Endless stream of ``(position after this batch, batch)`` from ``start``, epoch after epoch.
+
+    A fresh DataLoader serves each epoch. Its generator is seeded from ``(seed, epoch)``, so
+    creating it never draws from the global torch RNG (which dropout uses): an interrupted and
+    resumed run consumes random numbers exactly like an uninterrupted one.
+    """
+    epoch, index = start.epoch, start.batch
+    per_epoch = sampler.batches_per_epoch
+    while True:
+        if index >= per_epoch:
+            epoch, index = epoch + 1, 0
+            continue
+        sampler.set_epoch(epoch, index)
+        loader = DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=collate,
+            num_workers=num_workers,
+            generator=torch.Generator().manual_seed(int(seed) * 7919 + epoch),
+            persistent_workers=False,
+        )
+        for batch in loader:
+            index += 1
+            yield Position(epoch, index), batch

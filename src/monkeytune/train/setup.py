@@ -1,0 +1,165 @@
+"""Building a run's pieces from its configuration: engine, model, tokenizer, data, policy."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from monkeytune.config import ModelConfig, get_config
+from monkeytune.train.config import TrainConfig
+from monkeytune.train.sampler import EpochBatchSampler
+
+logger = logging.getLogger(__name__)
+
+MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+class SetupError(ValueError):
+    """A run that cannot start; the message says which setting to change."""
+
+
+def make_accelerator(cfg: TrainConfig):
+    """An ``accelerate.Accelerator`` for this run.
+
+    Gradient accumulation is the engine's (so DeepSpeed's own accumulation lines up); the loss
+    passed to ``backward`` is multiplied back by the accumulation steps because the engine
+    divides by them, and the loop normalises by the step's token count itself. The scheduler
+    is stepped by the loop once per optimizer step, not by the engine.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
+    acc = Accelerator(
+        mixed_precision=MIXED_PRECISION[cfg.train.precision],
+        gradient_accumulation_steps=cfg.train.grad_accum,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[ddp],
+    )
+    if cfg.train.precision == "fp16" and acc.scaler is None and acc.distributed_type.value != "DEEPSPEED":
+        logger.warning("fp16 mixed precision needs a GPU; on %s the run computes in fp32", acc.device)
+    return acc
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether model/optimizer state is sharded by the engine (FSDP, DeepSpeed)."""
+    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+
+
+def ensure_synthetic_data(cfg: TrainConfig, accelerator) -> None:
+    """Write the synthetic dataset ``data.synthetic`` asks for (main process; others wait)."""
+    if cfg.data.synthetic <= 0:
+        return
+    train = Path(cfg.data.train[0])
+    if accelerator.is_main_process and not train.is_file():
+        from monkeytune.train.synthetic import write_synthetic_dataset
+
+        logger.info("writing %d synthetic samples to %s", cfg.data.synthetic, train)
+        write_synthetic_dataset(train, cfg.data.synthetic)
+    accelerator.wait_for_everyone()
+
+
+def _tokenizer_dir(cfg: TrainConfig) -> str | None:
+    if cfg.model.tokenizer:
+        return cfg.model.tokenizer
+    if cfg.data.synthetic > 0:
+        return str(Path(cfg.data.train[0]).parent / "tokenizer")
+    return None
+
+
+def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    """The model to train (fp32 master weights, train mode) and its tokenizer.
+
+    ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
+    are taken from the tokenizer so the data pipeline's placeholders match the model.
+    """
+    from monkeytune.model import build_model
+    from monkeytune.tokenizer.loading import load_tokenizer
+
+    tok_dir = _tokenizer_dir(cfg)
+    if cfg.model.from_dir:
+        from monkeytune.model.io import load_model
+
+        model, tokenizer = load_model(cfg.model.from_dir, dtype=torch.float32)
+        if tok_dir:
+            tokenizer = load_tokenizer(tok_dir)
+        if tokenizer is None:
+            raise SetupError(f"model folder {cfg.model.from_dir} holds no tokenizer; set model.tokenizer")
+    else:
+        if not tok_dir:
+            raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
+        tokenizer = load_tokenizer(tok_dir)
+        mcfg = get_config(cfg.model.preset) if cfg.model.preset else ModelConfig.from_dict(cfg.model.config)
+        for name in ("image_start_id", "image_end_id", "image_pad_id"):
+            setattr(mcfg, name, int(getattr(tokenizer, name)))
+        torch.manual_seed(cfg.model.init_seed)
+        model = build_model(mcfg)
+    vocab = model.config.llm.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise SetupError(
+            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's llm.vocab_size is {vocab}"
+        )
+    if "llm" in cfg.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if "vit" in cfg.train.gradient_checkpointing:
+        model.vision.gradient_checkpointing = True
+    return model.float().train(), tokenizer
+
+
+def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir: Path, rank: int, world_size: int):
+    """``(dataset, collator, sampler)`` for this rank.
+
+    With packing, rows are planned once from a seeded shuffle (the same rows every epoch,
+    visited in a new order each epoch); the row count, hence the number of steps, is fixed.
+    """
+    from monkeytune.data import Collator, ConversationDataset, PackedDataset
+
+    d = cfg.data
+    report = d.report_file or str(run_dir / "bad_samples.jsonl")
+    dataset = ConversationDataset(
+        d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
+        on_bad_sample=d.on_bad_sample, report_path=report if d.on_bad_sample == "skip" else None,
+        truncate_turns=d.truncate_turns,
+    )
+    if d.packing:
+        dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
+    pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
+    collator = Collator(pad_id=tokenizer.pad_id, pad_to_length=pad_to)
+    try:
+        sampler = EpochBatchSampler(len(dataset), cfg.train.micro_batch_size, cfg.train.seed,
+                                    shuffle=d.shuffle, rank=rank, world_size=world_size)
+    except ValueError as e:
+        raise SetupError(f"data.train: {e}") from None
+    return dataset, collator, sampler
+
+
+def build_schedule(cfg: TrainConfig, model: nn.Module):
+    """``(plan, unfreeze schedule)`` from the ``policy`` section, validated on ``model``."""
+    from monkeytune.policy import TrainPlan, UnfreezeSchedule
+
+    p = cfg.policy
+    plan = TrainPlan.from_config({"preset": p.preset, "rules": p.rules, "lora": p.lora}, source="policy")
+    schedule = UnfreezeSchedule.from_config(plan, p.unfreeze, source="policy.unfreeze")
+    schedule.validate(model)
+    return plan, schedule
+
+
+def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
+    """Optimizer steps of the run: ``max_steps``, else whole accumulation windows in ``epochs``.
+
+    Accumulation windows run on across epoch boundaries; micro-batches left over at the very
+    end that cannot fill a window are not used.
+    """
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    steps = cfg.train.epochs * batches_per_epoch // cfg.train.grad_accum
+    if steps == 0:
+        raise SetupError(
+            f"{cfg.train.epochs} epoch(s) of {batches_per_epoch} micro-batches per process do not fill one "
+            f"window of train.grad_accum={cfg.train.grad_accum}; lower grad_accum or set train.max_steps"
+        )
+    return steps

@@ -1,0 +1,149 @@
+"""What goes into a checkpoint folder and how a run picks it up again.
+
+See :mod:`monkeytune.train.checkpoint` for the folder layout and the atomic write.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from monkeytune.train.checkpoint import CheckpointError, load_rng, save_rng, write_state
+from monkeytune.train.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+CONFIG_FILE = "config.yaml"
+
+# Changing these makes the saved data position or trajectory meaningless: refuse.
+MUST_MATCH = (
+    "data.train", "data.packing", "data.max_length", "data.shuffle", "data.template",
+    "train.micro_batch_size", "train.seed", "model.preset", "model.config", "model.from",
+    "policy.preset",
+)
+# Changing these is harmless for resuming.
+FREE = {"data.num_workers", "data.report_file", "data.synthetic"} | {"checkpoint", "log"}
+
+
+def ever_trained_names(model: nn.Module, schedule: Any, step: int) -> list[str]:
+    """Parameters trainable in any unfreezing stage that began at or before ``step``.
+
+    Frozen parameters never change, so they are rebuilt from the model source on resume
+    instead of being stored in every checkpoint.
+    """
+    from monkeytune.policy import resolve_plan
+
+    starts = [0] + [s.start_step for s in schedule.stages if s.start_step <= step]
+    names: set[str] = set()
+    for start in dict.fromkeys(starts):
+        names |= {d.name for d in resolve_plan(model, schedule.stage_at(start).plan) if d.trainable}
+    return sorted(names)
+
+
+def save_weights(model: nn.Module, names: list[str], path: Path) -> None:
+    """Write the named parameters (tied duplicates stored once) to a safetensors file."""
+    params = dict(model.named_parameters())
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for n in names:
+        p = params[n]
+        if p.data_ptr() in seen:
+            continue
+        seen.add(p.data_ptr())
+        out[n] = p.detach().to("cpu").contiguous()
+    save_file(out, str(path), metadata={"format": "pt"})
+
+
+def load_weights(model: nn.Module, path: Path) -> list[str]:
+    """Copy the checkpoint's tensors into the model's parameters of the same names (in place).
+
+    Raises:
+        CheckpointError: a stored name the model lacks, or a shape mismatch.
+    """
+    params = dict(model.named_parameters())
+    loaded = []
+    with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+        for n in f.keys():
+            if n not in params:
+                raise CheckpointError(f"{path}: parameter {n} is not in the model (was the policy or model changed?)")
+            t = f.get_tensor(n)
+            if t.shape != params[n].shape:
+                raise CheckpointError(f"{path}: {n} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
+            params[n].copy_(t)
+            loaded.append(n)
+    return loaded
+
+
+def write_checkpoint(
+    folder: Path, *, accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler,
+    names: list[str], state: dict[str, Any], sharded: bool,
+) -> None:
+    """Fill ``folder`` (every rank calls this; rank 0 writes the shared files)."""
+    if sharded:
+        accelerator.save_state(str(folder / "engine"))
+    if accelerator.is_main_process:
+        if not sharded:
+            save_weights(model, names, folder / WEIGHTS_FILE)
+            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+        if accelerator.scaler is not None:
+            torch.save(accelerator.scaler.state_dict(), folder / "scaler.pt")
+        cfg.save(folder / CONFIG_FILE)
+        write_state(folder, state)
+    save_rng(folder, accelerator.process_index)
+
+
+def load_model_state(folder: Path, model: nn.Module, optimizer, scheduler, sharded: bool) -> None:
+    """Before ``accelerator.prepare``: trained weights, optimizer and scheduler states."""
+    if not sharded:
+        load_weights(model, folder / WEIGHTS_FILE)
+        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+
+
+def load_engine_state(folder: Path, accelerator, sharded: bool) -> None:
+    """After ``accelerator.prepare``: sharded engine state, loss scaler, then this rank's RNGs."""
+    if sharded:
+        accelerator.load_state(str(folder / "engine"))
+    scaler_file = folder / "scaler.pt"
+    if accelerator.scaler is not None and scaler_file.is_file():
+        accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+    if not load_rng(folder, accelerator.process_index):
+        logger.warning("%s has no RNG state for rank %d; dropout will differ from an uninterrupted run",
+                       folder, accelerator.process_index)
+
+
+def _flatten(d: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{s}.{k}": v for s, body in d.items() for k, v in body.items()}
+
+
+def compare_configs(folder: Path, cfg: TrainConfig) -> list[str]:
+    """Differences between the checkpoint's config and ``cfg`` that still allow resuming.
+
+    Raises:
+        CheckpointError: when a setting in :data:`MUST_MATCH` differs.
+    """
+    path = folder / CONFIG_FILE
+    try:
+        saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    except (OSError, yaml.YAMLError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    now = _flatten(cfg.to_dict())
+    diffs = []
+    for key in sorted(set(saved) | set(now)):
+        if saved.get(key) == now.get(key) or key in FREE or key.split(".")[0] in FREE:
+            continue
+        if key in MUST_MATCH:
+            raise CheckpointError(
+                f"cannot resume from {folder}: {key} was {saved.get(key)!r} and is now {now.get(key)!r}"
+            )
+        diffs.append(f"{key}: {saved.get(key)!r} -> {now.get(key)!r}")
+    return diffs
