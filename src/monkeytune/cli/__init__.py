@@ -16,6 +16,7 @@ SUBCOMMANDS = [
     "smoke",
     "data",
     "inspect",
+    "train",
 ]
 
 
