@@ -57,10 +57,12 @@ def write_tensors(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     metadata: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write tensors as one safetensors file, or as shards plus an index when larger than a shard.
+    """Write tensors as one file, or as shards plus an index when larger than one shard.
 
-    Shards are named like transformers names them (``model-00001-of-00003.safetensors``) and the
-    index is ``<weights_name>.index.json`` with ``metadata.total_size`` and ``weight_map``.
+    ``weights_name`` ending in ``.safetensors`` writes safetensors, ``.bin`` a ``torch.save``
+    state dict (the legacy format of the official checkpoints). Shards are named like
+    transformers names them (``model-00001-of-00003.safetensors``) and the index is
+    ``<weights_name>.index.json`` with ``metadata.total_size`` and ``weight_map``.
 
     Args:
         tensors: Name to tensor; tensors sharing memory must be deduplicated by the caller.
@@ -74,7 +76,14 @@ def write_tensors(
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    stem, ext = weights_name.rsplit(".", 1)
+    if ext not in ("safetensors", "bin"):
+        raise ValueError(f"weights_name must end in .safetensors or .bin, got {weights_name!r}")
+    # clone() for .bin: torch.save of a view would store the whole underlying storage.
+    prepared = {
+        k: (v.detach().to("cpu").contiguous() if ext == "safetensors" else v.detach().to("cpu").clone())
+        for k, v in tensors.items()
+    }
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in prepared.items():
@@ -84,28 +93,31 @@ def write_tensors(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    stem = weights_name[: -len(".safetensors")]
     meta = {"format": "pt", **(metadata or {})}
-    # Remove stale weights of a previous save so the folder never mixes two layouts.
-    for old in list(directory.glob(f"{stem}-*-of-*.safetensors")) + [directory / weights_name]:
+
+    def write(shard: dict[str, torch.Tensor], path: Path) -> None:
+        if ext == "safetensors":
+            save_file(shard, str(path), metadata=meta)
+        else:
+            torch.save(shard, path)
+
+    # Remove weights of a previous save so the folder never mixes two layouts.
+    index_path = directory / f"{weights_name}.index.json"
+    for old in [*directory.glob(f"{stem}-*-of-*.{ext}"), directory / weights_name, index_path]:
         if old.exists():
             old.unlink()
     if len(shards) == 1:
-        path = directory / weights_name
-        save_file(shards[0], str(path), metadata=meta)
-        index = directory / f"{weights_name}.index.json"
-        if index.exists():
-            index.unlink()
-        return [path]
+        write(shards[0], directory / weights_name)
+        return [directory / weights_name]
     paths, weight_map = [], {}
     for i, shard in enumerate(shards, start=1):
-        path = directory / f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(path), metadata=meta)
+        path = directory / f"{stem}-{i:05d}-of-{len(shards):05d}.{ext}"
+        write(shard, path)
         paths.append(path)
         weight_map.update({k: path.name for k in shard})
     total = sum(t.numel() * t.element_size() for t in prepared.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / f"{weights_name}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
     return paths
 
 
