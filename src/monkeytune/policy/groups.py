@@ -50,7 +50,8 @@ def build_param_groups(
             holds every parameter from step 0, so its groups never change between stages and a
             checkpoint's optimizer state always loads. ``torch.optim.AdamW`` skips parameters whose
             ``.grad`` is ``None`` entirely (no moment update and no weight decay), and frozen
-            parameters never get a ``.grad``.
+            parameters never get a ``.grad``. Frozen parameters of a component with no learning
+            rate are left out (a stage that unfreezes them then raises).
 
     Returns:
         A list of dicts for ``torch.optim.AdamW(groups)`` with keys ``params``, ``lr``,
@@ -58,7 +59,7 @@ def build_param_groups(
         ``component`` and ``base_lr`` (the component's lr before any stage multiplier).
 
     Raises:
-        PlanError: Unknown keys in ``lr_by_component``, or a component with no learning rate.
+        PlanError: Unknown keys in ``lr_by_component``, or a trainable component with no learning rate.
     """
     known = set(COMPONENTS) | set(ALIASES) | {"default"}
     bad = set(lr_by_component) - known
@@ -72,7 +73,9 @@ def build_param_groups(
             continue
         comp, canon = component_of(name), canonical_name(name)
         if _lr_for(comp, lr_by_component) is None:
-            missing.add(comp)
+            # A frozen component without an lr stays out; a stage unfreezing it fails clearly.
+            if p.requires_grad:
+                missing.add(comp)
             continue
         decay = p.ndim > 1 and not any(rx.fullmatch(name) or rx.fullmatch(canon) for rx in no_decay)
         buckets.setdefault((comp, decay), []).append(p)

@@ -102,7 +102,10 @@ class UnfreezeSchedule:
             raise PlanError(f"unfreeze: start_step must be >= 0, got {starts}")
         for i, s in enumerate(self.stages):
             for key in s.lr_multipliers:
-                expand_components(key, where=f"unfreeze[{i}].lr_multipliers")
+                try:
+                    expand_components(key, where=f"unfreeze[{i}].lr_multipliers")
+                except ValueError as exc:
+                    raise PlanError(str(exc)) from None
 
     @classmethod
     def from_config(cls, plan: TrainPlan, data: Any, source: str = "unfreeze") -> "UnfreezeSchedule":
@@ -185,7 +188,8 @@ def apply_stage(
         raise PlanError(
             f"stage {stage.index} makes {len(absent)} parameter(s) trainable that the optimizer does "
             f"not hold (first: {absent[:3]}); build the optimizer with "
-            "build_param_groups(..., include_frozen=True)"
+            "build_param_groups(..., include_frozen=True) and give every component a stage unfreezes "
+            "a learning rate"
         )
     for i, group in enumerate(optimizer.param_groups):
         comp, base = group.get("component"), group.get("base_lr")

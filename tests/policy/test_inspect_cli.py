@@ -1,0 +1,48 @@
+"""``monkeytune inspect`` end to end (meta-device models, so monkey-7b is quick)."""
+
+from __future__ import annotations
+
+import json
+
+from monkeytune.cli import main
+
+
+def test_inspect_tiny_json(capsys):
+    assert main(["inspect", "--config", "tiny", "--policy", "monkey-fix-llm", "--rule", "train: llm.model.norm.*",
+                 "--json", "--verbose", "--gpus", "2", "--precision", "bf16"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"] == "tiny"
+    assert out["policy"]["rules"] == ["--rule[0]: train: llm.model.norm.*"]
+    assert {r["component"]: r["trainable"] for r in out["policy"]["components"]}["final_norm"] == 128
+    assert len(out["policy"]["parameters"]) == 111
+    assert [e["strategy"] for e in out["memory"]["estimates"]] == ["ddp", "zero1", "zero2", "zero3", "fsdp"]
+    assert out["memory"]["gpus"] == 2
+
+
+def test_inspect_monkey_7b_table(capsys):
+    assert main(["inspect", "--config", "monkey-7b", "--gpus", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "per-window adapters" in text and "9,707,005,248" in text
+    assert "training memory per GPU (GiB), 8 GPU(s)" in text and "zero3" in text and "fp32" in text
+
+
+def test_inspect_config_file_with_policy(tmp_path, capsys):
+    f = tmp_path / "train.yaml"
+    f.write_text("model: tiny\npolicy:\n  preset: lora-only\n")
+    assert main(["inspect", "--config", str(f), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["policy"]["preset"] == "lora-only"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vision: {width: 64, heads: 3}\n")
+    assert main(["inspect", "--config", str(bad)]) == 2
+    assert f"{bad}: model config" in capsys.readouterr().err
+
+
+def test_inspect_errors(capsys):
+    assert main(["inspect", "--config", "tiny", "--rule", "train: llm.model.layers.{24-31}.*"]) == 2
+    err = capsys.readouterr().err
+    assert "--rule[0]" in err and "llm.model.layers.{0-1}" in err
+    assert main(["inspect", "--config", "tiny", "--model", "ckpt/"]) == 2
+    assert "not supported yet" in capsys.readouterr().err
+    assert main(["inspect", "--config", "nope"]) == 2
+    assert "neither a model preset" in capsys.readouterr().err

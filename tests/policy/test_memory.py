@@ -1,0 +1,77 @@
+"""Training-memory estimate: model-state accounting per strategy and the activation formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from monkeytune.config import get_config
+from monkeytune.memory import GIB, ParamSummary, activation_bytes, estimate_all, model_state_bytes, summarize
+from monkeytune.model import build_model
+from monkeytune.policy import TrainPlan, plan_report
+
+S = ParamSummary(total=1000, trainable=400, root_unit=100, largest_block=50, vision_from=0,
+                 resampler_grad=True, llm_from=0, llm_lora=False)
+
+
+def test_model_states_per_precision_and_strategy():
+    assert model_state_bytes(S, "bf16", "ddp", 4) == (2000, 800, 4800)
+    assert model_state_bytes(S, "fp32", "ddp", 4) == (4000, 1600, 3200)
+    assert model_state_bytes(S, "bf16", "zero1", 4) == (2000, 800, 1200)
+    assert model_state_bytes(S, "bf16", "zero2", 4) == (2000, 200, 1200)
+    # zero3: sharded half weights plus the gathered root unit and two blocks.
+    assert model_state_bytes(S, "bf16", "zero3", 4) == (500 + 2 * (100 + 2 * 50), 200, 1200)
+    # fsdp keeps fp32 shards: 4 B weights, 4 B grads, 8 B moments, all / N.
+    assert model_state_bytes(S, "bf16", "fsdp", 4) == (1000 + 2 * (100 + 2 * 50), 400, 800)
+    assert model_state_bytes(S, "fp32", "fsdp", 4) == model_state_bytes(S, "fp32", "zero3", 4)
+    # One GPU: sharding changes nothing but needs no gather buffer.
+    assert model_state_bytes(S, "bf16", "zero3", 1) == model_state_bytes(S, "bf16", "ddp", 1)
+    with pytest.raises(ValueError, match="strategy"):
+        model_state_bytes(S, "bf16", "zero4", 2)
+    with pytest.raises(ValueError, match="precision"):
+        model_state_bytes(S, "int8", "ddp", 2)
+
+
+def test_activation_formula_on_tiny_numbers():
+    cfg = get_config("tiny")
+    # LLM only (nothing upstream trains): 2 layers x (6h + 2kv + 4f) elements per token, bf16.
+    s = ParamSummary(1, 1, 0, 0, vision_from=None, resampler_grad=False, llm_from=0, llm_lora=False)
+    parts = activation_bytes(s, cfg, batch_size=2, seq_len=100, precision="bf16")
+    h, f, tokens = 128, 344, 200
+    assert parts["vision"] == 0 and parts["resampler"] == 0
+    assert parts["llm"] == tokens * 2 * (6 * h + 2 * h + 4 * f) * 2
+    assert parts["loss"] == min(tokens, 1024) * 1024 * 12 + tokens * 2 * h * 2
+    ck = activation_bytes(s, cfg, batch_size=2, seq_len=100, precision="bf16", checkpointing=True)
+    assert ck["llm"] == tokens * 2 * h * 2 + tokens * (6 * h + 2 * h + 4 * f) * 2
+    # Vision counted from the first trainable block: 5 views x 256 patches per image.
+    s = ParamSummary(1, 1, 0, 0, vision_from=1, resampler_grad=True, llm_from=0, llm_lora=False)
+    w, m = 96, 384
+    parts = activation_bytes(s, cfg, batch_size=1, seq_len=10, precision="fp32")
+    assert parts["vision"] == 5 * 256 * 2 * (10 * w + 2 * m + 2 * 8 + 16) * 4
+    assert parts["resampler"] == 5 * 256 * 5 * 128 * 4
+
+
+def test_summary_follows_the_plan(tiny):
+    cfg = get_config("tiny")
+    full = summarize(plan_report(tiny, TrainPlan("monkey")).decisions, cfg)
+    assert full.vision_from == 0 and full.resampler_grad and full.llm_from == 0
+    assert full.largest_block == max(sum(p.numel() for p in b.parameters()) for b in [*tiny.vision.blocks, *tiny.llm.model.layers])
+    late = summarize(plan_report(tiny, TrainPlan.from_config(
+        {"preset": "full", "rules": ["freeze: *", "train: llm.model.layers.1.*"]})).decisions, cfg)
+    assert late.vision_from is None and not late.resampler_grad and late.llm_from == 1
+    assert late.trainable == sum(p.numel() for p in tiny.llm.model.layers[1].parameters())
+
+
+def test_monkey_7b_estimates_are_ordered_and_plausible():
+    cfg = get_config("monkey-7b")
+    with torch.device("meta"):
+        model = build_model(cfg)
+    s = summarize(plan_report(model, TrainPlan("monkey")).decisions, cfg)
+    est = {(e.precision, e.strategy): e for e in estimate_all(s, cfg, gpus=8, batch_size=1, seq_len=2048)}
+    ddp = est[("bf16", "ddp")]
+    # 9.7B weights in bf16 plus 14 B per trainable parameter (bf16 grads, fp32 master, m, v).
+    assert ddp.states == 2 * s.total + 14 * s.trainable and 120 < ddp.states / GIB < 121
+    totals = [est[("bf16", k)].total for k in ("ddp", "zero1", "zero2", "zero3")]
+    assert totals == sorted(totals, reverse=True)
+    assert all(e.activations_ckpt < e.activations for e in est.values())
+    assert est[("fp32", "ddp")].weights == 2 * ddp.weights
