@@ -43,6 +43,17 @@ def test_inspect_errors(capsys):
     err = capsys.readouterr().err
     assert "--rule[0]" in err and "llm.model.layers.{0-1}" in err
     assert main(["inspect", "--config", "tiny", "--model", "ckpt/"]) == 2
-    assert "not supported yet" in capsys.readouterr().err
+    assert "exactly one of --config and --model" in capsys.readouterr().err
+    assert main(["inspect", "--model", "no/such/dir"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
     assert main(["inspect", "--config", "nope"]) == 2
     assert "neither a model preset" in capsys.readouterr().err
+
+
+def test_inspect_model_folder(tiny, tmp_path, capsys):
+    from monkeytune.model.io import save_model
+
+    save_model(tiny, tmp_path / "ckpt")
+    assert main(["inspect", "--model", str(tmp_path / "ckpt"), "--policy", "lora-only", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"] == "tiny" and out["policy"]["total"]["params"] == sum(p.numel() for p in tiny.parameters())

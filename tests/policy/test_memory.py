@@ -55,7 +55,8 @@ def test_summary_follows_the_plan(tiny):
     cfg = get_config("tiny")
     full = summarize(plan_report(tiny, TrainPlan("monkey")).decisions, cfg)
     assert full.vision_from == 0 and full.resampler_grad and full.llm_from == 0
-    assert full.largest_block == max(sum(p.numel() for p in b.parameters()) for b in [*tiny.vision.blocks, *tiny.llm.model.layers])
+    blocks = [*tiny.vision.blocks, *tiny.llm.model.layers]
+    assert full.largest_block == max(sum(p.numel() for p in b.parameters()) for b in blocks)
     late = summarize(plan_report(tiny, TrainPlan.from_config(
         {"preset": "full", "rules": ["freeze: *", "train: llm.model.layers.1.*"]})).decisions, cfg)
     assert late.vision_from is None and not late.resampler_grad and late.llm_from == 1

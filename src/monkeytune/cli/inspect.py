@@ -22,7 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Build the model on the meta device, resolve a training policy and print "
         "parameter counts per component plus a training-memory estimate per GPU.",
     )
-    p.add_argument("--config", required=True,
+    p.add_argument("--config", default=None,
                    help="model preset name (tiny, mid, monkey-7b, qwen-vl-7b) or a YAML/JSON file holding a "
                    "model config (the whole file or its 'model' key; a 'policy' key is used as the default policy)")
     p.add_argument("--policy", default=None,
@@ -30,7 +30,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "YAML/JSON plan file; default: the config file's 'policy' or 'monkey'")
     p.add_argument("--rule", action="append", default=[], metavar="RULE",
                    help="extra rule 'train: PATTERN' or 'freeze: PATTERN' (repeatable; applied after the policy's rules)")
-    p.add_argument("--model", default=None, metavar="DIR", help="checkpoint directory (not supported yet)")
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help="model folder (monkeytune or official Monkey/Qwen-VL) instead of --config; only its "
+                   "config.json is read")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--verbose", action="store_true", help="list every parameter with the rule that decided it")
     p.add_argument("--gpus", type=int, default=1, help="GPUs the states are sharded over (default 1)")
@@ -80,6 +82,30 @@ def _load_config(spec: str) -> tuple[Any, Any]:
     return cfg, policy
 
 
+def _folder_config(directory: str) -> Any:
+    """The model config of a model folder, from its ``config.json`` alone (no weights are read).
+
+    For official folders the adapter ranks and position-table size, which the official config
+    does not state, take the official defaults.
+    """
+    from monkeytune.config import ModelConfig  # noqa: PLC0415
+    from monkeytune.model.io import CONFIG_FILE, folder_kind, read_config  # noqa: PLC0415
+
+    path = Path(directory) / CONFIG_FILE
+    if folder_kind(directory) == "monkeytune":
+        try:
+            return ModelConfig.from_dict(read_config(directory)["model"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: model: {exc}") from None
+    from monkeytune.model.official import config_from_official  # noqa: PLC0415
+
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: invalid JSON: {exc}") from None
+    return config_from_official(data, str(path))[0]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
@@ -87,14 +113,17 @@ def run(args: argparse.Namespace) -> int:
     from monkeytune.policy import PRESETS as POLICY_PRESETS  # noqa: PLC0415
     from monkeytune.policy import PlanError, TrainPlan, plan_report  # noqa: PLC0415
 
-    if args.model is not None:
-        print("error: --model: loading a checkpoint directory is not supported yet; use --config", file=sys.stderr)
+    if (args.model is None) == (args.config is None):
+        print("error: give exactly one of --config and --model", file=sys.stderr)
         return 2
     if min(args.gpus, args.batch_size, args.seq_len) < 1 or args.images_per_sample < 0:
         print("error: --gpus, --batch-size and --seq-len must be >= 1, --images-per-sample >= 0", file=sys.stderr)
         return 2
     try:
-        cfg, file_policy = _load_config(args.config)
+        if args.model is not None:
+            cfg, file_policy = _folder_config(args.model), None
+        else:
+            cfg, file_policy = _load_config(args.config)
         if args.policy is None:
             plan = TrainPlan.from_config(file_policy, source=f"{args.config}: policy")
         elif args.policy in POLICY_PRESETS:

@@ -24,6 +24,10 @@ def _names_hash(names: list[str]) -> int:
     return int.from_bytes(digest[:8], "little", signed=True)
 
 
+def _some(names: list[str], limit: int = 10) -> str:
+    return ", ".join(names[:limit]) + (" ..." if len(names) > limit else "")
+
+
 def _collective_device(group: dist.ProcessGroup | None) -> torch.device:
     backend = dist.get_backend(group)
     if backend == "nccl":
@@ -69,8 +73,8 @@ def check_trainable_consistent(model: nn.Module, group: dist.ProcessGroup | None
         extra, lacking = sorted(other_set - ref), sorted(ref - other_set)
         parts = []
         if extra:
-            parts.append(f"trains {len(extra)} that rank 0 does not: {', '.join(extra[:10])}" + (" ..." if len(extra) > 10 else ""))
+            parts.append(f"trains {len(extra)} that rank 0 does not: {_some(extra)}")
         if lacking:
-            parts.append(f"freezes {len(lacking)} that rank 0 trains: {', '.join(lacking[:10])}" + (" ..." if len(lacking) > 10 else ""))
+            parts.append(f"freezes {len(lacking)} that rank 0 trains: {_some(lacking)}")
         lines.append(f"  rank {rank} " + "; ".join(parts))
     raise PlanError("trainable parameters differ across ranks:\n" + "\n".join(lines))

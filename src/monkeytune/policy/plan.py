@@ -164,7 +164,8 @@ def resolve_plan(model: nn.Module, plan: TrainPlan, check: bool = True) -> list[
             names = [n for n, _ in params] + [canonical_name(n) for n, _ in params]
             lines = []
             for r in unmatched:
-                near = list(dict.fromkeys(c for pat in r.patterns if not pat.startswith("!") for c in close_names(pat, names)))[:6]
+                positive = [pat for pat in r.patterns if not pat.startswith("!")]
+                near = list(dict.fromkeys(c for pat in positive for c in close_names(pat, names)))[:6]
                 hint = ("; close names: " + ", ".join(near)) if near else ""
                 lines.append(f"  {r.where}: '{r.text}' matches no parameter{hint}")
             raise PlanError("rules that match no parameter:\n" + "\n".join(lines))

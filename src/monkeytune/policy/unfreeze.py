@@ -142,7 +142,8 @@ class UnfreezeSchedule:
         mult: dict[str, float] = {}
         if index >= 0:
             # Expand aliases first so an explicit component key overrides its alias.
-            items = sorted(self.stages[index].lr_multipliers.items(), key=lambda kv: len(expand_components(kv[0])), reverse=True)
+            items = sorted(self.stages[index].lr_multipliers.items(),
+                           key=lambda kv: len(expand_components(kv[0])), reverse=True)
             for key, value in items:
                 for comp in expand_components(key):
                     mult[comp] = value
