@@ -47,10 +47,21 @@ def test_stage_is_a_pure_function_of_step():
     ([{"start_step": 1, "rules": ["train: x"]}, {"start_step": 1}], "same step"),
     ([{"start_step": 1, "lr_multipliers": {"llmm": 2}}], "unknown component 'llmm'"),
     ([{"start_step": 1, "unfreeze": []}], "unknown keys"),
+    ([{"start_step": 1, "at": 1}], "not both"),
+    ([{"at": 1, "train": [3]}], r"unfreeze\[0\]\.train must be a pattern"),
 ])
 def test_bad_schedules(bad, match):
     with pytest.raises(PlanError, match=match):
         UnfreezeSchedule.from_config(TrainPlan("monkey"), bad)
+
+
+def test_stage_shorthand():
+    a = UnfreezeSchedule.from_config(TrainPlan("monkey"), [
+        {"at": 3, "rules": ["freeze: llm.*"], "train": ["llm.model.norm.*", "llm.lm_head.*"], "freeze": "*.bias"}])
+    assert a.stages[0].start_step == 3
+    assert [r.text for r in a.stage_at(3).plan.rules] == [
+        "freeze: llm.*", "train: llm.model.norm.*", "train: llm.lm_head.*", "freeze: *.bias"]
+    assert a.stages[0].rules[1].where == "unfreeze[0].train[0]"
 
 
 def test_validate_reports_stage_rules_matching_nothing(tiny):

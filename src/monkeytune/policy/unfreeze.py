@@ -89,7 +89,7 @@ class UnfreezeSchedule:
 
         unfreeze:
           - {start_step: 500, rules: ["train: llm.model.layers.{24-31}.*"], lr_multipliers: {llm: 0.1}}
-          - {start_step: 2000, rules: ["train: llm.*"]}
+          - {at: 2000, train: ["llm.*"]}
     """
 
     def __init__(self, plan: TrainPlan, stages: list[Stage] | tuple[Stage, ...]):
@@ -109,7 +109,14 @@ class UnfreezeSchedule:
 
     @classmethod
     def from_config(cls, plan: TrainPlan, data: Any, source: str = "unfreeze") -> "UnfreezeSchedule":
-        """Build from a list of ``{start_step, rules, lr_multipliers}`` mappings."""
+        """Build from a list of stage mappings.
+
+        Each stage has ``start_step`` (or its shorthand ``at``), optional ``rules`` (any rule
+        form), optional ``train`` / ``freeze`` (a pattern or list of patterns, one rule each,
+        applied after ``rules``: first the ``train`` ones, then the ``freeze`` ones) and optional
+        ``lr_multipliers``. ``{at: 100, train: ["llm.*"]}`` equals
+        ``{start_step: 100, rules: ["train: llm.*"]}``.
+        """
         if data is None:
             return cls(plan, ())
         if not isinstance(data, (list, tuple)):
@@ -119,16 +126,28 @@ class UnfreezeSchedule:
             where = f"{source}[{i}]"
             if not isinstance(d, dict):
                 raise PlanError(f"{where}: a stage must be a mapping, got {d!r}")
-            bad = set(d) - {"start_step", "rules", "lr_multipliers"}
+            allowed = {"start_step", "at", "rules", "train", "freeze", "lr_multipliers"}
+            bad = set(d) - allowed
             if bad:
-                raise PlanError(f"{where}: unknown keys {sorted(bad)}; allowed: start_step, rules, lr_multipliers")
-            if not isinstance(d.get("start_step"), int):
-                raise PlanError(f"{where}.start_step must be an integer, got {d.get('start_step')!r}")
+                raise PlanError(f"{where}: unknown keys {sorted(bad)}; allowed: {sorted(allowed)}")
+            if "start_step" in d and "at" in d:
+                raise PlanError(f"{where}: give 'start_step' or 'at', not both")
+            start = d.get("start_step", d.get("at"))
+            if not isinstance(start, int) or isinstance(start, bool):
+                raise PlanError(f"{where}.start_step must be an integer, got {start!r}")
             mult = d.get("lr_multipliers") or {}
             if not isinstance(mult, dict) or not all(isinstance(v, (int, float)) for v in mult.values()):
                 raise PlanError(f"{where}.lr_multipliers must map component names to numbers, got {mult!r}")
-            stages.append(Stage(d["start_step"], parse_rules(d.get("rules"), f"{where}.rules"),
-                                {k: float(v) for k, v in mult.items()}))
+            rules = parse_rules(d.get("rules"), f"{where}.rules")
+            for action in ("train", "freeze"):
+                pats = d.get(action)
+                if pats is None:
+                    continue
+                pats = [pats] if isinstance(pats, str) else pats
+                if not isinstance(pats, list) or not all(isinstance(x, str) for x in pats):
+                    raise PlanError(f"{where}.{action} must be a pattern or a list of patterns, got {pats!r}")
+                rules += tuple(Rule(action, (x.strip(),), where=f"{where}.{action}[{k}]") for k, x in enumerate(pats))
+            stages.append(Stage(start, rules, {k: float(v) for k, v in mult.items()}))
         return cls(plan, stages)
 
     def stage_at(self, step: int) -> StageState:
