@@ -17,6 +17,7 @@ SUBCOMMANDS = [
     "data",
     "inspect",
     "train",
+    "chat", "score", "eval", "export",
 ]
 
 

@@ -1,0 +1,59 @@
+"""``monkeytune chat --model DIR [--image IMG] [PROMPT]``: answer one prompt, or chat on stdin.
+
+Exit status: 0 on success, 2 when the model folder, image or arguments are unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="DIR", help="model folder (monkeytune or official Monkey/Qwen-VL)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "chat",
+        help="answer a prompt about an image, or chat interactively",
+        description="Answer PROMPT (streamed) or, without PROMPT, read questions from stdin "
+        "(/reset, /image PATH, /quit). ChatML keeps the conversation; the other templates answer "
+        "each question on its own.",
+    )
+    add_model_args(p)
+    p.add_argument("prompt", nargs="?", default=None, help="the question; omit for an interactive chat")
+    p.add_argument("--image", default=None, metavar="IMG", help="image file the prompt is about")
+    p.add_argument("--template", choices=["vqa", "caption", "chatml", "raw"], default=None,
+                   help="prompt template (default: chatml for chat checkpoints, else vqa)")
+    p.add_argument("--raw", action="store_true", help="send the text as is (same as --template raw)")
+    p.add_argument("--system", default=None, help="ChatML system prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from monkeytune.generate import ChatSession, GenerationSettings, load_for_inference, run_interactive
+    from monkeytune.model.io import CheckpointError
+    from monkeytune.vision.image import ImageLoadError
+
+    template = "raw" if args.raw else args.template
+    try:
+        model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+        settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+        settings.kwargs()  # validates the numbers before any work
+        session = ChatSession(model, tokenizer, template, args.image, settings, args.system)
+        if args.prompt is not None:
+            session.ask(args.prompt, stream=sys.stdout)
+            sys.stdout.write("\n")
+            return 0
+        run_interactive(session, sys.stdin, sys.stdout, prompt=sys.stderr if sys.stdin.isatty() else None)
+        return 0
+    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+        print(f"monkeytune chat: {e}", file=sys.stderr)
+        return 2

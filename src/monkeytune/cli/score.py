@@ -1,0 +1,50 @@
+"""``monkeytune score --model DIR --prompt P --answer A``: log-probability of an answer given a prompt.
+
+Prints one line per answer token (id, log-prob, text) and the sum and mean negative log-likelihood,
+or JSON with ``--json``. Exit status 2 when the inputs are unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from monkeytune.cli.chat import add_model_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "score",
+        help="log-probability of an answer given a prompt",
+        description="Tokenise the prompt (rendered by --template) and the answer separately, "
+        "concatenate them and report each answer token's log-probability.",
+    )
+    add_model_args(p)
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--answer", required=True, help="the answer to score")
+    p.add_argument("--image", default=None, metavar="IMG", help="image the prompt is about")
+    p.add_argument("--template", choices=["vqa", "caption", "chatml", "raw"], default="raw",
+                   help="how the prompt is rendered (default raw: as given, image tag in front)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from monkeytune.generate import load_for_inference, score_answer
+    from monkeytune.model.io import CheckpointError
+    from monkeytune.vision.image import ImageLoadError
+
+    try:
+        model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+        result = score_answer(model, tokenizer, args.prompt, args.answer, args.image, args.template)
+    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+        print(f"monkeytune score: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result, ensure_ascii=False, indent=2))
+        return 0
+    for tok in result["tokens"]:
+        print(f"{tok['id']:>8}  {tok['logprob']:>10.4f}  {tok['text']!r}")
+    print(f"sum log-prob {result['sum_logprob']:.4f}  mean NLL {result['mean_nll']:.4f}  tokens {result['num_tokens']}")
+    return 0

@@ -1,0 +1,181 @@
+"""Batched VQA-style evaluation in Monkey's data format.
+
+An evaluation file is JSON Lines, one question per line::
+
+    {"image": "images/0001.jpg", "question": "What is written on the sign?",
+     "answer": ["stop", "stop sign"], "question_id": 17}
+
+``answer`` is one string or a list of acceptable strings (optional when only predicting);
+``image`` is optional and resolved against the data file's folder unless absolute;
+``question_id`` defaults to the line number. Predictions are generated greedily, several
+questions per batch (left-padded), and scored with :mod:`monkeytune.eval.metrics`.
+
+A predictions file (one JSON per line) can be scored without a model: each line holds
+``prediction`` and ``answer`` (references), or the official scripts' output layout ``answer``
+(the prediction) and ``annotation`` (references).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from monkeytune.eval.metrics import compute_metrics
+from monkeytune.generate import GenerationSettings, generate_ids, prompt_ids, stop_ids
+
+DEFAULT_METRICS = ("vqa_score", "exact_match")
+
+
+class EvalDataError(ValueError):
+    """A malformed evaluation or predictions record; the message names file, line and field."""
+
+
+def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    if not path.is_file():
+        raise EvalDataError(f"{path}: file not found")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise EvalDataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+            out.append((lineno, rec))
+    if not out:
+        raise EvalDataError(f"{path}: no records")
+    return out
+
+
+def _check_refs(value: Any, where: str, field: str) -> None:
+    ok = isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, str) for v in value)
+    )
+    if not ok:
+        raise EvalDataError(f"{where}: field {field!r} must be a string or a non-empty list of strings, got {value!r}")
+
+
+def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
+    """Read and validate an evaluation JSONL file.
+
+    Returns:
+        Records with ``question``, ``question_id``, ``answer`` (or None), and ``image`` resolved
+        to a path (or None).
+
+    Raises:
+        EvalDataError: naming the file, line and field of the first bad record.
+    """
+    path = Path(path)
+    records = []
+    for lineno, rec in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        question = rec.get("question")
+        if not isinstance(question, str):
+            raise EvalDataError(f"{where}: field 'question' must be a string, got {question!r}")
+        image = rec.get("image")
+        if image is not None:
+            if not isinstance(image, str) or not image:
+                raise EvalDataError(f"{where}: field 'image' must be a non-empty string path, got {image!r}")
+            resolved = Path(image).expanduser()
+            resolved = resolved if resolved.is_absolute() else path.parent / resolved
+            if not resolved.is_file():
+                raise EvalDataError(f"{where}: field 'image': file {resolved} not found")
+            image = str(resolved)
+        if rec.get("answer") is not None:
+            _check_refs(rec["answer"], where, "answer")
+        records.append({
+            "question_id": rec.get("question_id", lineno),
+            "image": image,
+            "question": question,
+            "answer": rec.get("answer"),
+        })
+    return records
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], list[Any]]:
+    """Read a predictions JSONL file as ``(predictions, references)`` (see the module docstring)."""
+    path = Path(path)
+    preds, refs = [], []
+    for lineno, rec in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if "prediction" in rec:
+            pred, ref, ref_field = rec["prediction"], rec.get("answer"), "answer"
+        elif "annotation" in rec:
+            pred, ref, ref_field = rec.get("answer"), rec["annotation"], "annotation"
+        else:
+            raise EvalDataError(f"{where}: expected fields 'prediction' and 'answer' (or 'answer' and 'annotation')")
+        if not isinstance(pred, str):
+            raise EvalDataError(f"{where}: the prediction must be a string, got {pred!r}")
+        _check_refs(ref, where, ref_field)
+        preds.append(pred)
+        refs.append(ref)
+    return preds, refs
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    metrics: Sequence[str] = DEFAULT_METRICS,
+    batch_size: int = 8,
+    template: str = "vqa",
+    max_new_tokens: int = 32,
+    progress: Callable[[int, int], Any] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate an answer for every record and score them.
+
+    Args:
+        model: A :class:`~monkeytune.model.MonkeyForCausalLM` (put in eval mode here).
+        tokenizer: Its tokenizer.
+        records: As :func:`read_eval_records` returns (``image`` paths already resolved).
+        metrics: Metric names; records without ``answer`` are predicted but not scored.
+        batch_size: Questions generated together (left-padded).
+        template: Prompt template (``vqa``, ``caption``, ``chatml``, ``raw``).
+        max_new_tokens: Answer length limit.
+        progress: Called with ``(done, total)`` after each batch.
+
+    Returns:
+        ``(predictions, scores)``: one dict per record (``question_id``, ``image``, ``question``,
+        ``prediction``, ``answer``) and ``{metric: value}`` over the records that have answers
+        (empty when none do).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    model.eval()
+    tpi = model.config.tokens_per_image
+    stops = stop_ids(tokenizer, template)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    predictions: list[dict[str, Any]] = []
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        prompts = [prompt_ids(template, tokenizer, tpi, r["question"], r.get("image")) for r in batch]
+        answers = generate_ids(model, tokenizer, prompts, settings, stops)
+        for rec, ids in zip(batch, answers):
+            predictions.append({
+                "question_id": rec.get("question_id"),
+                "image": rec.get("image"),
+                "question": rec["question"],
+                "prediction": tokenizer.decode(ids).strip(),
+                "answer": rec.get("answer"),
+            })
+        if progress is not None:
+            progress(len(predictions), len(records))
+    scored = [p for p in predictions if p["answer"] is not None]
+    scores = compute_metrics(list(metrics), [p["prediction"] for p in scored], [p["answer"] for p in scored]) if scored and metrics else {}
+    return predictions, scores
+
+
+def write_results(out_dir: str | Path, predictions: Sequence[dict[str, Any]] | None, scores: dict[str, float]) -> Path:
+    """Write ``predictions.jsonl`` (when given) and ``metrics.json`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if predictions is not None:
+        with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
+            for p in predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+    (out / "metrics.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return out

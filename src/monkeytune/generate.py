@@ -1,0 +1,391 @@
+"""Prompting and generation for chat, scoring and evaluation.
+
+Prompt templates (the official wordings):
+
+* ``vqa``: ``<img>PATH</img> QUESTION Answer: `` (Monkey's VQA prompt);
+* ``caption``: ``<img>PATH</img> Generate the detailed caption in English: ``;
+* ``chatml``: Qwen-VL-Chat's ChatML conversation; an image goes at the start of the user turn
+  as ``Picture 1: <img>PATH</img>\\n`` (the Qwen-VL-Chat convention);
+* ``raw``: the text exactly as given; with an image, ``<img>PATH</img>`` is put in front unless
+  the text already has an image tag.
+
+``vqa``, ``caption`` and ``raw`` prompts are rendered with the ``monkey`` conversation template
+of :mod:`monkeytune.data.templates` and ``chatml`` with its ``chatml`` template, so inference sees
+exactly what training produced. Generation stops at ``<|endoftext|>`` (and, for ChatML, at
+``<|im_end|>`` / ``<|im_start|>``).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, TextIO
+
+import torch
+
+from monkeytune.data.templates import build_prompt
+from monkeytune.tokenizer.base import split_image_tags
+from monkeytune.vision.processor import ImageProcessor
+
+TEMPLATES = ("vqa", "caption", "chatml", "raw")
+CAPTION_PROMPT = "Generate the detailed caption in English:"
+
+
+def default_template(model: Any) -> str:
+    """``chatml`` for chat checkpoints (``chat_format: chatml`` in the folder's metadata), else ``vqa``."""
+    meta = getattr(model, "metadata", {}) or {}
+    return "chatml" if meta.get("chat_format") == "chatml" else "vqa"
+
+
+def user_text(template: str, text: str, image: str | None = None) -> str:
+    """The user turn for one question (and optional image) under ``template``."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    tag = f"<img>{image}</img>" if image else ""
+    if template == "vqa":
+        return f"{tag} {text} Answer: " if tag else f"{text} Answer: "
+    if template == "caption":
+        return f"{tag} {CAPTION_PROMPT} " if tag else f"{CAPTION_PROMPT} "
+    if template == "chatml":
+        return f"Picture 1: {tag}\n{text}" if tag else text
+    if tag and not split_image_tags(text)[1]:
+        return tag + text
+    return text
+
+
+def prompt_ids(
+    template: str,
+    tokenizer: Any,
+    tokens_per_image: int,
+    text: str,
+    image: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+    system: str | None = None,
+) -> tuple[list[int], list[str]]:
+    """Token ids of a generation prompt and the image paths it names.
+
+    Args:
+        template: One of :data:`TEMPLATES`.
+        tokenizer: Any monkeytune tokenizer.
+        tokens_per_image: ``model.config.tokens_per_image``.
+        text: The question (or the raw text).
+        image: Optional image path, placed as the template says.
+        history: Earlier ``(user_text, answer)`` exchanges (already rendered user texts), for
+            multi-turn ChatML.
+        system: ChatML system prompt (default: the template's).
+
+    Returns:
+        ``(ids, image_paths)``.
+    """
+    turns: list[dict[str, str]] = []
+    if system is not None and template == "chatml":
+        turns.append({"role": "system", "content": system})
+    for user, answer in history:
+        turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    turns.append({"role": "user", "content": user_text(template, text, image)})
+    kind = "chatml" if template == "chatml" else "monkey"
+    return build_prompt(kind, turns, tokenizer, tokens_per_image, add_generation_prompt=True)
+
+
+def stop_ids(tokenizer: Any, template: str) -> list[int]:
+    """Token ids that end an answer."""
+    ids = [tokenizer.eos_id]
+    if template == "chatml":
+        for name in ("<|im_end|>", "<|im_start|>"):
+            try:
+                ids.append(tokenizer.special_id(name))
+            except KeyError:
+                pass
+    return ids
+
+
+def resolve_image(path: str, root: str | Path | None) -> str:
+    """An image path as written in a prompt or record, resolved against ``root`` unless absolute."""
+    p = Path(path).expanduser()
+    if root is not None and not p.is_absolute():
+        p = Path(root) / p
+    return str(p)
+
+
+def load_views(model: Any, image_paths: Sequence[str], root: str | Path | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(pixel_values [N, 3, S, S], view_slots [N])`` of images in order (None, None when there are none)."""
+    if not image_paths:
+        return None, None
+    processor = ImageProcessor(model.config.image)
+    views, slots = processor.batch([resolve_image(p, root) for p in image_paths])
+    dtype = next(model.parameters()).dtype
+    device = next(model.parameters()).device
+    return views.to(device=device, dtype=dtype), slots.to(device)
+
+
+class TokenStreamer:
+    """Writes generated text as it comes (a transformers streamer over a monkeytune tokenizer).
+
+    The first ``put`` (the prompt) is skipped. Text is decoded from all tokens so far and only
+    the new suffix is written, holding back a trailing incomplete UTF-8 character.
+
+    Args:
+        tokenizer: Decodes ids (special tokens skipped).
+        out: Stream to write to, or a callable taking each new piece of text.
+    """
+
+    def __init__(self, tokenizer: Any, out: TextIO | Callable[[str], Any] = sys.stdout):
+        self.tokenizer = tokenizer
+        self.out = out
+        self.tokens: list[int] = []
+        self.written = 0
+        self._prompt_seen = False
+
+    def _emit(self, text: str) -> None:
+        if not text:
+            return
+        if callable(self.out) and not hasattr(self.out, "write"):
+            self.out(text)
+        else:
+            self.out.write(text)
+            self.out.flush()
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:
+            self._prompt_seen = True
+            return
+        if value.dim() > 1 and value.shape[0] > 1:
+            raise ValueError("TokenStreamer streams a single sequence")
+        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.tokens)
+        if text.endswith("\ufffd"):
+            return
+        self._emit(text[self.written :])
+        self.written = len(text)
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.tokens)
+        self._emit(text[self.written :])
+        self.written = len(text)
+
+    @property
+    def text(self) -> str:
+        return self.tokenizer.decode(self.tokens)
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; ``temperature == 0`` means greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, **self.extra}
+        if self.temperature > 0:
+            kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
+        else:
+            kw.update(do_sample=False)
+        return kw
+
+
+def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
+    """The ids up to (not including) the first stop id."""
+    out = []
+    for t in ids:
+        if int(t) in stops:
+            break
+        out.append(int(t))
+    return out
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[tuple[list[int], list[str]]],
+    settings: GenerationSettings,
+    stops: Sequence[int],
+    image_root: str | Path | None = None,
+    streamer: TokenStreamer | None = None,
+) -> list[list[int]]:
+    """Generate for a batch of prompts (left-padded), returning each answer's ids without stop tokens.
+
+    Args:
+        model: A :class:`~monkeytune.model.MonkeyForCausalLM`.
+        tokenizer: Its tokenizer (``pad_id`` pads).
+        prompts: ``(ids, image_paths)`` per row, as :func:`prompt_ids` returns.
+        settings: Decoding settings.
+        stops: Stop ids (see :func:`stop_ids`).
+        image_root: Folder relative image paths are resolved against.
+        streamer: Optional :class:`TokenStreamer` (batch of one only).
+    """
+    device = next(model.parameters()).device
+    width = max(len(ids) for ids, _ in prompts)
+    input_ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    paths: list[str] = []
+    for row, (ids, images) in enumerate(prompts):
+        input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+        mask[row, width - len(ids) :] = 1
+        paths.extend(images)
+    pixel_values, slots = load_views(model, paths, image_root)
+    out = model.generate(
+        input_ids.to(device),
+        attention_mask=mask.to(device),
+        pixel_values=pixel_values,
+        view_slots=slots,
+        eos_token_id=list(stops),
+        pad_token_id=tokenizer.pad_id,
+        streamer=streamer,
+        **settings.kwargs(),
+    )
+    return [cut_at_stop(row.tolist(), stops) for row in out]
+
+
+def answer(
+    model: Any,
+    tokenizer: Any,
+    text: str,
+    image: str | None = None,
+    template: str | None = None,
+    history: Sequence[tuple[str, str]] = (),
+    settings: GenerationSettings | None = None,
+    stream: TextIO | Callable[[str], Any] | None = None,
+) -> str:
+    """Answer one prompt (optionally streaming the text as it is generated).
+
+    Returns:
+        The answer text, stripped.
+    """
+    template = template or default_template(model)
+    ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, text, image, history)
+    streamer = TokenStreamer(tokenizer, stream) if stream is not None else None
+    new = generate_ids(model, tokenizer, [(ids, images)], settings or GenerationSettings(), stop_ids(tokenizer, template), streamer=streamer)
+    return tokenizer.decode(new[0]).strip()
+
+
+@torch.no_grad()
+def score_answer(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    answer_text: str,
+    image: str | None = None,
+    template: str = "raw",
+) -> dict[str, Any]:
+    """Log-probability of each answer token given the prompt.
+
+    The prompt (rendered by ``template``) and the answer are tokenised separately and
+    concatenated, as in training.
+
+    Returns:
+        ``{"tokens": [{"id", "text", "logprob"}...], "sum_logprob", "mean_nll", "num_tokens"}``.
+    """
+    ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, prompt, image)
+    ans = tokenizer.encode(answer_text)
+    if not ans:
+        raise ValueError("the answer is empty: nothing to score")
+    if not ids:
+        raise ValueError("the prompt is empty: the first answer token has nothing to be conditioned on")
+    device = next(model.parameters()).device
+    full = torch.tensor([ids + ans], device=device)
+    pixel_values, slots = load_views(model, images)
+    logits = model(full, pixel_values=pixel_values, view_slots=slots).logits[0].float()
+    logprobs = torch.log_softmax(logits[len(ids) - 1 : -1], dim=-1)
+    picked = logprobs.gather(1, torch.tensor(ans, device=device)[:, None])[:, 0].tolist()
+    tokens = [{"id": t, "text": tokenizer.decode([t]), "logprob": lp} for t, lp in zip(ans, picked)]
+    total = float(sum(picked))
+    return {"tokens": tokens, "sum_logprob": total, "mean_nll": -total / len(ans), "num_tokens": len(ans)}
+
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_for_inference(model_dir: str | Path, dtype: str = "auto", device: str | None = None):
+    """Load a model folder (monkeytune or official) and its tokenizer for inference.
+
+    Args:
+        model_dir: The folder.
+        dtype: ``auto`` (as stored), ``float32``, ``bfloat16`` or ``float16``.
+        device: Default: ``cuda`` when available, else ``cpu``.
+
+    Raises:
+        monkeytune.model.io.CheckpointError: the folder cannot be loaded or has no tokenizer.
+    """
+    from monkeytune.model.io import CheckpointError, load_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_model(model_dir, dtype=DTYPES[dtype], device=device)
+    if tokenizer is None:
+        raise CheckpointError(f"{model_dir} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
+    model.config.check_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+class ChatSession:
+    """A conversation with one model: ChatML keeps the history, other templates answer each turn afresh.
+
+    The image (if any) goes into the first ChatML user turn, or into every single-turn prompt.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, template: str | None = None, image: str | None = None,
+                 settings: GenerationSettings | None = None, system: str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.template = template or default_template(model)
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown template {self.template!r}; choose one of {TEMPLATES}")
+        self.image, self.settings, self.system = image, settings or GenerationSettings(), system
+        self.history: list[tuple[str, str]] = []
+
+    def reset(self) -> None:
+        self.history = []
+
+    def ask(self, text: str, stream: TextIO | Callable[[str], Any] | None = None) -> str:
+        """Answer ``text`` (streaming to ``stream`` when given) and remember the exchange for ChatML."""
+        multi = self.template == "chatml"
+        image = self.image if not (multi and self.history) else None
+        ids, images = prompt_ids(self.template, self.tokenizer, self.model.config.tokens_per_image, text, image,
+                                 self.history if multi else (), self.system)
+        streamer = TokenStreamer(self.tokenizer, stream) if stream is not None else None
+        new = generate_ids(self.model, self.tokenizer, [(ids, images)], self.settings,
+                           stop_ids(self.tokenizer, self.template), streamer=streamer)
+        reply = self.tokenizer.decode(new[0]).strip()
+        if multi:
+            self.history.append((user_text(self.template, text, image), reply))
+        return reply
+
+
+def run_interactive(session: ChatSession, lines: Any, out: TextIO, prompt: TextIO | None = None) -> int:
+    """Read questions line by line and stream answers.
+
+    Lines ``/reset`` (forget the conversation), ``/image PATH`` (switch image; resets) and
+    ``/quit`` are commands. Returns the number of questions answered.
+    """
+    answered = 0
+    while True:
+        if prompt is not None:
+            prompt.write(">>> ")
+            prompt.flush()
+        line = lines.readline()
+        if not line:
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            break
+        if text == "/reset":
+            session.reset()
+            continue
+        if text.startswith("/image"):
+            session.image = text[len("/image"):].strip() or None
+            session.reset()
+            continue
+        session.ask(text, stream=out)
+        out.write("\n")
+        out.flush()
+        answered += 1
+    return answered
