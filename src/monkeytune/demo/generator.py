@@ -1,0 +1,234 @@
+"""Write the demo data set: scene images, training conversations, evaluation questions, tokenizer.
+
+Layout of the output folder::
+
+    images/{train,val,test}/00000.png   one scene per image (lossless PNG: the detail is 1 pixel)
+    train.jsonl                         conversations asking fine and coarse questions
+    train_fine.jsonl                    the same images, fine questions only
+    train_coarse.jsonl                  the same images, coarse questions only
+    val.jsonl, test.jsonl               evaluation questions, one per line (with ``kind``)
+    scenes.jsonl                        what each image shows (split, image, parts)
+    tokenizer/                          a SimpleTokenizer trained on every phrase the data uses
+    meta.json                           generator parameters and counts
+
+A training record asks several questions about one image in one conversation (the image is in
+the first user turn), in random order, so one pass of the vision tower supervises several
+answers. User turns end with ``" Answer: "`` like the official Monkey prompts; use the same
+:data:`PROMPT` when evaluating. Evaluation records follow the Monkey VQA layout (``question_id``,
+``image``, ``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
+
+Splits never share an image nor an image content: every scene's ``content_key`` (its colours
+and textures) is unique across the whole data set, so no (content, question) pair repeats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from tqdm import tqdm
+
+from monkeytune.demo.scene import COLOURS, REGIONS, TEXTURES, Scene, random_scene, render_scene
+from monkeytune.tokenizer.simple import SimpleTokenizer
+
+PROMPT = "<img>{image}</img> {question} Answer: "
+FOLLOW_UP = "{question} Answer: "
+KINDS = ("fine", "coarse")
+QUESTIONS: dict[str, tuple[str, ...]] = {
+    "fine": (
+        "What pattern is in the {region} part?",
+        "Which texture fills the {region} part?",
+        "What is the pattern of the {region} part?",
+    ),
+    "coarse": (
+        "What colour is the {region} part?",
+        "Which colour does the {region} part have?",
+        "What is the colour of the {region} part?",
+    ),
+}
+SPLITS = ("train", "val", "test")
+TOKENIZER_VOCAB = 400
+
+
+@dataclass(frozen=True)
+class DemoData:
+    """Paths and counts of a generated data set (see the module docstring for the layout)."""
+
+    root: Path
+    train: Path
+    train_fine: Path
+    train_coarse: Path
+    val: Path
+    test: Path
+    tokenizer: Path
+    counts: dict
+
+    @classmethod
+    def at(cls, root: str | Path) -> "DemoData":
+        """The data set already written in ``root`` (reads ``meta.json``)."""
+        root = Path(root)
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"{root} holds no demo data set (no meta.json)")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        return cls._paths(root, meta["counts"])
+
+    @classmethod
+    def _paths(cls, root: Path, counts: dict) -> "DemoData":
+        return cls(
+            root=root,
+            train=root / "train.jsonl",
+            train_fine=root / "train_fine.jsonl",
+            train_coarse=root / "train_coarse.jsonl",
+            val=root / "val.jsonl",
+            test=root / "test.jsonl",
+            tokenizer=root / "tokenizer",
+            counts=counts,
+        )
+
+
+def question_text(kind: str, region: str, variant: int = 0) -> str:
+    """The ``variant``-th wording of a ``fine`` or ``coarse`` question about ``region``."""
+    wordings = QUESTIONS[kind]
+    return wordings[variant % len(wordings)].format(region=region)
+
+
+def tokenizer_corpus() -> list[str]:
+    """Every text piece the data can produce, split the way the ``monkey`` template encodes it."""
+    pieces: list[str] = []
+    for kind in KINDS:
+        for variant in range(len(QUESTIONS[kind])):
+            for region in REGIONS:
+                q = question_text(kind, region, variant)
+                pieces += [PROMPT.format(image="x", question=q).split("</img>")[1], FOLLOW_UP.format(question=q)]
+    answers = list(TEXTURES) + list(COLOURS)
+    # Repeat so that every word reaches the merge threshold even when it occurs once.
+    return pieces * 2 + answers * 4
+
+
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> SimpleTokenizer:
+    """A byte-level BPE tokenizer whose merges cover the demo's questions and answers."""
+    return SimpleTokenizer.train(tokenizer_corpus(), vocab_size=vocab_size)
+
+
+def _conversation(
+    image: str, scene: Scene, kinds: Iterable[str], rng: np.random.Generator
+) -> list[dict[str, str]]:
+    """One question per (kind, region), in random order, the image in the first user turn."""
+    asks = [(kind, region) for kind in kinds for region in REGIONS]
+    order = rng.permutation(len(asks))
+    turns: list[dict[str, str]] = []
+    for n, i in enumerate(order):
+        kind, region = asks[int(i)]
+        q = question_text(kind, region, int(rng.integers(len(QUESTIONS[kind]))))
+        text = PROMPT.format(image=image, question=q) if n == 0 else FOLLOW_UP.format(question=q)
+        turns.append({"from": "user", "value": text})
+        turns.append({"from": "assistant", "value": scene.answer(region, kind)})
+    return turns
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def unique_scenes(rng: np.random.Generator, count: int, size: int) -> list[Scene]:
+    """``count`` random scenes with pairwise different content keys."""
+    combos = (len(COLOURS) * len(TEXTURES)) ** len(REGIONS)
+    if count > combos // 2:
+        raise ValueError(f"asked for {count} scenes; only {combos} distinct contents exist")
+    seen: set = set()
+    scenes: list[Scene] = []
+    while len(scenes) < count:
+        scene = random_scene(rng, size)
+        key = scene.content_key()
+        if key not in seen:
+            seen.add(key)
+            scenes.append(scene)
+    return scenes
+
+
+def generate_dataset(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 400,
+    n_val: int = 24,
+    n_test: int = 48,
+    image_size: int = 448,
+    progress: bool = True,
+) -> DemoData:
+    """Render the scenes and write the data set described in the module docstring.
+
+    Args:
+        out_dir: Output folder (created; existing demo files in it are overwritten).
+        seed: Seed of everything drawn (scenes, question order and wording): the same seed
+            gives byte-identical files.
+        n_train, n_val, n_test: Images per split. Each training image yields one mixed
+            conversation (8 answers), one fine-only and one coarse-only conversation (4 each);
+            each val/test image yields 8 evaluation questions.
+        image_size: Side of the images; the model canvas of a 2x2 grid (``2 * window_size``),
+            so that the windows are exact crops and the global view a 2x downsample.
+        progress: Show a progress bar while rendering.
+
+    Returns:
+        :class:`DemoData` with the paths and counts.
+    """
+    root = Path(out_dir)
+    counts = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+    for split, n in counts.items():
+        if n < 0:
+            raise ValueError(f"n_{split} must be >= 0, got {n}")
+    rng = np.random.default_rng(seed)
+    scenes = unique_scenes(rng, sum(counts.values()), image_size)
+    records: dict[str, list[dict]] = {"train": [], "train_fine": [], "train_coarse": [], "val": [], "test": []}
+    scene_rows: list[dict] = []
+    bar = tqdm(total=len(scenes), desc="demo data", unit="img", disable=not progress)
+    start = 0
+    for split in SPLITS:
+        folder = root / "images" / split
+        folder.mkdir(parents=True, exist_ok=True)
+        for idx, scene in enumerate(scenes[start : start + counts[split]]):
+            rel = f"images/{split}/{idx:05d}.png"
+            # compress_level=1: much faster than the default and still lossless.
+            render_scene(scene, image_size).save(root / rel, compress_level=1)
+            scene_rows.append({"split": split, "image": rel, "parts": scene.to_dict()})
+            sid = f"{split}-{idx:05d}"
+            if split == "train":
+                for name, kinds in (("train", KINDS), ("train_fine", ("fine",)), ("train_coarse", ("coarse",))):
+                    turns = _conversation(rel, scene, kinds, rng)
+                    records[name].append({"id": f"{sid}-{name.split('_')[-1] if '_' in name else 'mixed'}", "conversations": turns})
+            else:
+                for kind in KINDS:
+                    for region in REGIONS:
+                        records[split].append({
+                            "question_id": f"{sid}-{kind}-{region}",
+                            "image": rel,
+                            "question": question_text(kind, region, int(rng.integers(len(QUESTIONS[kind])))),
+                            "answer": scene.answer(region, kind),
+                            "kind": kind,
+                            "region": region,
+                        })
+            bar.update(1)
+        start += counts[split]
+    bar.close()
+    data = DemoData._paths(root, counts)
+    for name, recs in records.items():
+        _write_jsonl(root / f"{name}.jsonl", recs)
+    _write_jsonl(root / "scenes.jsonl", scene_rows)
+    build_tokenizer().save(data.tokenizer)
+    meta = {
+        "seed": seed,
+        "image_size": image_size,
+        "counts": counts,
+        "questions": {name: len(recs) for name, recs in records.items()},
+        "prompt": PROMPT,
+        "textures": list(TEXTURES),
+        "colours": list(COLOURS),
+        "regions": list(REGIONS),
+    }
+    (root / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return data
