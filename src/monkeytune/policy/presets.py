@@ -23,8 +23,9 @@ from monkeytune.policy.rules import PlanError
 
 # Qwen2 projection names; LoRA on all of them is the usual QLoRA-paper recipe.
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-# Rank/alpha/dropout of the Qwen-VL and Monkey fine-tuning scripts.
-DEFAULT_LLM_LORA: dict[str, Any] = {"r": 64, "alpha": 16, "dropout": 0.05, "target_modules": list(LLM_LORA_TARGETS)}
+# Rank/alpha/dropout of Monkey's fine-tuning script (finetune_multitask.py: r 16, alpha 32, dropout
+# 0.05); Qwen-VL's script uses r 64, alpha 16. Override with `policy.lora: {r: ..., alpha: ...}`.
+DEFAULT_LLM_LORA: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": list(LLM_LORA_TARGETS)}
 
 
 @dataclass(frozen=True)
