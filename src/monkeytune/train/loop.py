@@ -127,7 +127,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             raise SetupError("policy.unfreeze stages need a plain or DDP run: FSDP and DeepSpeed fix the "
                              "trainable set when they wrap the model")
         start_step = int(saved["step"]) if saved else 0
-        stage = schedule.stage_at(start_step)
+        # The stage in force when the checkpoint was written (the loop switches to the next
+        # stage before its first step, exactly as the uninterrupted run did).
+        stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
         from monkeytune.policy import apply_plan
 
         apply_plan(model, stage.plan)
@@ -220,6 +222,13 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
+
+
+def _stage_by_index(schedule, index: int):
+    """The :class:`StageState` of stage ``index`` (-1: the base plan)."""
+    if not -1 <= index < len(schedule.stages):
+        raise SetupError(f"the checkpoint is in unfreezing stage {index} but policy.unfreeze has {len(schedule.stages)}")
+    return schedule.stage_at(schedule.stages[index].start_step if index >= 0 else -1)
 
 
 def _map_position(saved: dict[str, Any], world_size: int) -> Position:

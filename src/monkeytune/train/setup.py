@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,11 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
+    # accelerate only forms a multi-process CPU group (gloo) when told to use the CPU; do so for
+    # runs launched with several processes (torchrun) on a machine without CUDA.
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
     acc = Accelerator(
+        cpu=launched and not torch.cuda.is_available(),
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
@@ -75,7 +80,7 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     """The model to train (fp32 master weights, train mode) and its tokenizer.
 
     ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
-    are taken from the tokenizer so the data pipeline's placeholders match the model.
+    and vocabulary size are taken from the tokenizer (``ModelConfig.matched_to_tokenizer``).
     """
     from monkeytune.model import build_model
     from monkeytune.tokenizer.loading import load_tokenizer
@@ -94,15 +99,12 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[nn.Module, Any]:
             raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
         tokenizer = load_tokenizer(tok_dir)
         mcfg = get_config(cfg.model.preset) if cfg.model.preset else ModelConfig.from_dict(cfg.model.config)
-        for name in ("image_start_id", "image_end_id", "image_pad_id"):
-            setattr(mcfg, name, int(getattr(tokenizer, name)))
         torch.manual_seed(cfg.model.init_seed)
-        model = build_model(mcfg)
-    vocab = model.config.llm.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise SetupError(
-            f"the tokenizer has {tokenizer.vocab_size} tokens but the model's llm.vocab_size is {vocab}"
-        )
+        model = build_model(mcfg.matched_to_tokenizer(tokenizer))
+    try:
+        model.config.check_tokenizer(tokenizer)
+    except ValueError as e:
+        raise SetupError(f"model and tokenizer disagree: {e}") from None
     if "llm" in cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if "vit" in cfg.train.gradient_checkpointing:

@@ -1,0 +1,67 @@
+"""Shared pieces for the training tests: a synthetic dataset and a very small model config."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from monkeytune.train.config_load import load_config
+from monkeytune.train.synthetic import write_synthetic_dataset
+
+# Two 28-pixel windows' worth of patches per view, 4 queries: 5 views x 4 = 20 tokens per image.
+MICRO_MODEL = {
+    "name": "micro",
+    "vision": {"patch_size": 14, "width": 32, "layers": 1, "heads": 2, "mlp_ratio": 2.0, "output_dim": 64,
+               "n_queries": 4, "resampler_heads": 2, "lora_slots": 4, "lora_rank_attn": 4, "lora_rank_mlp": 4},
+    "image": {"grid": [2, 2], "window_size": 28, "global_view": True},
+    "llm": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 4, "intermediate_size": 128,
+            "vocab_size": 512, "max_position_embeddings": 512},
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Run these tiny models on one thread: on a shared 2-core machine, two threads of
+    sub-millisecond kernels spend most of their time waiting for each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def synthetic(tmp_path_factory):
+    """``(train_file, tokenizer_dir)`` of 48 synthetic samples (written once per session)."""
+    folder = tmp_path_factory.mktemp("synthetic")
+    tok = write_synthetic_dataset(folder / "train.jsonl", 48, seed=0, image_size=32)
+    return folder / "train.jsonl", tok
+
+
+@pytest.fixture
+def micro_model():
+    """A fresh copy of the micro model config dict."""
+    return copy.deepcopy(MICRO_MODEL)
+
+
+@pytest.fixture
+def make_config(synthetic, tmp_path):
+    """Build a validated TrainConfig for the micro model; nested dict overrides per section."""
+
+    def make(run="run", **sections):
+        train_file, tok = synthetic
+        data = {
+            "model": {"config": copy.deepcopy(MICRO_MODEL), "tokenizer": str(tok)},
+            "data": {"train": str(train_file), "max_length": 128},
+            "policy": {"preset": "full"},
+            "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
+            "train": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 1, "precision": "fp32"},
+            "checkpoint": {"output_dir": str(tmp_path / run), "final_save": "none"},
+            "log": {"progress": False, "plot": False, "tensorboard": "false"},
+        }
+        for sec, body in sections.items():
+            data.setdefault(sec, {}).update(body)
+        return load_config(data=data)
+
+    return make
