@@ -18,6 +18,7 @@ SUBCOMMANDS = [
     "inspect",
     "train",
     "chat", "score", "eval", "export",
+    "serve",
 ]
 
 

@@ -1,0 +1,36 @@
+"""``monkeytune serve``: a local web chat (Gradio) with image upload for any model folder.
+
+* :class:`ChatEngine` (:mod:`.engine`): one loaded model answering chat turns, streaming, one
+  generation at a time;
+* :func:`build_app` (:mod:`.app`): the page;
+* :func:`start` (:mod:`.launch`): load a folder (or the demo's model) and serve it;
+* :class:`TilingView` (:mod:`.tiling`): the picture of the windows and global view;
+* :func:`check_upload` (:mod:`.uploads`): upload validation with messages for the page.
+
+Gradio is an optional dependency (``pip install monkeytune[serve]``); :mod:`.app` and
+:func:`start` import it, the rest does not.
+"""
+
+from monkeytune.serve.engine import TEMPLATE_LABELS, ChatEngine, Exchange, settings_from_form
+from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, NoModelError, exposure_warning, find_demo_model, start
+from monkeytune.serve.tiling import TilingView, describe_tiling, draw_tiling
+from monkeytune.serve.uploads import UploadError, UploadLimits, check_upload
+
+__all__ = [
+    "ChatEngine",
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "Exchange",
+    "NoModelError",
+    "TEMPLATE_LABELS",
+    "TilingView",
+    "UploadError",
+    "UploadLimits",
+    "check_upload",
+    "describe_tiling",
+    "draw_tiling",
+    "exposure_warning",
+    "find_demo_model",
+    "settings_from_form",
+    "start",
+]

@@ -1,0 +1,128 @@
+"""Starting the web chat: which model, which address, and the warning when it is not local-only."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+__all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEMO_ROOT", "NoModelError", "exposure_warning", "find_demo_model", "launch_app", "start"]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+DEMO_ROOT = Path("outputs/demo")
+
+
+class NoModelError(FileNotFoundError):
+    """No ``--model`` was given and no trained demo model exists; the message says how to get one."""
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(
+        (path / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+    )
+
+
+def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
+    """The demo's trained model under ``root``: ``root`` itself or its newest model subfolder.
+
+    Raises:
+        NoModelError: nothing trained there yet, with the commands that make a model.
+    """
+    root = Path(root)
+    candidates = [root] if _is_model_dir(root) else []
+    if root.is_dir():
+        for path in sorted(root.rglob("config.json")):
+            if len(path.relative_to(root).parts) <= 3 and _is_model_dir(path.parent):
+                candidates.append(path.parent)
+    if not candidates:
+        raise NoModelError(
+            f"no model given and no trained demo model in {root}/.\n"
+            "Train the tiny demo model first (a few minutes on a CPU):\n"
+            "    make demo\n"
+            "or serve any monkeytune or official Monkey / Qwen-VL folder:\n"
+            "    monkeytune serve --model PATH/TO/MODEL"
+        )
+    return max(candidates, key=lambda p: (p / "config.json").stat().st_mtime)
+
+
+def exposure_warning(host: str) -> str | None:
+    """A warning when ``host`` makes the page reachable from other machines, else None."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"WARNING: serving on {host}, not on the loopback address: anyone who can reach this machine "
+        "can use the model and upload files, with no password. Use --host 127.0.0.1 unless you mean it."
+    )
+
+
+def start(
+    model_dir: str | Path | None = None,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    device: str = "cpu",
+    template: str | None = None,
+    max_upload_mb: float = 20.0,
+):
+    """Load a model and start serving the chat page in the background.
+
+    Call ``app.block_thread()`` to serve until interrupted, ``app.close()`` to stop.
+
+    Args:
+        model_dir: Model folder; None serves the demo's trained model (see :func:`find_demo_model`).
+        host: Address to bind.
+        port: TCP port.
+        device: Where the model runs.
+        template: Preselected prompt template (default from the model).
+        max_upload_mb: Largest accepted upload in MiB.
+
+    Returns:
+        ``(app, url)``: the running :class:`gradio.Blocks` and its local address.
+
+    Raises:
+        NoModelError: no model given and no demo model trained.
+    """
+    from monkeytune.serve.engine import ChatEngine
+    from monkeytune.serve.uploads import UploadLimits
+
+    if model_dir is None:
+        model_dir = find_demo_model()
+    limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20))
+    engine = ChatEngine.from_dir(model_dir, device=device, template=template, limits=limits)
+    return launch_app(engine, host, port)
+
+
+def launch_app(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
+    """Serve the page of a loaded :class:`~monkeytune.serve.engine.ChatEngine` in the background.
+
+    Nothing leaves the machine: no share link, no analytics, no web fonts, no server-side
+    rendering process.
+
+    Returns:
+        ``(app, url)``.
+    """
+    from monkeytune.serve.app import CSS, THEME, build_app
+
+    app = build_app(engine)
+    _, url, _ = app.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        prevent_thread_lock=True,
+        quiet=True,
+        max_file_size=engine.limits.max_bytes,
+        show_error=True,
+        ssr_mode=False,
+        mcp_server=False,
+        theme=THEME,
+        css=CSS,
+        footer_links=["api"],
+    )
+    return app, url
