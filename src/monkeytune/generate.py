@@ -108,7 +108,9 @@ def resolve_image(path: str, root: str | Path | None) -> str:
     return str(p)
 
 
-def load_views(model: Any, image_paths: Sequence[str], root: str | Path | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def load_views(
+    model: Any, image_paths: Sequence[str], root: str | Path | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """``(pixel_values [N, 3, S, S], view_slots [N])`` of images in order (None, None when there are none)."""
     if not image_paths:
         return None, None
@@ -261,7 +263,8 @@ def answer(
     template = template or default_template(model)
     ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, text, image, history)
     streamer = TokenStreamer(tokenizer, stream) if stream is not None else None
-    new = generate_ids(model, tokenizer, [(ids, images)], settings or GenerationSettings(), stop_ids(tokenizer, template), streamer=streamer)
+    settings = settings or GenerationSettings()
+    new = generate_ids(model, tokenizer, [(ids, images)], settings, stop_ids(tokenizer, template), streamer=streamer)
     return tokenizer.decode(new[0]).strip()
 
 

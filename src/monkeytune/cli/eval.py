@@ -36,7 +36,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from monkeytune.eval.metrics import METRICS, compute_metrics
-    from monkeytune.eval.runner import DEFAULT_METRICS, EvalDataError, evaluate, read_eval_records, read_predictions, write_results
+    from monkeytune.eval.runner import (
+        DEFAULT_METRICS,
+        EvalDataError,
+        evaluate,
+        read_eval_records,
+        read_predictions,
+        write_results,
+    )
     from monkeytune.model.io import CheckpointError
     from monkeytune.vision.image import ImageLoadError
 

@@ -165,7 +165,9 @@ def evaluate(
         if progress is not None:
             progress(len(predictions), len(records))
     scored = [p for p in predictions if p["answer"] is not None]
-    scores = compute_metrics(list(metrics), [p["prediction"] for p in scored], [p["answer"] for p in scored]) if scored and metrics else {}
+    scores: dict[str, float] = {}
+    if scored and metrics:
+        scores = compute_metrics(list(metrics), [p["prediction"] for p in scored], [p["answer"] for p in scored])
     return predictions, scores
 
 

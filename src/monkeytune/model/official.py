@@ -30,14 +30,12 @@ import torch
 from torch import nn
 
 from monkeytune.config import CLIP_MEAN, CLIP_STD, ImageConfig, LLMConfig, ModelConfig, VisionConfig
-from monkeytune.model.io import (
-    CONFIG_FILE,
+from monkeytune.model.io import CONFIG_FILE, finish_model, load_tokenizer_if_any
+from monkeytune.model.weights import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
     assign_state_dict,
-    finish_model,
     iter_tensors,
-    load_tokenizer_if_any,
     unique_state_dict,
     write_tensors,
 )
@@ -107,9 +105,13 @@ def config_from_official(
         _field(visual, key, f"{where} (visual)", (int, float, list) if key == "image_size" else (int, float))
     hidden, heads = g["hidden_size"], g["num_attention_heads"]
     if g["kv_channels"] * heads != hidden:
-        raise CheckpointError(f"{where}: kv_channels ({g['kv_channels']}) x num_attention_heads ({heads}) != hidden_size ({hidden})")
+        raise CheckpointError(
+            f"{where}: kv_channels ({g['kv_channels']}) x num_attention_heads ({heads}) != hidden_size ({hidden})"
+        )
     if float(g["rotary_pct"]) != 1.0:
-        raise CheckpointError(f"{where}: rotary_pct {g['rotary_pct']} is not supported (only 1.0, rotary on the whole head)")
+        raise CheckpointError(
+            f"{where}: rotary_pct {g['rotary_pct']} is not supported (only 1.0, rotary on the whole head)"
+        )
     if not g["no_bias"]:
         raise CheckpointError(f"{where}: no_bias=false (biases on c_proj/w1/w2) is not supported by the Qwen2 layout")
     if g["intermediate_size"] % 2:
@@ -244,15 +246,26 @@ def config_to_official(model: nn.Module, model_type: str, dtype: torch.dtype) ->
         problems.append(f"model_type must be 'monkey' or 'qwen', got {model_type!r}")
     if model_type == "monkey":
         if im.window_size != WINDOW or im.grid[0] != im.grid[1] or im.num_windows == 0:
-            problems.append(f"official Monkey needs a square grid of {WINDOW}-pixel windows (image.grid {im.grid}, window {im.window_size})")
+            problems.append(
+                f"official Monkey needs a square grid of {WINDOW}-pixel windows "
+                f"(image.grid {im.grid}, window {im.window_size})"
+            )
         if v.lora_slots < im.num_windows:
             problems.append("vision.lora_slots is smaller than the number of windows")
     elif model_type == "qwen" and (im.num_windows or v.lora_slots):
-        problems.append("official Qwen-VL has a single view and no window adapters (image.grid must be [0, 0], vision.lora_slots 0)")
+        problems.append(
+            "official Qwen-VL has a single view and no window adapters "
+            "(image.grid must be [0, 0], vision.lora_slots 0)"
+        )
     if not im.global_view or im.resize_mode != "stretch":
-        problems.append("official code always adds the global view and stretches (image.global_view true, image.resize_mode stretch)")
+        problems.append(
+            "official code always adds the global view and stretches "
+            "(image.global_view true, image.resize_mode stretch)"
+        )
     if v.num_resampler_heads != max(1, v.output_dim // 128) or v.pos_grid != 16 or v.layer_norm_eps != 1e-6:
-        problems.append("official code fixes resampler heads = output_dim // 128, a 16x16 position table and LayerNorm eps 1e-6")
+        problems.append(
+            "official code fixes resampler heads = output_dim // 128, a 16x16 position table and LayerNorm eps 1e-6"
+        )
     if llm.num_kv_heads != llm.num_heads:
         problems.append("official Qwen has no grouped-query attention (llm.num_kv_heads must equal llm.num_heads)")
     if (cfg.image_end_id, cfg.image_pad_id) != (cfg.image_start_id + 1, cfg.image_start_id + 2):
@@ -351,17 +364,25 @@ def export_official(
         tensors.pop("lm_head.weight")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    write_tensors(tensors, directory, "model.safetensors" if safe_serialization else "pytorch_model.bin", max_shard_bytes)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+    weights_name = "model.safetensors" if safe_serialization else "pytorch_model.bin"
+    write_tensors(tensors, directory, weights_name, max_shard_bytes)
+
+    def write_json(name: str, data: dict[str, Any]) -> None:
+        (directory / name).write_text(json.dumps(data, indent=2) + "\n")
+
+    write_json(CONFIG_FILE, config)
     if "official_generation_config" in meta:
-        (directory / "generation_config.json").write_text(json.dumps(meta["official_generation_config"], indent=2) + "\n")
+        write_json("generation_config.json", meta["official_generation_config"])
     if tokenizer is not None:
         tokenizer.save(directory)
         if (directory / "qwen.tiktoken").is_file():
-            (directory / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<|endoftext|>"}, indent=2) + "\n")
-            tok_cfg = {"model_max_length": compat_len(model), "padding_side": "right", "tokenizer_class": "QWenTokenizer",
-                       "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]}}
-            (directory / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
+            write_json("special_tokens_map.json", {"pad_token": "<|endoftext|>"})
+            write_json("tokenizer_config.json", {
+                "model_max_length": compat_len(model),
+                "padding_side": "right",
+                "tokenizer_class": "QWenTokenizer",
+                "auto_map": {"AutoTokenizer": ["tokenization_qwen.QWenTokenizer", None]},
+            })
     return directory
 
 
