@@ -100,12 +100,18 @@ def picture(tmp_path_factory):
     return path
 
 
-def free_port() -> int:
+def _free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def free_port():
+    """A function returning a currently free loopback TCP port."""
+    return _free_port
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +149,7 @@ def server(parrot_dir):
                         self.spans.append((first, last))
 
     engine = RecordingEngine.from_dir(parrot_dir, name="parrot")
-    app, url = launch_app(engine, "127.0.0.1", free_port())
+    app, url = launch_app(engine, "127.0.0.1", _free_port())
     yield url, engine
     app.close()
 

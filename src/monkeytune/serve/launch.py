@@ -26,7 +26,10 @@ def _is_model_dir(path: Path) -> bool:
 
 
 def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
-    """The demo's trained model under ``root``: ``root`` itself or its newest model subfolder.
+    """The demo's trained model under ``root``.
+
+    Training writes its model to ``<run>/final/``; those folders win over any other model
+    folder, the newest first. Mid-run checkpoints (under ``checkpoints/``) are never chosen.
 
     Raises:
         NoModelError: nothing trained there yet, with the commands that make a model.
@@ -35,7 +38,8 @@ def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
     candidates = [root] if _is_model_dir(root) else []
     if root.is_dir():
         for path in sorted(root.rglob("config.json")):
-            if len(path.relative_to(root).parts) <= 3 and _is_model_dir(path.parent):
+            parts = path.relative_to(root).parts
+            if len(parts) <= 4 and "checkpoints" not in parts and _is_model_dir(path.parent):
                 candidates.append(path.parent)
     if not candidates:
         raise NoModelError(
@@ -45,7 +49,7 @@ def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
             "or serve any monkeytune or official Monkey / Qwen-VL folder:\n"
             "    monkeytune serve --model PATH/TO/MODEL"
         )
-    return max(candidates, key=lambda p: (p / "config.json").stat().st_mtime)
+    return max(candidates, key=lambda p: (p.name == "final", (p / "config.json").stat().st_mtime))
 
 
 def exposure_warning(host: str) -> str | None:

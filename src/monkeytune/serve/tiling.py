@@ -66,7 +66,7 @@ class TilingView:
         scale = min(1.0, MAX_DISPLAY / max(canvas.size))
         disp_w, disp_h = max(1, round(canvas.size[0] * scale)), max(1, round(canvas.size[1] * scale))
         canvas = canvas.resize((disp_w, disp_h), Image.Resampling.LANCZOS) if scale < 1 else canvas
-        font = _font(max(12, disp_h // 28))
+        font = _font(max(12, disp_h // 18))  # the page shows the picture at about half size
 
         panels = [canvas]
         if rows:
