@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default=DEFAULT_HOST,
                    help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes the page to the network)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    p.add_argument("--device", default="cpu", help="device for the model, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
     p.add_argument("--template", choices=sorted(TEMPLATE_LABELS), default=None,
                    help="preselected prompt template (default: chatml for chat models, else vqa)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MiB (default 20)")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     if warning:
         print(warning, file=sys.stderr)
     try:
-        app, url = start(args.model, host=args.host, port=args.port, device=args.device,
+        app, url = start(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
                          template=args.template, max_upload_mb=args.max_upload_mb)
     except NoModelError as e:
         print(e, file=sys.stderr)

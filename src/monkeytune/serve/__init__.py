@@ -4,6 +4,7 @@
   generation at a time;
 * :func:`build_app` (:mod:`.app`): the page;
 * :func:`start` (:mod:`.launch`): load a folder (or the demo's model) and serve it;
+  :func:`launch_app` serves an engine already loaded;
 * :class:`TilingView` (:mod:`.tiling`): the picture of the windows and global view;
 * :func:`check_upload` (:mod:`.uploads`): upload validation with messages for the page.
 
@@ -12,7 +13,7 @@ Gradio is an optional dependency (``pip install monkeytune[serve]``); :mod:`.app
 """
 
 from monkeytune.serve.engine import TEMPLATE_LABELS, ChatEngine, Exchange, settings_from_form
-from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, NoModelError, exposure_warning, find_demo_model, start
+from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, NoModelError, exposure_warning, find_demo_model, launch_app, start
 from monkeytune.serve.tiling import TilingView, describe_tiling, draw_tiling
 from monkeytune.serve.uploads import UploadError, UploadLimits, check_upload
 
@@ -31,6 +32,7 @@ __all__ = [
     "draw_tiling",
     "exposure_warning",
     "find_demo_model",
+    "launch_app",
     "settings_from_form",
     "start",
 ]

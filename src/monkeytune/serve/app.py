@@ -24,6 +24,7 @@ import gradio as gr  # noqa: E402
 
 from monkeytune.serve.engine import MAX_NEW_TOKENS, ChatEngine, Exchange, settings_from_form  # noqa: E402
 from monkeytune.serve.uploads import UploadError, check_upload  # noqa: E402
+from monkeytune.vision.image import ImageLoadError  # noqa: E402
 
 __all__ = ["build_app", "chat_messages", "THEME", "CSS"]
 
@@ -113,6 +114,11 @@ def build_app(engine: ChatEngine, title: str = "monkeytune chat") -> gr.Blocks:
             for text in engine.stream(history, template, settings):
                 exchange.answer = text
                 yield chat_messages(history), history, gr.skip(), gr.skip()
+        except ImageLoadError:
+            # The stored upload was removed (cache clean-up) or damaged since it was checked.
+            exchange.answer = exchange.answer or "…"
+            yield chat_messages(history), history, gr.skip(), _error("the image can no longer be read; please upload it again")
+            return
         except Exception as e:  # shown in the page; the server keeps serving
             exchange.answer = exchange.answer or "…"
             yield chat_messages(history), history, gr.skip(), _error(f"generation failed: {type(e).__name__}: {e}")
@@ -124,7 +130,8 @@ def build_app(engine: ChatEngine, title: str = "monkeytune chat") -> gr.Blocks:
     def clear():
         return [], [], ""
 
-    with gr.Blocks(title=title, analytics_enabled=False) as app:
+    # Uploads live in Gradio's cache; files older than a day are removed every hour.
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=(3600, 86400)) as app:
         image_state = gr.State(None)
         exchanges_state = gr.State([])
         gr.Markdown(f"### {title} · `{engine.name}`")

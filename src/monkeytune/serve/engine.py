@@ -116,18 +116,21 @@ class ChatEngine:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_dir(cls, directory: str | Path, device: str = "cpu", **kwargs) -> "ChatEngine":
-        """Load a monkeytune or official model folder (weights and tokenizer).
+    def from_dir(cls, directory: str | Path, dtype: str = "auto", device: str | None = None, **kwargs) -> "ChatEngine":
+        """Load a monkeytune or official model folder (weights and tokenizer) for inference.
+
+        Args:
+            directory: The folder.
+            dtype: ``auto`` (as stored), ``float32``, ``bfloat16`` or ``float16``.
+            device: Default: ``cuda`` when available, else ``cpu``.
+            **kwargs: Passed to the constructor.
 
         Raises:
-            CheckpointError: the folder is not a loadable model.
-            ValueError: the folder has no tokenizer.
+            CheckpointError: the folder is not a loadable model or has no tokenizer.
         """
-        from monkeytune.model.io import load_model
+        from monkeytune.generate import load_for_inference
 
-        model, tokenizer = load_model(directory, device=device)
-        if tokenizer is None:
-            raise ValueError(f"{directory} has no tokenizer (qwen.tiktoken or tokenizer.json); the chat needs one")
+        model, tokenizer = load_for_inference(directory, dtype=dtype, device=device)
         kwargs.setdefault("name", Path(directory).resolve().name)
         return cls(model.eval(), tokenizer, **kwargs)
 

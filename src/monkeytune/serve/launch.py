@@ -70,7 +70,8 @@ def start(
     model_dir: str | Path | None = None,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    device: str = "cpu",
+    dtype: str = "auto",
+    device: str | None = None,
     template: str | None = None,
     max_upload_mb: float = 20.0,
 ):
@@ -82,7 +83,8 @@ def start(
         model_dir: Model folder; None serves the demo's trained model (see :func:`find_demo_model`).
         host: Address to bind.
         port: TCP port.
-        device: Where the model runs.
+        dtype: Weight dtype: ``auto`` (as stored), ``float32``, ``bfloat16`` or ``float16``.
+        device: Where the model runs (default: ``cuda`` when available, else ``cpu``).
         template: Preselected prompt template (default from the model).
         max_upload_mb: Largest accepted upload in MiB.
 
@@ -98,7 +100,7 @@ def start(
     if model_dir is None:
         model_dir = find_demo_model()
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20))
-    engine = ChatEngine.from_dir(model_dir, device=device, template=template, limits=limits)
+    engine = ChatEngine.from_dir(model_dir, dtype=dtype, device=device, template=template, limits=limits)
     return launch_app(engine, host, port)
 
 
