@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -87,3 +88,25 @@ def test_concurrent_users_are_queued_not_interleaved(server, picture, answer):
     spans = sorted(engine.spans[before:])
     assert len(spans) == 3
     assert all(a_end < b_start for (_, a_end), (b_start, _) in zip(spans, spans[1:])), spans
+
+
+def test_cancelling_a_generation_frees_the_model(endless_engine, picture, free_port, answer):
+    from monkeytune.serve.launch import launch_app
+
+    app, url = launch_app(endless_engine, "127.0.0.1", free_port())
+    try:
+        client = Client(url, verbose=False)
+        client.predict(handle_file(str(picture)), api_name="/set_image")
+        job = _ask(client, "what?", template="raw", max_new_tokens=2000)
+        deadline = time.monotonic() + 20
+        while not (job.outputs() and endless_engine._lock.locked()) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert endless_engine._lock.locked(), "the generation should be under way"
+        assert job.cancel()  # what the Stop button does
+        while endless_engine._lock.locked() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not endless_engine._lock.locked(), "cancelling must stop the generation"
+        chat, _, _ = _ask(client, "again?", template="raw", max_new_tokens=6).result()  # six tokens: one pass
+        assert _text(chat[-1]) == answer
+    finally:
+        app.close()
