@@ -41,6 +41,12 @@ def test_demo_model_prefers_final_folders_and_skips_checkpoints(tmp_path, parrot
     assert find_demo_model(root) == final
     shutil.rmtree(final)
     assert find_demo_model(root) == later
+    # The demo's own layout: its Monkey-way model wins, then the from-scratch one.
+    for stage in ("baseline", "stage1", "stage2"):
+        shutil.copytree(parrot_dir, root / "models" / stage)
+    assert find_demo_model(root) == root / "models" / "stage2"
+    shutil.rmtree(root / "models" / "stage2")
+    assert find_demo_model(root) == root / "models" / "stage1"
 
 
 def test_cli_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys):

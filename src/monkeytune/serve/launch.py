@@ -13,6 +13,9 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEMO_ROOT", "NoModelError", "exposur
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEMO_ROOT = Path("outputs/demo")
+# The demo writes its models to <root>/models/<stage>; the Monkey-way fine-tuned one is served
+# first, then its from-scratch starting point (the single-view baseline only as a last resort).
+DEMO_PREFERENCE = ("models/stage2", "models/stage1")
 
 
 class NoModelError(FileNotFoundError):
@@ -28,13 +31,17 @@ def _is_model_dir(path: Path) -> bool:
 def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
     """The demo's trained model under ``root``.
 
-    Training writes its model to ``<run>/final/``; those folders win over any other model
-    folder, the newest first. Mid-run checkpoints (under ``checkpoints/``) are never chosen.
+    ``models/stage2`` (the demo model fine-tuned the Monkey way), else ``models/stage1``, else
+    the newest other model folder, with ``final/`` folders of training runs first. Mid-run
+    checkpoints (under ``checkpoints/``) are never chosen.
 
     Raises:
         NoModelError: nothing trained there yet, with the commands that make a model.
     """
     root = Path(root)
+    for preferred in DEMO_PREFERENCE:
+        if _is_model_dir(root / preferred):
+            return root / preferred
     candidates = [root] if _is_model_dir(root) else []
     if root.is_dir():
         for path in sorted(root.rglob("config.json")):
