@@ -87,3 +87,11 @@ def run(args: argparse.Namespace) -> int:
     where = result.final_dir or result.last_checkpoint or result.run_dir
     print(f"trained {result.steps} steps; output in {where}")
     return 0
+
+
+if __name__ == "__main__":
+    # `python -m monkeytune.cli.train CONFIG ...`: the form launchers need
+    # (`accelerate launch -m monkeytune.cli.train ...`, `torchrun -m monkeytune.cli.train ...`).
+    from monkeytune.cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,20 @@
+"""Training engine: ``monkeytune train`` as a library.
+
+* :func:`~monkeytune.train.config_load.load_config` - a YAML file plus ``section.key`` overrides
+  into a validated :class:`~monkeytune.train.config.TrainConfig`.
+* :func:`~monkeytune.train.loop.train` - run or resume training on ``accelerate`` (single
+  process, DDP, FSDP, DeepSpeed); returns a :class:`~monkeytune.train.loop.TrainResult`.
+* :func:`~monkeytune.train.synthetic.write_synthetic_dataset` - a small self-contained dataset.
+
+See docs/training.md for the loss normalisation, checkpoint format and exact resume.
+"""
+
+from monkeytune.train.config import ConfigError, TrainConfig
+from monkeytune.train.config_load import load_config, parse_overrides
+from monkeytune.train.loop import TrainingError, TrainResult, train
+from monkeytune.train.synthetic import write_synthetic_dataset
+
+__all__ = [
+    "ConfigError", "TrainConfig", "TrainResult", "TrainingError", "load_config", "parse_overrides",
+    "train", "write_synthetic_dataset",
+]

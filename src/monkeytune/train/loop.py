@@ -29,6 +29,8 @@ from monkeytune.train.setup import (
     SetupError,
     build_data,
     build_schedule,
+    check_engine,
+    configure_engine,
     ensure_synthetic_data,
     is_sharded,
     load_model_and_tokenizer,
@@ -149,7 +151,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             position = _map_position(saved, acc.num_processes)
             bad_steps = int(saved.get("bad_steps", 0))
         set_seed(cfg.train.seed)
+        configure_engine(acc, cfg)
         module, optimizer = acc.prepare(TrainingModule(model), optimizer)
+        check_engine(acc, cfg)
         if saved:
             load_engine_state(resume_dir, acc, sharded)
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
@@ -325,6 +329,7 @@ class _Loop:
         if denom == 0 and not bad:
             reason = "no supervised tokens in the step"
         applied = reason is None
+        lr = max(g["lr"] for g in self.inner_optimizer.param_groups)  # the rate this step uses
         if acc.scaler is not None:
             # The loss scaler must see every step: it skips the update itself on inf/NaN
             # gradients and lowers the scale.
@@ -337,7 +342,6 @@ class _Loop:
         if applied:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        lr = max(g["lr"] for g in self.inner_optimizer.param_groups)
         return {
             "loss": loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None,
             "tokens": int(totals[0]), "samples": int(totals[1]), "input_tokens": float(totals[2]),

@@ -32,7 +32,14 @@ def make_accelerator(cfg: TrainConfig):
     is stepped by the loop once per optimizer step, not by the engine.
     """
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import DistributedDataParallelKwargs
+
+    # accelerate keeps precision and accumulation settings process-wide and refuses different
+    # ones later; a process may run several trainings (tests, notebooks), so start afresh. The
+    # process group itself (PartialState) is kept.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
 
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
     # accelerate only forms a multi-process CPU group (gloo) when told to use the CPU; do so for
@@ -48,6 +55,31 @@ def make_accelerator(cfg: TrainConfig):
     if cfg.train.precision == "fp16" and acc.scaler is None and acc.distributed_type.value != "DEEPSPEED":
         logger.warning("fp16 mixed precision needs a GPU; on %s the run computes in fp32", acc.device)
     return acc
+
+
+def configure_engine(accelerator, cfg: TrainConfig) -> None:
+    """Give DeepSpeed what it would otherwise read from a prepared DataLoader or a JSON file.
+
+    monkeytune feeds batches itself (its sampler must resume exactly), so the engine learns
+    the micro-batch size here; gradient clipping left at ``auto`` follows ``optim.grad_clip``.
+    """
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    ds = plugin.deepspeed_config
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = cfg.optim.grad_clip
+
+
+def check_engine(accelerator, cfg: TrainConfig) -> None:
+    """After ``prepare``: the engine must accumulate exactly ``train.grad_accum`` micro-batches."""
+    if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
+        raise SetupError(
+            f"the launcher's engine config accumulates {accelerator.gradient_accumulation_steps} micro-batches but "
+            f"train.grad_accum is {cfg.train.grad_accum}; remove gradient_accumulation_steps from the "
+            "accelerate/DeepSpeed config (monkeytune passes train.grad_accum to the engine)"
+        )
 
 
 def is_sharded(accelerator) -> bool:

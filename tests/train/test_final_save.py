@@ -1,0 +1,56 @@
+"""The end-of-run save: full folders, adapter-only folders on a base, LLM LoRA as a peft folder."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from monkeytune.model.io import load_model, save_model
+from monkeytune.train.loop import train
+from monkeytune.train.setup import load_model_and_tokenizer
+
+LORA = {"preset": "llm-lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(ids).logits
+
+
+def test_llm_lora_is_written_as_peft_folder_and_merges_to_the_same_model(make_config):
+    from peft import PeftModel
+
+    ids = torch.tensor([[20, 30, 40, 50, 60]])
+    common = dict(policy=LORA, train={"max_steps": 3})
+    merged = train(make_config("merged", **common, checkpoint={"final_save": "full", "merge_llm_lora": True}))
+    plain = train(make_config("plain", **common, checkpoint={"final_save": "full", "merge_llm_lora": False}))
+    for run in (merged, plain):
+        assert (run.final_dir / "llm_lora" / "adapter_config.json").is_file()
+        assert (run.final_dir / "llm_lora" / "adapter_model.safetensors").is_file()
+    merged_model, tok = load_model(merged.final_dir)
+    assert tok is not None
+    meta = json.loads((merged.final_dir / "config.json").read_text())["metadata"]
+    assert meta["llm_lora"] == {"folder": "llm_lora", "merged": True}
+
+    base, _ = load_model(plain.final_dir)  # the LLM without its adapters
+    with_lora, _ = load_model(plain.final_dir)
+    with_lora.llm = PeftModel.from_pretrained(with_lora.llm, str(plain.final_dir / "llm_lora"))
+    expected = logits(with_lora, ids)
+    torch.testing.assert_close(logits(merged_model, ids), expected, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(logits(base, ids), expected, atol=1e-4)  # the adapters did learn something
+
+
+def test_adapter_only_save_loads_on_its_base(make_config, tmp_path):
+    cfg = make_config("base")
+    model, tokenizer = load_model_and_tokenizer(cfg)
+    base_dir = save_model(model, tmp_path / "base-model", tokenizer=tokenizer)
+    run = train(make_config("adapters", model={"config": None, "from": str(base_dir), "tokenizer": None},
+                            policy={"preset": "monkey-fix-llm"}, train={"max_steps": 2},
+                            checkpoint={"final_save": "adapters"}))
+    info = json.loads((run.final_dir / "config.json").read_text())
+    assert info["complete"] is False and info["base_model"] == str(base_dir)
+    loaded, _ = load_model(run.final_dir)
+    trained = dict(run.model.named_parameters())
+    for name, p in loaded.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0)
