@@ -166,3 +166,25 @@ def test_sincos_table_layout():
     assert table[5, 0].item() == pytest.approx(math.sin(2.0))
     assert table[5, 4].item() == pytest.approx(math.sin(1.0))
     assert table[5, 2].item() == pytest.approx(math.cos(2.0))
+
+
+def test_adapter_delta_follows_autocast_dtype():
+    # Under mixed precision the weights stay fp32 and the residual stream the adapters read is
+    # fp32, while the adapter matmuls run in bf16. The delta must come out in the compute dtype,
+    # as a base nn.Linear's output does: CUDA's index_copy refuses an fp32 destination for a
+    # bf16 source (the CPU happens to promote, which would hide the mismatch).
+    torch.manual_seed(0)
+    lora = MultiLoRA(slots=2, in_features=6, out_features=5, rank=2)
+    base = torch.nn.Linear(6, 5)
+    x = torch.randn(3, 4, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        delta = lora(x, torch.tensor([0, 1, -1]))
+        assert delta.dtype == base(x).dtype == torch.bfloat16
+        assert torch.equal(delta[2], torch.zeros_like(delta[2]))
+    block_cfg = small_cfg(layers=1)
+    tower = VisionTower(block_cfg).train()
+    randomise_adapters(tower)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = tower(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, -1]))
+    out.float().sum().backward()
+    assert tower.blocks[0].lora_mlp.lora_a.grad is not None

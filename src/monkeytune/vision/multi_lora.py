@@ -54,17 +54,20 @@ class MultiLoRA(nn.Module):
             ``[N, L, out_features]``: the delta to add to the base projection's output.
         """
         n, length, _ = x.shape
-        out = x.new_zeros(n, length, self.out_features)
         active = (slots >= 0).nonzero(as_tuple=True)[0]
         if active.numel() == 0:
-            return out
+            return x.new_zeros(n, length, self.out_features)
         k = slots[active]
         xa = self.dropout(x[active])
         # Gather each view's adapter and apply it in one batched contraction.
         down = torch.einsum("nli,nri->nlr", xa, self.lora_a[k])
         up = torch.einsum("nlr,nor->nlo", down, self.lora_b[k])
         up = up * self.lora_scale[k].to(up.dtype)[:, None, None]
-        # Out-of-place scatter keeps autograd happy and leaves global-view rows exactly zero.
+        # The zeros take the dtype of the computed delta, not of x: under autocast the einsums
+        # run in bf16/fp16 while x (the fp32 residual stream) does not, and CUDA's index_copy
+        # refuses mixed dtypes. Out-of-place scatter keeps autograd happy and leaves global-view
+        # rows exactly zero.
+        out = up.new_zeros(n, length, self.out_features)
         return out.index_copy(0, active, up)
 
     def extra_repr(self) -> str:
