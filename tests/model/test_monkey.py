@@ -159,3 +159,18 @@ def test_config_matched_to_tokenizer():
     assert fitted.image_pad_id == tok.image_pad_id and fitted.llm.vocab_size % 64 == 0
     assert fitted.llm.vocab_size >= tok.vocab_size and cfg.image_pad_id == 1023  # the original is unchanged
     fitted.validate()
+
+
+def test_batch_without_supervised_tokens_reaches_every_trainable_parameter(model):
+    # Data-parallel training hangs or fails when one rank's backward skips a parameter the
+    # others update: a zero loss must still give every parameter on the path a gradient.
+    cfg = model.config
+    ids = torch.tensor([image_prompt(cfg)])
+    pv, slots = views(1, cfg)
+    model.zero_grad()
+    out = model(ids, labels=torch.full_like(ids, -100), pixel_values=pv, view_slots=slots)
+    assert out.num_tokens.item() == 0 and out.loss.item() == 0.0
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    model.zero_grad()
+    assert not missing, missing[:5]

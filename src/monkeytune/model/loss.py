@@ -48,8 +48,10 @@ def supervised_loss(
     selected = hidden[:, :-1][mask]  # [M, H]
     targets = targets[mask]
     if selected.shape[0] == 0:
-        # Keep the graph connected so every rank runs the same backward.
-        return hidden.sum() * 0.0, num_tokens
+        # A zero loss whose graph still reaches every parameter, the LM head included, so that
+        # every data-parallel rank runs the same backward (DDP waits for each parameter's grad).
+        reach = hidden.sum() + lm_head(hidden[:, :1]).float().sum()
+        return reach * 0.0, num_tokens
     weight = getattr(lm_head, "weight", None)
     if not isinstance(lm_head, nn.Linear) or getattr(lm_head, "bias", None) is not None or weight is None:
         # A wrapped head (e.g. peft LoRA on lm_head): call the module, no chunked recomputation.
