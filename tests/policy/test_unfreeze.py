@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -23,6 +24,21 @@ STAGES = [
     {"start_step": 2, "rules": ["train: llm.model.layers.1.*"], "lr_multipliers": {"llm": 0.5, "llm_layers": 0.25}},
     {"start_step": 4, "rules": ["freeze: resampler.*", "train: llm.model.norm.weight"]},
 ]
+
+
+def _small_tiny():
+    """The tiny preset's modules and names (3 ViT blocks with adapters, 2 LLM layers) on 56-pixel
+    views with 16 queries, so that the many real optimizer steps below stay fast."""
+    cfg = get_config("tiny")
+    cfg.image = dataclasses.replace(cfg.image, window_size=56)
+    cfg.vision = dataclasses.replace(cfg.vision, n_queries=16)
+    torch.manual_seed(0)
+    return build_model(cfg)
+
+
+@pytest.fixture
+def tiny():
+    return _small_tiny()
 
 
 def _schedule() -> UnfreezeSchedule:
@@ -116,8 +132,7 @@ def test_stages_change_which_weights_move(tiny, make_batch):
 
 
 def test_resume_in_the_middle_of_a_stage(make_batch):
-    torch.manual_seed(0)
-    base = build_model(get_config("tiny"))
+    base = _small_tiny()
     schedule = _schedule()
     # Uninterrupted run of 4 steps.
     a = copy.deepcopy(base)
