@@ -316,3 +316,41 @@ def get_config(name: str) -> ModelConfig:
         return PRESETS[name]()
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+# Keys of the ``model`` section of a training config (see ``monkeytune.train.config``).
+RUN_MODEL_KEYS = ("preset", "config", "from", "tokenizer", "init_seed")
+
+
+def config_from_section(model: Any, where: str = "model") -> ModelConfig:
+    """The :class:`ModelConfig` a ``model`` value of a YAML file describes.
+
+    Accepted forms: a preset name; a training config's section ``{preset: NAME}``,
+    ``{config: {...}}`` or ``{from: FOLDER}`` (plus ``tokenizer`` / ``init_seed``, ignored
+    here); or a model config mapping itself. A folder's config is read from its ``config.json``
+    alone (monkeytune or official layout).
+
+    Raises:
+        ValueError: naming ``where`` for an unknown preset, an invalid config or a bad form.
+    """
+    if isinstance(model, str):
+        return get_config(model)
+    if not isinstance(model, dict):
+        raise ValueError(f"{where}: expected a preset name or a mapping, got {type(model).__name__}")
+    given = [k for k in ("preset", "config", "from") if k in model]
+    if given and set(model) <= set(RUN_MODEL_KEYS):
+        if len(given) != 1:
+            raise ValueError(f"{where}: give exactly one of preset, config or from; got {given}")
+        if "preset" in model:
+            return get_config(model["preset"])
+        if "from" in model:
+            from monkeytune.model.io import folder_config  # noqa: PLC0415 - the model package imports this module
+
+            return folder_config(model["from"])
+        model = model["config"]
+        if not isinstance(model, dict):
+            raise ValueError(f"{where}.config: expected a mapping, got {type(model).__name__}")
+    try:
+        return ModelConfig.from_dict(model)
+    except TypeError as e:  # a section that is not a mapping
+        raise ValueError(f"{where}: {e}") from None

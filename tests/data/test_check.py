@@ -100,8 +100,8 @@ def test_cli_with_a_tokenizer_folder(files, config_yaml, tmp_path, capsys):
     assert main(argv + ["--template", "chatml", "--max-length", "512"]) == 0
     out = capsys.readouterr().out
     assert "(exact)" in out and "template: chatml" in out
-    # The model config's image ids differ from this tokenizer's: a warning, not an error.
-    assert "differs from the model config" in out
+    # A config (not a trained folder) takes its image ids from the tokenizer, as training does.
+    assert "differs from the model config" not in out
     assert main(argv + ["--max-length", "20"]) == 1
     assert "too_long: 2" in capsys.readouterr().out
 
@@ -121,3 +121,36 @@ def test_cli_reads_a_training_config(files, cfg, tmp_path, capsys):
     assert "too_long: 2" in out
     # Command-line values win over the config's.
     assert main(["data", "check", str(files["good"]), "--config", str(run), "--max-length", "400"]) == 0
+
+
+def test_cli_reads_model_folders(files, tmp_path, capsys):
+    import json
+
+    import torch
+
+    from monkeytune.config import get_config
+    from monkeytune.model import build_model
+    from monkeytune.model.io import save_model
+    from monkeytune.tokenizer.simple import SimpleTokenizer
+
+    SimpleTokenizer.train(["What? Red."] * 4, vocab_size=280).save(tmp_path / "tok")
+    torch.manual_seed(0)
+    save_model(build_model(get_config("tiny")), tmp_path / "ckpt")
+    argv = ["data", "check", str(files["good"]), "--tokenizer", str(tmp_path / "tok"), "--no-decode"]
+    # A trained folder's ids are fixed by its weights: a tokenizer that disagrees is flagged.
+    assert main(argv + ["--config", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out
+    assert "320 tokens per image" in out and "differs from the model config" in out
+    # An official folder, as a training config's `from` names it: 5 views x 16 queries.
+    official = tmp_path / "official"
+    official.mkdir()
+    (official / "config.json").write_text(json.dumps({
+        "model_type": "monkey", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "kv_channels": 64, "intermediate_size": 688, "vocab_size": 640,
+        "visual": {"heads": 2, "image_size": 896, "image_start_id": 600, "layers": 2, "mlp_ratio": 2.0,
+                   "output_dim": 256, "patch_size": 14, "width": 64, "n_queries": 16, "lora_repeat_num": 4},
+    }))
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": {"from": str(official)}, "data": {"max_length": 4096}}))
+    assert main(["data", "check", str(files["good"]), "--config", str(run), "--no-decode"]) == 0
+    assert "80 tokens per image, max_length 4096" in capsys.readouterr().out

@@ -57,3 +57,36 @@ def test_inspect_model_folder(tiny, tmp_path, capsys):
     assert main(["inspect", "--model", str(tmp_path / "ckpt"), "--policy", "lora-only", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["config"] == "tiny" and out["policy"]["total"]["params"] == sum(p.numel() for p in tiny.parameters())
+
+
+def test_inspect_reads_a_training_config(tiny, tmp_path, capsys):
+    import yaml
+
+    from monkeytune.model.io import save_model
+    from monkeytune.tokenizer.simple import SimpleTokenizer
+
+    policy = {"preset": "monkey-fix-llm", "rules": ["train: llm.model.norm.*"], "lr": {"adapters": 1.0e-4},
+              "unfreeze": [{"at": 10, "train": ["llm.*"]}]}
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"model": {"preset": "tiny"}, "policy": policy, "data": {"train": "d.jsonl"}}))
+    assert main(["inspect", "--config", str(run), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"] == "tiny" and out["policy"]["preset"] == "monkey-fix-llm"
+    assert {r["component"]: r["trainable"] for r in out["policy"]["components"]}["final_norm"] == 128
+    # A model folder named by `from`, and an inline config whose ids and vocabulary come from
+    # the run's tokenizer (as training builds it).
+    save_model(tiny, tmp_path / "ckpt")
+    run.write_text(yaml.safe_dump({"model": {"from": str(tmp_path / "ckpt")}}))
+    assert main(["inspect", "--config", str(run), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["policy"]["total"]["params"] == sum(p.numel() for p in tiny.parameters())
+    tok = SimpleTokenizer.train(["a red square", "two boxes"] * 4, vocab_size=280)
+    tok.save(tmp_path / "tok")
+    inline = tiny.config.to_dict()
+    inline["llm"]["vocab_size"] = 64  # the tiny ids do not fit: the tokenizer supplies them
+    run.write_text(yaml.safe_dump({"model": {"config": inline, "tokenizer": str(tmp_path / "tok")}}))
+    assert main(["inspect", "--config", str(run), "--json", "--verbose"]) == 0
+    params = {p["name"]: p for p in json.loads(capsys.readouterr().out)["policy"]["parameters"]}
+    assert params["llm.model.embed_tokens.weight"]["shape"][0] == tiny.config.matched_to_tokenizer(tok).llm.vocab_size
+    run.write_text(yaml.safe_dump({"model": {"preset": "tiny", "from": str(tmp_path / "ckpt")}}))
+    assert main(["inspect", "--config", str(run)]) == 2
+    assert "exactly one of preset, config or from" in capsys.readouterr().err

@@ -66,7 +66,7 @@ def run_check(args: argparse.Namespace) -> int:
             tokenizer = load_tokenizer(tokenizer_dir)
         report = check_dataset(
             args.files,
-            settings.model_cfg,
+            settings.for_tokenizer(tokenizer),
             tokenizer=tokenizer,
             max_length=int(pick(args.max_length, settings.max_length, 2048)),
             template=pick(args.template, settings.template, "monkey"),

@@ -44,8 +44,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _load_config(spec: str) -> tuple[Any, Any]:
-    """Return ``(ModelConfig, policy data or None)`` for a preset name or a config file."""
-    from monkeytune.config import PRESETS, ModelConfig, get_config  # noqa: PLC0415
+    """Return ``(ModelConfig, policy data or None)`` for a preset name or a config file.
+
+    The file is a model config (the whole file or its ``model`` key) or a training config, whose
+    ``model`` section may be ``{preset: ...}``, ``{config: ...}`` or ``{from: FOLDER}``. For the
+    first two, a ``tokenizer`` folder sets the image token ids and the vocabulary, as training
+    does. Of a training ``policy`` section only the plan (``preset``, ``rules``, ``lora``) is
+    used: learning rates and unfreezing stages do not change what trains at the start.
+    """
+    from monkeytune.config import PRESETS, config_from_section, get_config  # noqa: PLC0415
 
     path = Path(spec)
     if spec in PRESETS and not path.is_file():
@@ -65,51 +72,27 @@ def _load_config(spec: str) -> tuple[Any, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
     policy = data.get("policy")
+    if isinstance(policy, dict):
+        policy = {k: v for k, v in policy.items() if k in ("preset", "rules", "lora")}
     model = data["model"] if "model" in data else {k: v for k, v in data.items() if k != "policy"}
-    if isinstance(model, str):
-        cfg = get_config(model)
-    elif isinstance(model, dict):
-        try:
-            cfg = ModelConfig.from_dict(model)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: model config: {exc}") from None
-    else:
-        raise ValueError(f"{path}: 'model' must be a preset name or a mapping, got {type(model).__name__}")
     try:
+        cfg = config_from_section(model, f"{path}: model config")
+        if isinstance(model, dict) and model.get("tokenizer") and "from" not in model:
+            from monkeytune.tokenizer.loading import load_tokenizer  # noqa: PLC0415
+
+            cfg = cfg.matched_to_tokenizer(load_tokenizer(model["tokenizer"]))
         cfg.validate()
     except ValueError as exc:
-        raise ValueError(f"{path}: model config: {exc}") from None
+        message = str(exc)
+        raise ValueError(message if message.startswith(str(path)) else f"{path}: model config: {message}") from None
     return cfg, policy
-
-
-def _folder_config(directory: str) -> Any:
-    """The model config of a model folder, from its ``config.json`` alone (no weights are read).
-
-    For official folders the adapter ranks and position-table size, which the official config
-    does not state, take the official defaults.
-    """
-    from monkeytune.config import ModelConfig  # noqa: PLC0415
-    from monkeytune.model.io import CONFIG_FILE, folder_kind, read_config  # noqa: PLC0415
-
-    path = Path(directory) / CONFIG_FILE
-    if folder_kind(directory) == "monkeytune":
-        try:
-            return ModelConfig.from_dict(read_config(directory)["model"])
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{path}: model: {exc}") from None
-    from monkeytune.model.official import config_from_official  # noqa: PLC0415
-
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as exc:
-        raise ValueError(f"{path}: invalid JSON: {exc}") from None
-    return config_from_official(data, str(path))[0]
 
 
 def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415
 
     from monkeytune.model import build_model  # noqa: PLC0415
+    from monkeytune.model.io import folder_config  # noqa: PLC0415
     from monkeytune.policy import PRESETS as POLICY_PRESETS  # noqa: PLC0415
     from monkeytune.policy import PlanError, TrainPlan, plan_report  # noqa: PLC0415
 
@@ -121,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.model is not None:
-            cfg, file_policy = _folder_config(args.model), None
+            cfg, file_policy = folder_config(args.model), None
         else:
             cfg, file_policy = _load_config(args.config)
         if args.policy is None:

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import yaml
 
-from monkeytune.config import PRESETS, ModelConfig, get_config
+from monkeytune.config import PRESETS, ModelConfig, config_from_section, get_config
 from monkeytune.data.dataset import fit_to_length
 from monkeytune.data.records import (
     MISSING_IMAGE,
@@ -236,28 +236,32 @@ def check_dataset(
 
 @dataclass
 class CheckSettings:
-    """What a ``--config`` value says about checking; ``None`` fields were not given there."""
+    """What a ``--config`` value says about checking; ``None`` fields were not given there.
+
+    ``fixed_ids`` is true for a model folder, whose image token ids are part of its weights; a
+    preset or inline config takes its ids and vocabulary from the run's tokenizer, as training
+    does (see :meth:`for_tokenizer`).
+    """
 
     model_cfg: ModelConfig
     tokenizer_dir: str | None = None
     template: str | None = None
     max_length: int | None = None
     truncate_turns: bool | None = None
+    fixed_ids: bool = False
+
+    def for_tokenizer(self, tokenizer: Tokenizer | None) -> ModelConfig:
+        """The model config training would use with ``tokenizer``."""
+        if tokenizer is None or self.fixed_ids:
+            return self.model_cfg
+        return self.model_cfg.matched_to_tokenizer(tokenizer)
 
 
 def _model_folder_settings(folder: Path) -> CheckSettings:
-    from monkeytune.model.io import read_config
+    from monkeytune.model.io import folder_config
 
-    try:
-        info = read_config(folder)
-        cfg = ModelConfig.from_dict(info["model"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(
-            f"cannot read the model config of {folder}: {e} (for an official checkpoint pass "
-            "--config monkey-7b or qwen-vl-7b and --tokenizer with the folder)"
-        ) from e
     has_tok = any((folder / f).is_file() for f in ("qwen.tiktoken", "tokenizer.json"))
-    return CheckSettings(cfg, tokenizer_dir=str(folder) if has_tok else None)
+    return CheckSettings(folder_config(folder), tokenizer_dir=str(folder) if has_tok else None, fixed_ids=True)
 
 
 def resolve_check_settings(spec: str | None) -> CheckSettings:
@@ -267,7 +271,7 @@ def resolve_check_settings(spec: str | None) -> CheckSettings:
 
     * ``None``: the ``monkey-7b`` preset;
     * a preset name (``tiny``, ``mid``, ``monkey-7b``, ``qwen-vl-7b``);
-    * a monkeytune model folder: its config, and its tokenizer if it holds one;
+    * a model folder (monkeytune or official): its config, and its tokenizer if it holds one;
     * a YAML file holding a model config mapping;
     * a training config YAML: ``model: {preset: ...}``, ``{config: {...}}`` or
       ``{from: folder}`` (plus ``tokenizer``), and ``data:`` ``template``, ``max_length`` and
@@ -297,22 +301,12 @@ def resolve_check_settings(spec: str | None) -> CheckSettings:
         if "model" not in data:
             return CheckSettings(ModelConfig.from_dict(data))
         model = data["model"]
-        tokenizer_dir = None
-        if isinstance(model, str):
-            settings = CheckSettings(get_config(model))
-        elif isinstance(model, dict) and model.get("preset"):
-            settings = CheckSettings(get_config(model["preset"]))
-        elif isinstance(model, dict) and model.get("config"):
-            settings = CheckSettings(ModelConfig.from_dict(model["config"]))
-        elif isinstance(model, dict) and model.get("from"):
+        if isinstance(model, dict) and model.get("from"):
             settings = _model_folder_settings(Path(model["from"]))
-        elif isinstance(model, dict):
-            settings = CheckSettings(ModelConfig.from_dict(model))
         else:
-            raise ValueError("model: expected a preset name or a mapping")
+            settings = CheckSettings(config_from_section(model))
         if isinstance(model, dict) and model.get("tokenizer"):
-            tokenizer_dir = str(model["tokenizer"])
-        settings.tokenizer_dir = tokenizer_dir or settings.tokenizer_dir
+            settings.tokenizer_dir = str(model["tokenizer"])
         section = data.get("data") or {}
         if isinstance(section, dict):
             settings.template = section.get("template")

@@ -75,6 +75,24 @@ def folder_kind(directory: str | Path) -> str:
     )
 
 
+def folder_config(directory: str | Path) -> ModelConfig:
+    """The model configuration of a model folder, read from its ``config.json`` alone (no weights).
+
+    For official folders the adapter ranks and the position-table size, which the official
+    config does not state, take the official defaults (ranks 16 and 32, a 16x16 table).
+
+    Raises:
+        CheckpointError: no or invalid ``config.json``, or a config that does not validate.
+    """
+    directory = Path(directory)
+    path = directory / CONFIG_FILE
+    if folder_kind(directory) == "monkeytune":
+        return _model_config(read_config(directory), directory)
+    from monkeytune.model.official import config_from_official
+
+    return config_from_official(json.loads(path.read_text()), str(path))[0]
+
+
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
     if not hasattr(tokenizer, "save"):
         raise TypeError(f"cannot save tokenizer of type {type(tokenizer).__name__}: it has no save(dir) method")
@@ -161,6 +179,16 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return info
 
 
+def _model_config(info: dict[str, Any], directory: Path) -> ModelConfig:
+    """The validated :class:`ModelConfig` of a parsed monkeytune ``config.json``."""
+    try:
+        config = ModelConfig.from_dict(info["model"])
+        config.validate()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid field 'model': {e}") from None
+    return config
+
+
 def _build_on_meta(config: ModelConfig):
     from monkeytune.model import build_model
 
@@ -194,11 +222,7 @@ def load_monkeytune(
     """Load a monkeytune folder; see :func:`load_model`."""
     directory = Path(directory)
     info = read_config(directory)
-    try:
-        config = ModelConfig.from_dict(info["model"])
-        config.validate()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid field 'model': {e}") from None
+    config = _model_config(info, directory)
     metadata = dict(info.get("metadata") or {})
     tensors = read_tensors(directory, device)
     if info.get("complete", True):
