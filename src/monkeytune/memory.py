@@ -13,7 +13,13 @@ bf16/fp16  2 B x P (half copy)         2 B x T         12 B x T (fp32 master, m 
 fp32       4 B x P                     4 B x T         8 B x T (m and v)
 =========  ==========================  ==============  ======================================
 
+The bf16/fp16 row is DeepSpeed's mixed precision (half-precision module, fp32 master copy in the
+optimizer), which the ``zero*`` strategies use.
+
 * ``ddp``: nothing sharded (gradient buckets assumed to be views, ``gradient_as_bucket_view``).
+  Mixed precision under DDP is autocast (accelerate's ``mixed_precision``): the model keeps
+  fp32 weights and gradients, frozen ones included, so every precision costs the fp32 row;
+  only activations shrink.
 * ``zero1``: optimizer states / N. ``zero2``: optimizer states and gradients / N.
 * ``zero3``: weights, gradients and optimizer states / N, plus the gathered half-precision
   weights of the root unit (everything outside the transformer blocks: embeddings, LM head,
@@ -173,7 +179,8 @@ def model_state_bytes(s: ParamSummary, precision: str, strategy: str, gpus: int)
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     half = precision != "fp32"
     w_b, g_b, o_b = (2, 2, 12) if half else (4, 4, 8)
-    if strategy == "fsdp" and half:
+    if strategy in ("ddp", "fsdp") and half:
+        # Autocast (DDP) and FSDP's MixedPrecision policy keep fp32 parameters and gradients.
         w_b, g_b, o_b = 4, 4, 8
     n = gpus
     weights, grads, optim = w_b * s.total, g_b * s.trainable, o_b * s.trainable
