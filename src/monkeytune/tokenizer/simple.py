@@ -24,28 +24,16 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from monkeytune.tokenizer.qwen import ENDOFTEXT, IM_END, IM_START, VISION_SPECIALS
+
 TOKENIZER_FILE = "tokenizer.json"
 MARKER_FILE = "monkeytune_tokenizer.json"
 FORMAT_NAME = "monkeytune-simple-bpe"
 FORMAT_VERSION = 1
 
-ENDOFTEXT = "<|endoftext|>"
 # The same control tokens the Qwen tokenizer has (its 205 unused extras aside), so data and
 # chat code can insert any of them by name whichever tokenizer is loaded.
-SPECIAL_TOKENS: tuple[str, ...] = (
-    ENDOFTEXT,
-    "<|im_start|>",
-    "<|im_end|>",
-    "<ref>",
-    "</ref>",
-    "<box>",
-    "</box>",
-    "<quad>",
-    "</quad>",
-    "<img>",
-    "</img>",
-    "<imgpad>",
-)
+SPECIAL_TOKENS: tuple[str, ...] = (ENDOFTEXT, IM_START, IM_END) + VISION_SPECIALS
 _BYTE_ALPHABET = 256
 
 
