@@ -49,6 +49,17 @@ CONFIG_FILE = "config.json"
 
 
 # ----------------------------------------------------------------------------- folders
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file holding an object; :class:`CheckpointError` naming the file and line otherwise."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
 def folder_kind(directory: str | Path) -> str:
     """``"monkeytune"`` or ``"official"`` for a model folder.
 
@@ -59,12 +70,7 @@ def folder_kind(directory: str | Path) -> str:
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a model folder: no {CONFIG_FILE}")
-    try:
-        cfg = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(cfg, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+    cfg = read_json_object(path)
     if cfg.get("format") == FORMAT:
         return "monkeytune"
     if cfg.get("model_type") in ("monkey", "qwen") or "visual" in cfg:
@@ -90,7 +96,7 @@ def folder_config(directory: str | Path) -> ModelConfig:
         return _model_config(read_config(directory), directory)
     from monkeytune.model.official import config_from_official
 
-    return config_from_official(json.loads(path.read_text()), str(path))[0]
+    return config_from_official(read_json_object(path), str(path))[0]
 
 
 def _save_tokenizer(tokenizer: Any, directory: Path) -> None:
@@ -167,7 +173,7 @@ def save_model(
 def read_config(directory: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of a monkeytune folder (validated format and version)."""
     path = Path(directory) / CONFIG_FILE
-    info = json.loads(path.read_text())
+    info = read_json_object(path)
     if info.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not a monkeytune config (format={info.get('format')!r})")
     if int(info.get("version", 0)) > FORMAT_VERSION:

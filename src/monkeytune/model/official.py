@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import CLIP_MEAN, CLIP_STD, ImageConfig, LLMConfig, ModelConfig, VisionConfig
-from monkeytune.model.io import CONFIG_FILE, finish_model, load_tokenizer_if_any
+from monkeytune.model.io import CONFIG_FILE, finish_model, load_tokenizer_if_any, read_json_object
 from monkeytune.model.weights import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
@@ -180,16 +180,6 @@ def config_from_official(
     return model_cfg, compat
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
-
-
 def load_official(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """Load an official Monkey / Qwen-VL folder as a :class:`MonkeyForCausalLM`.
 
@@ -204,7 +194,7 @@ def load_official(directory: str | Path, dtype: torch.dtype | None = None, devic
     from monkeytune.model import build_model
 
     directory = Path(directory)
-    cfg = _read_json(directory / CONFIG_FILE)
+    cfg = read_json_object(directory / CONFIG_FILE)
     tensors = dict(iter_tensors(directory, device))
     model_cfg, compat = config_from_official(cfg, str(directory / CONFIG_FILE), tensors)
     try:
@@ -225,7 +215,7 @@ def load_official(directory: str | Path, dtype: torch.dtype | None = None, devic
     }
     gen_path = directory / "generation_config.json"
     if gen_path.is_file():
-        gen = _read_json(gen_path)
+        gen = read_json_object(gen_path)
         metadata["official_generation_config"] = gen
         if gen.get("chat_format"):
             metadata["chat_format"] = gen["chat_format"]
