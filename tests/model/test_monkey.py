@@ -174,3 +174,24 @@ def test_batch_without_supervised_tokens_reaches_every_trainable_parameter(model
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     model.zero_grad()
     assert not missing, missing[:5]
+
+
+def test_windows_without_adapters_run_on_the_shared_tower():
+    # The config accepts a grid with vision.lora_slots 0 (tiling without per-window adapters);
+    # the processor still numbers the windows, which such a model must accept.
+    from PIL import Image
+
+    from monkeytune.vision.processor import ImageProcessor
+
+    cfg = get_config("tiny")
+    cfg.vision = dataclasses.replace(cfg.vision, lora_slots=0, layers=1, n_queries=16)
+    cfg.image = dataclasses.replace(cfg.image, window_size=56)
+    cfg.validate()
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    processed = ImageProcessor(cfg.image)(Image.new("RGB", (90, 70), (200, 30, 30)))
+    assert processed.slots.tolist() == [0, 1, 2, 3, -1]
+    ids = torch.tensor([image_prompt(cfg)])
+    out = model(ids, pixel_values=processed.views, view_slots=processed.slots)
+    unslotted = model(ids, pixel_values=processed.views, view_slots=torch.full((5,), -1))
+    assert torch.equal(out.logits, unslotted.logits)

@@ -97,7 +97,9 @@ class MonkeyForCausalLM(nn.Module):
         Args:
             pixel_values: ``[N, 3, S, S]`` normalised views, images contiguous, each image's
                 windows (row-major) then its global view.
-            view_slots: ``[N]`` int64 adapter slot per view (-1: no adapter).
+            view_slots: ``[N]`` int64 adapter slot per view (-1: no adapter). A tower built
+                without adapters (``vision.lora_slots == 0``, which the config allows with
+                windows) runs every view through the shared weights and ignores the slots.
 
         Returns:
             ``[N, n_queries, output_dim]``.
@@ -105,7 +107,7 @@ class MonkeyForCausalLM(nn.Module):
         if pixel_values.shape[0] != view_slots.shape[0]:
             raise ValueError(f"pixel_values has {pixel_values.shape[0]} views but view_slots has {view_slots.shape[0]}")
         max_slot = int(view_slots.max()) if view_slots.numel() else -1
-        if max_slot >= self.config.vision.lora_slots:
+        if self.config.vision.lora_slots and max_slot >= self.config.vision.lora_slots:
             raise ValueError(f"view slot {max_slot} used but the model has {self.config.vision.lora_slots} adapter slots")
         patch = self.config.vision.patch_size
         grid_hw = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
