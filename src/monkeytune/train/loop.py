@@ -122,7 +122,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
             cfg.save(run_dir / "config.yaml")
 
-        model, tokenizer = load_model_and_tokenizer(cfg)
+        model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device)
         plan, schedule = build_schedule(cfg, model)
         sharded = is_sharded(acc)
         if sharded and schedule.stages:
@@ -282,6 +282,8 @@ class _Loop:
         self.stage_index = stage_index
         self.sharded = sharded
         self.per_sample = cfg.train.loss_norm == "per_sample"
+        # DeepSpeed applies the update inside backward; its optimizer wrapper's step is a no-op.
+        self.deepspeed = acc.distributed_type.value == "DEEPSPEED"
 
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
@@ -323,7 +325,7 @@ class _Loop:
         reason = None
         if not math.isfinite(loss):
             reason = f"loss is {loss}"
-        elif not math.isfinite(norm) and not self.sharded:
+        elif not math.isfinite(norm) and not self.deepspeed:
             reason = f"gradient norm is {norm}"
         bad = reason is not None
         if denom == 0 and not bad:
@@ -337,7 +339,7 @@ class _Loop:
             if acc.optimizer_step_was_skipped:
                 applied, bad = False, True
                 reason = reason or f"fp16 overflow (loss scale now {acc.scaler.get_scale():g})"
-        elif applied or self.sharded:
+        elif applied or self.deepspeed:
             self.optimizer.step()
         if applied:
             self.scheduler.step()

@@ -108,8 +108,11 @@ def _tokenizer_dir(cfg: TrainConfig) -> str | None:
     return None
 
 
-def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
     """The model to train (fp32 master weights, train mode) and its tokenizer.
+
+    A ``from`` folder is read straight onto ``device`` (each process would otherwise hold a
+    full fp32 copy in host memory); built models start on the CPU and are moved by the engine.
 
     ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
     and vocabulary size are taken from the tokenizer (``ModelConfig.matched_to_tokenizer``).
@@ -121,7 +124,7 @@ def load_model_and_tokenizer(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     if cfg.model.from_dir:
         from monkeytune.model.io import load_model
 
-        model, tokenizer = load_model(cfg.model.from_dir, dtype=torch.float32)
+        model, tokenizer = load_model(cfg.model.from_dir, dtype=torch.float32, device=device)
         if tok_dir:
             tokenizer = load_tokenizer(tok_dir)
         if tokenizer is None:
