@@ -26,11 +26,52 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This process's shard of a sharded (DTensor) parameter, else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def assert_finite(model: nn.Module, where: str) -> None:
     """Refuse to write weights holding NaN or inf (names the first offenders)."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p.detach())).all()]
     if bad:
         raise FloatingPointError(f"not saving {where}: non-finite values in {', '.join(bad[:5])}")
+
+
+def rebuild_from_state(config, state: dict[str, torch.Tensor], plan) -> nn.Module:
+    """An unsharded model holding a gathered full state dict (FSDP / ZeRO-3 final saves).
+
+    Built on the meta device and filled by assignment, so the host never holds a second
+    randomly initialised copy; the policy's structure (LLM LoRA) and trainable flags are redone.
+
+    Args:
+        config: The model's ``ModelConfig``.
+        state: Full state dict with bare-model names (engine prefixes removed).
+        plan: The ``TrainPlan`` in force (gives LoRA structure and trainable flags).
+    """
+    from monkeytune.model import build_model
+    from monkeytune.model.io import assign_state_dict, materialize_buffers
+    from monkeytune.policy import apply_plan, canonical_name, component_of, prepare_model
+
+    # The base weights first, under their bare names (peft adds prefixes and `base_layer`) ...
+    peft = {k for k in state if component_of(k) == "llm_lora"}
+    base = {canonical_name(k): v.to("cpu") for k, v in state.items() if k not in peft}
+    with torch.device("meta"):
+        model = build_model(config)
+    expected = model.state_dict()
+    tied = [k for k in expected if k not in base]
+    assign_state_dict(model, {k: v for k, v in base.items() if k in expected}, "gathered state", tied)
+    materialize_buffers(model, "cpu")
+    if config.llm.tie_word_embeddings:
+        model.llm.tie_weights()
+    # ... then the policy's structure (LLM LoRA layers) and their tensors.
+    if prepare_model(model, plan):
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for k in peft:
+                params[k].copy_(state[k])
+    apply_plan(model, plan)
+    return model
 
 
 def save_final(

@@ -20,7 +20,7 @@ import torch
 
 from monkeytune.train.checkpoint import CheckpointManager, read_state
 from monkeytune.train.config import TrainConfig
-from monkeytune.train.final import assert_finite, save_final
+from monkeytune.train.final import assert_finite, rebuild_from_state, save_final
 from monkeytune.train.losses import TrainingModule, sample_weights, supervised_count
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     """
     from accelerate.utils import send_to_device, set_seed
 
-    from monkeytune.policy import apply_stage, check_trainable_consistent, rewrap_ddp
+    from monkeytune.policy import apply_plan, apply_stage, check_trainable_consistent, plan_report, rewrap_ddp
 
     acc = make_accelerator(cfg)
     main = acc.is_main_process
@@ -132,8 +132,6 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         # The stage in force when the checkpoint was written (the loop switches to the next
         # stage before its first step, exactly as the uninterrupted run did).
         stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
-        from monkeytune.policy import apply_plan
-
         apply_plan(model, stage.plan)
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
@@ -141,8 +139,6 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
         apply_stage(model, optimizer, stage, scheduler)
         if main:
-            from monkeytune.policy import plan_report
-
             print(plan_report(model, stage.plan).to_text(), flush=True)
         position = Position()
         bad_steps = 0
@@ -205,15 +201,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
                 metrics.log(row)
             progress.update(info["loss"], info["lr"], row["tokens_per_s"])
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
-                assert_finite(model, f"checkpoint at step {step}")
                 state = {"step": step, "epoch": position.epoch, "batch": position.batch,
                          "stage": loop.stage_index, "bad_steps": bad_steps,
                          "world_size": acc.num_processes, "micro_batch_size": cfg.train.micro_batch_size,
                          "grad_accum": cfg.train.grad_accum, "total_steps": steps_total}
-                names = ever_trained_names(model, schedule, step) if not sharded else []
-                result.last_checkpoint = ckpts.save(step, lambda folder: write_checkpoint(
-                    folder, accelerator=acc, cfg=cfg, model=model, optimizer=loop.inner_optimizer,
-                    scheduler=scheduler, names=names, state=state, sharded=sharded))
+                result.last_checkpoint = loop.save_checkpoint(ckpts, state)
             if on_step is not None:
                 on_step(row)
         progress.close()
@@ -250,15 +242,13 @@ def _finish(cfg: TrainConfig, acc, loop: "_Loop", model, tokenizer, run_dir: Pat
     final_dir = None
     if cfg.checkpoint.final_save != "none":
         if loop.sharded:
-            # The bare module holds shards under FSDP / ZeRO-3: gather a full state dict first.
+            # Under FSDP / ZeRO-3 the bare model holds only this process's shards: gather the
+            # full state (every process takes part) and rebuild an unsharded model from it.
             state = acc.get_state_dict(loop.module)
             if acc.is_main_process:
-                with torch.no_grad():
-                    params = dict(model.named_parameters())
-                    for k, v in state.items():
-                        name = k.removeprefix("model.")
-                        if name in params and params[name].shape == v.shape:
-                            params[name].copy_(v)
+                bare = {k.removeprefix("model."): v for k, v in state.items()}
+                # Sharded runs have no unfreezing stages, so the base plan is the one in force.
+                model = rebuild_from_state(model.config, bare, loop.schedule.plan)
         if acc.is_main_process:
             final_dir = save_final(
                 model, tokenizer, run_dir / "final", cfg.checkpoint.final_save,
@@ -288,6 +278,15 @@ class _Loop:
     @property
     def inner_optimizer(self) -> torch.optim.Optimizer:
         return getattr(self.optimizer, "optimizer", self.optimizer)
+
+    def save_checkpoint(self, ckpts: CheckpointManager, state: dict[str, Any]) -> Path:
+        """Write checkpoint ``state["step"]`` (refusing non-finite weights)."""
+        step = state["step"]
+        assert_finite(self.model, f"checkpoint at step {step}")
+        names = ever_trained_names(self.model, self.schedule, step) if not self.sharded else []
+        return ckpts.save(step, lambda folder: write_checkpoint(
+            folder, accelerator=self.acc, cfg=self.cfg, model=self.model, optimizer=self.inner_optimizer,
+            scheduler=self.scheduler, names=names, state=state, sharded=self.sharded))
 
     def _counts(self, batches: list[dict[str, Any]]) -> tuple[list[Any], torch.Tensor]:
         """Per-batch weights (per-sample mode) and the global ``[tokens, samples, input tokens]``."""
