@@ -69,3 +69,12 @@ def test_resume_refuses_a_changed_batch_size(make_config):
 
     with pytest.raises(CheckpointError, match="train.micro_batch_size"):
         train(changed, resume="latest")
+
+
+def test_a_fresh_run_refuses_a_folder_with_checkpoints(make_config):
+    from monkeytune.train.setup import SetupError
+
+    cfg = make_config("used", train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    with pytest.raises(SetupError, match="pass --resume to continue it"):
+        train(cfg)

@@ -114,6 +114,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         resume_dir = ckpts.resolve(spec) if spec else None
         if spec == "latest" and resume_dir is None:
             logger.info("no checkpoint under %s yet: starting a fresh run", ckpts.root)
+        if resume_dir is None and ckpts.checkpoints():
+            # A fresh run would interleave its checkpoints with the old ones (and prune by step).
+            raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
+                             "or choose another checkpoint.output_dir")
         saved = read_state(resume_dir) if resume_dir else None
         if resume_dir is not None:
             for diff in compare_configs(resume_dir, cfg):
