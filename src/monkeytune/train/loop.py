@@ -170,9 +170,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             new_stage = schedule.stage_at(step)
             if new_stage.index != loop.stage_index:
                 change = apply_stage(model, loop.inner_optimizer, new_stage, scheduler)
+                # Compare ranks first: a mismatch then names the parameters instead of failing
+                # inside the DDP constructor.
+                check_trainable_consistent(model)
                 if change.changed and isinstance(loop.module, torch.nn.parallel.DistributedDataParallel):
                     loop.module = rewrap_ddp(loop.module)
-                check_trainable_consistent(model)
                 loop.stage_index = new_stage.index
                 progress.write(f"step {step}: unfreezing stage {new_stage.index} "
                                f"(+{len(change.newly_trainable)} / -{len(change.newly_frozen)} trainable tensors)")
