@@ -69,9 +69,11 @@ def _train(rank: int, rewrap: bool) -> dict[str, torch.Tensor]:
             "resampler": model.resampler.weight.detach().clone()}
 
 
-def run(rank: int, world: int, port: int, out_dir: str) -> None:
+def run(rank: int, world: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # A file rendezvous: a TCP port chosen beforehand can be taken by another process first.
+    store = os.path.join(out_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         results = {"rewrap": _train(rank, rewrap=True), "no_rewrap": _train(rank, rewrap=False)}
         # Mismatch: rank 1 also trains layer 0.
@@ -86,5 +88,8 @@ def run(rank: int, world: int, port: int, out_dir: str) -> None:
         apply_plan(model, TrainPlan("monkey-fix-llm"))
         results["consistent"] = check_trainable_consistent(model)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        # Tear down together: a rank that destroys its group while the other still talks to
+        # it can abort the other ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()

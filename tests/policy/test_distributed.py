@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import socket
 import sys
 from pathlib import Path
 
@@ -15,12 +14,6 @@ from torch import nn
 from monkeytune.policy import TrainPlan, apply_plan, check_trainable_consistent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """Run the worker on 2 processes once; return each rank's saved results."""
@@ -29,7 +22,7 @@ def ranks(tmp_path_factory):
     try:
         worker = importlib.import_module("policy_ddp_worker")
         out = tmp_path_factory.mktemp("ddp")
-        mp.spawn(worker.run, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+        mp.spawn(worker.run, args=(2, str(out)), nprocs=2, join=True)
     finally:
         sys.path.remove(here)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]
