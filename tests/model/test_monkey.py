@@ -195,3 +195,19 @@ def test_windows_without_adapters_run_on_the_shared_tower():
     out = model(ids, pixel_values=processed.views, view_slots=processed.slots)
     unslotted = model(ids, pixel_values=processed.views, view_slots=torch.full((5,), -1))
     assert torch.equal(out.logits, unslotted.logits)
+
+
+def test_weighted_loss_matches_per_target_reference(model):
+    cfg = model.config
+    ids = torch.tensor([image_prompt(cfg), image_prompt(cfg, after=(30, 31, 32, 33))])
+    labels = torch.full_like(ids, -100)
+    labels[0, -4:] = ids[0, -4:]
+    labels[1, -2:] = ids[1, -2:]
+    weights = torch.zeros(ids.shape)
+    weights[0, -4:] = 1 / 4
+    weights[1, -2:] = 1 / 2
+    pv, slots = views(2, cfg)
+    out = model(ids, labels=labels, pixel_values=pv, view_slots=slots, token_weights=weights, loss_chunk_size=3)
+    logits = model(ids, pixel_values=pv, view_slots=slots).logits
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], ignore_index=-100, reduction="none")
+    torch.testing.assert_close(out.loss_sum, (ce * weights[:, 1:]).sum(), atol=1e-5, rtol=1e-5)

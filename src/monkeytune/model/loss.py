@@ -17,9 +17,14 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return F.cross_entropy(logits, targets, reduction="sum")
+def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    if w is None:
+        return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return (F.cross_entropy(logits.float(), targets, reduction="none") * w).sum()
+
+
+def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return _ce_sum(F.linear(hidden, weight), targets, w)
 
 
 def supervised_loss(
@@ -27,6 +32,7 @@ def supervised_loss(
     labels: torch.Tensor,
     lm_head: nn.Module,
     chunk_size: int = 1024,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over supervised positions, and their count.
 
@@ -36,6 +42,8 @@ def supervised_loss(
             positions. Position ``t`` of ``hidden`` predicts ``labels[:, t + 1]``.
         lm_head: The output projection (an ``nn.Linear`` without bias, possibly wrapped by peft).
         chunk_size: Supervised positions per LM-head chunk.
+        weights: Optional ``[B, T]`` weight of each target ``labels[b, t]`` (e.g. one over its
+            sample's target count for a per-sample loss); the sum is then weighted.
 
     Returns:
         ``(loss_sum, num_tokens)``: a float32 scalar and an int64 scalar. The per-token mean is
@@ -47,6 +55,7 @@ def supervised_loss(
     num_tokens = mask.sum()
     selected = hidden[:, :-1][mask]  # [M, H]
     targets = targets[mask]
+    w = None if weights is None else weights[:, 1:][mask].to(device=hidden.device, dtype=torch.float32)
     if selected.shape[0] == 0:
         # A zero loss whose graph still reaches every parameter, the LM head included, so that
         # every data-parallel rank runs the same backward (DDP waits for each parameter's grad).
@@ -55,12 +64,14 @@ def supervised_loss(
     weight = getattr(lm_head, "weight", None)
     if not isinstance(lm_head, nn.Linear) or getattr(lm_head, "bias", None) is not None or weight is None:
         # A wrapped head (e.g. peft LoRA on lm_head): call the module, no chunked recomputation.
-        logits = lm_head(selected).float()
-        return F.cross_entropy(logits, targets, reduction="sum"), num_tokens
+        return _ce_sum(lm_head(selected), targets, w), num_tokens
     if selected.shape[0] <= chunk_size:
-        return _chunk_ce_sum(selected, targets, weight), num_tokens
+        return _chunk_ce_sum(selected, targets, weight, w), num_tokens
     total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
-        total = total + checkpoint(_chunk_ce_sum, selected[start:end], targets[start:end], weight, use_reentrant=False)
+        w_chunk = None if w is None else w[start:end]
+        total = total + checkpoint(
+            _chunk_ce_sum, selected[start:end], targets[start:end], weight, w_chunk, use_reentrant=False
+        )
     return total, num_tokens

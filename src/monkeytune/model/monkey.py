@@ -165,6 +165,7 @@ class MonkeyForCausalLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         view_slots: torch.Tensor | None = None,
         loss_chunk_size: int = 1024,
+        token_weights: torch.Tensor | None = None,
     ) -> MonkeyOutput:
         """Run the model.
 
@@ -179,6 +180,8 @@ class MonkeyForCausalLM(nn.Module):
             pixel_values: ``[N, 3, S, S]`` all views of all images, in order of appearance.
             view_slots: ``[N]`` adapter slot per view.
             loss_chunk_size: Supervised positions per LM-head chunk.
+            token_weights: Optional ``[B, T]`` weight of each target ``labels[b, t]``;
+                ``loss_sum`` is then the weighted sum (used for the per-sample loss).
 
         Returns:
             :class:`MonkeyOutput` with ``loss``/``loss_sum``/``num_tokens`` when labels were
@@ -196,7 +199,9 @@ class MonkeyForCausalLM(nn.Module):
         head = self.llm.get_output_embeddings()
         if labels is None:
             return MonkeyOutput(logits=head(hidden))
-        loss_sum, num_tokens = supervised_loss(hidden, labels, head, chunk_size=loss_chunk_size)
+        loss_sum, num_tokens = supervised_loss(
+            hidden, labels, head, chunk_size=loss_chunk_size, weights=token_weights
+        )
         loss = loss_sum / num_tokens.clamp(min=1)
         return MonkeyOutput(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens)
 

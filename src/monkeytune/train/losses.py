@@ -19,9 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from monkeytune.data.collate import model_inputs
 from monkeytune.model.loss import IGNORE_INDEX
@@ -63,39 +61,6 @@ def sample_weights(labels: torch.Tensor, position_ids: torch.Tensor | None) -> t
     return weights.view(b, t), int((counts > 0).sum())
 
 
-def _weighted_ce(hidden: torch.Tensor, targets: torch.Tensor, w: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    logits = F.linear(hidden, weight).float()
-    return (F.cross_entropy(logits, targets, reduction="none") * w).sum()
-
-
-def weighted_supervised_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, lm_head: nn.Module, chunk_size: int = 1024
-) -> torch.Tensor:
-    """``sum_t weights[t] * CE(t)`` over supervised targets, with the LM head run on them only.
-
-    Args:
-        hidden: ``[B, T, H]`` final hidden states; position ``t`` predicts ``labels[:, t + 1]``.
-        labels: ``[B, T]``.
-        weights: ``[B, T]`` weight of each target ``labels[b, t]``.
-        lm_head: Output projection.
-        chunk_size: Targets per LM-head chunk (logits recomputed in backward).
-    """
-    mask = labels[:, 1:] != IGNORE_INDEX
-    selected = hidden[:, :-1][mask]
-    targets = labels[:, 1:][mask]
-    w = weights[:, 1:][mask].to(hidden.device)
-    if selected.shape[0] == 0:
-        return hidden.sum() * 0.0
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(lm_head, nn.Linear) or lm_head.bias is not None or weight is None:
-        return (F.cross_entropy(lm_head(selected).float(), targets, reduction="none") * w).sum()
-    total = selected.new_zeros((), dtype=torch.float32)
-    for s in range(0, selected.shape[0], chunk_size):
-        e = s + chunk_size
-        total = total + checkpoint(_weighted_ce, selected[s:e], targets[s:e], w[s:e], weight, use_reentrant=False)
-    return total
-
-
 class TrainingModule(nn.Module):
     """What the engine wraps (DDP/FSDP/DeepSpeed): the model plus the step's loss reduction.
 
@@ -121,16 +86,4 @@ class TrainingModule(nn.Module):
             A float32 scalar to divide by the step's count and backpropagate.
         """
         inputs = model_inputs(batch)
-        if token_weights is None:
-            return self.model(**inputs).loss_sum
-        # Same path as MonkeyForCausalLM.forward up to the hidden states; only the reduction
-        # differs (the model's forward has no per-target weights).
-        m = self.model
-        embeds = m.embed_inputs(inputs["input_ids"], inputs.get("pixel_values"), inputs.get("view_slots"))
-        hidden = m.llm.get_decoder()(
-            inputs_embeds=embeds,
-            attention_mask=inputs.get("attention_mask"),
-            position_ids=inputs.get("position_ids"),
-            use_cache=False,
-        ).last_hidden_state
-        return weighted_supervised_loss(hidden, inputs["labels"], token_weights, m.llm.get_output_embeddings())
+        return self.model(**inputs, token_weights=token_weights).loss_sum
