@@ -157,3 +157,12 @@ def test_dataloader_workers_decode(data, tok, cfg):
     (batch,) = list(loader)
     assert batch["pixel_values"].shape == (15, 3, 28, 28)
     assert batch["ids"] == ["one", "two", "text"]
+
+
+def test_iteration_ends_after_the_last_sample(data, tok, cfg):
+    ds = ConversationDataset([data], tok, cfg, max_length=4096)
+    items = list(ds)  # the sequence protocol stops at IndexError
+    assert len(items) == len(ds)
+    assert ds[-1]["index"] == len(ds) - 1
+    with pytest.raises(IndexError):
+        ds[len(ds)]

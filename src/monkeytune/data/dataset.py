@@ -277,6 +277,10 @@ class ConversationDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.samples)
+        if not -n <= i < n:
+            raise IndexError(f"sample index {i} out of range for {n} samples")
+        i %= n
+        # In skip mode a bad sample is replaced by the next good one, so batches keep their size.
         for step in range(n):
             item = self.try_load((i + step) % n)
             if item is not None:
