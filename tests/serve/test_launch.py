@@ -24,7 +24,7 @@ def test_other_hosts_are_warned_about(host):
 
 
 def test_no_demo_model_explains_how_to_get_one(tmp_path):
-    with pytest.raises(NoModelError, match="make demo") as err:
+    with pytest.raises(NoModelError, match="monkeytune train examples/tiny-cpu.yaml") as err:
         find_demo_model(tmp_path / "outputs" / "demo")
     assert "--model" in str(err.value)
 
@@ -54,7 +54,7 @@ def test_cli_without_a_model_says_how_to_get_one(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["serve"]) == 2
     err = capsys.readouterr().err
-    assert "no trained demo model" in err and "make demo" in err
+    assert "no trained demo model" in err and "monkeytune train examples/tiny-cpu.yaml" in err
 
 
 def test_cli_with_a_bad_folder_and_exposed_host(tmp_path, capsys):

@@ -51,8 +51,9 @@ def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
     if not candidates:
         raise NoModelError(
             f"no model given and no trained demo model in {root}/.\n"
-            "Train the tiny demo model first (a few minutes on a CPU):\n"
-            "    make demo\n"
+            "Train a tiny model first (about a minute on a CPU) and serve it:\n"
+            "    monkeytune train examples/tiny-cpu.yaml\n"
+            "    monkeytune serve --model runs/tiny-cpu/final\n"
             "or serve any monkeytune or official Monkey / Qwen-VL folder:\n"
             "    monkeytune serve --model PATH/TO/MODEL"
         )
