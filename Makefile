@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the main job on the embedded default) and `make test`.
+# Two entry points: `make demo` (the tiny model end to end, no weights or network) and `make test`.
 # Both create .venv on first use. torch is installed first and pinned to the CPU build
 # available here; the package itself only asks for a range.
 PYTHON ?= python3
