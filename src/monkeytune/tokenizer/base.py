@@ -40,7 +40,6 @@ class Tokenizer(Protocol):
 
     def special_id(self, token: str) -> int:
         """Id of a named special token such as ``<|im_start|>``; ``KeyError`` if absent."""
-        ...
 
 
 @dataclass(frozen=True)
