@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from monkeytune.config import VisionConfig
-from monkeytune.vision.multi_lora import MultiLoRA
+from monkeytune.vision.multi_lora import MultiLoRA, SlotIndex
 
 
 def resize_pos_embed(table: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -82,8 +82,11 @@ class Block(nn.Module):
             self.lora_proj = MultiLoRA(k, w, w, cfg.lora_rank_attn, cfg.lora_dropout)
             self.lora_mlp = MultiLoRA(k, w, w, cfg.lora_rank_mlp, cfg.lora_dropout)
 
-    def forward(self, x: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-        """Args: x ``[N, L, D]``; slots ``[N]`` (-1 = no adapter). Returns ``[N, L, D]``."""
+    def forward(self, x: torch.Tensor, slots: "torch.Tensor | SlotIndex") -> torch.Tensor:
+        """Args: x ``[N, L, D]``; slots ``[N]`` (-1 = no adapter) or a :class:`SlotIndex`.
+
+        Returns ``[N, L, D]``.
+        """
         n, length, d = x.shape
         h = self.ln_1(x)
         qkv = self.attn.qkv(h)
@@ -133,9 +136,10 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, D]
         x = x + resize_pos_embed(self.pos_embed, grid_hw)
         x = self.ln_pre(x)
+        index = SlotIndex.from_slots(slots)  # once per forward: the only host sync in the tower
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, slots, use_reentrant=False)
+                x = checkpoint(block, x, index, use_reentrant=False)
             else:
-                x = block(x, slots)
+                x = block(x, index)
         return x
