@@ -73,6 +73,17 @@ def test_settings_from_form():
             settings_from_form(*bad)
 
 
+@pytest.mark.parametrize("bad, name", [
+    ((None, False, 1, 1), "max new tokens"), ((float("inf"), False, 1, 1), "max new tokens"),
+    ((float("nan"), False, 1, 1), "max new tokens"), ((5, True, None, 1), "temperature"),
+    ((5, True, "hot", 1), "temperature"), ((5, True, 1, None), "top-p"),
+])
+def test_settings_from_form_turns_any_non_number_into_a_message(bad, name):
+    # API clients can send anything; the page only shows ValueError messages.
+    with pytest.raises(ValueError, match=name):
+        settings_from_form(*bad)
+
+
 def test_sampling_runs(engine, picture, answer):
     # The parrot's logits leave no real choice, so sampling still yields the answer.
     assert engine.answer([Exchange("what?", str(picture))], "vqa", settings_from_form(16, True, 1.0, 0.9)) == answer

@@ -51,20 +51,31 @@ class Exchange:
     answer: str = ""
 
 
+def _number(value, name: str) -> float:
+    """``value`` as a float; ``ValueError`` naming the setting when it is not a number."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+
+
 def settings_from_form(max_new_tokens: float, sampling: bool, temperature: float, top_p: float) -> GenerationSettings:
     """Decoding settings from the page's controls (greedy unless ``sampling``).
 
     Raises:
         ValueError: a setting out of range, named in the message.
     """
-    max_new = int(max_new_tokens)
+    max_new = _number(max_new_tokens, "max new tokens")
     if not 1 <= max_new <= MAX_NEW_TOKENS:
         raise ValueError(f"max new tokens must be between 1 and {MAX_NEW_TOKENS}, got {max_new_tokens}")
+    max_new = int(max_new)
     if not sampling:
         return GenerationSettings(max_new_tokens=max_new, temperature=0.0)
-    if not float(temperature) > 0:
+    temperature = _number(temperature, "temperature")
+    if not temperature > 0:
         raise ValueError(f"temperature must be above 0 when sampling, got {temperature}")
-    if not 0 < float(top_p) <= 1:
+    top_p = _number(top_p, "top-p")
+    if not 0 < top_p <= 1:
         raise ValueError(f"top-p must be in (0, 1] when sampling, got {top_p}")
     return GenerationSettings(max_new_tokens=max_new, temperature=float(temperature), top_p=float(top_p))
 
