@@ -176,7 +176,8 @@ class CheckpointSection:
 
     Attributes:
         output_dir: Run folder (config, metrics, checkpoints, final model).
-        every: Save a resumable checkpoint every this many optimizer steps; 0 only at the end.
+        every: Save a resumable checkpoint every this many optimizer steps; 0 never (the
+            final model is still written, see ``final_save``).
         keep_last: Keep this many most recent checkpoints (0 keeps all).
         final_save: ``full`` (a model folder chat/eval can load), ``adapters`` (trainable
             weights only) or ``none``.

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from monkeytune.train.checkpoint import write_text_atomic
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -55,14 +57,18 @@ class MetricsLog:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        # Through a temporary file: a crash here must not lose the history kept so far.
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         has_tb = importlib.util.find_spec("tensorboard") is not None
         if tensorboard == "true" and not has_tb:
             raise RuntimeError("log.tensorboard is true but the tensorboard package is not installed")
         if tensorboard == "true" or (tensorboard == "auto" and has_tb):
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step)
+            # TensorBoard hides events at steps >= purge_step; the checkpoint's own step is kept
+            # (as in metrics.jsonl) and is not logged again.
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
