@@ -116,21 +116,25 @@ def test_splits_do_not_overlap(data):
 
 
 def test_training_files_hold_the_right_kinds(data):
-    for path, n_turns in ((data.train, 16), (data.train_fine, 8), (data.train_coarse, 8)):
+    mixed = _jsonl(data.train)
+    assert len(mixed) == 6 * 8  # every training image, every region, fine and coarse
+    for path, kind, answers in ((data.train_fine, "fine", set(TEXTURES)), (data.train_coarse, "coarse", set(COLOURS))):
         recs = _jsonl(path)
-        assert len(recs) == 6
-        assert all(len(r["conversations"]) == n_turns for r in recs)
-        # Only the first user turn carries the image; each ends with the official prompt suffix.
-        for r in recs:
-            users = [t["value"] for t in r["conversations"][0::2]]
-            assert sum("<img>" in u for u in users) == 1 and "<img>" in users[0]
-            assert all(u.endswith(" Answer: ") for u in users)
-    fine = {t["value"] for r in _jsonl(data.train_fine) for t in r["conversations"][1::2]}
-    coarse = {t["value"] for r in _jsonl(data.train_coarse) for t in r["conversations"][1::2]}
-    assert fine <= set(TEXTURES) and coarse <= set(COLOURS)
+        assert len(recs) == 6 * 4
+        assert all(r["kind"] == kind for r in recs)
+        assert {r["conversations"][1]["value"] for r in recs} <= answers
+        assert [r for r in mixed if r["kind"] == kind] == recs  # the same records, same order
+    for r in mixed:
+        # One question per record, laid out as the evaluation prompt (the vqa template).
+        user, answer = r["conversations"]
+        assert user["from"] == "user" and answer["from"] == "assistant"
+        assert user["value"].startswith("<img>images/train/") and user["value"].endswith(" Answer: ")
+    # Each image is asked about every region, in both kinds.
+    asked = {(r["conversations"][0]["value"].split("</img>")[0], r["kind"], r["id"].rsplit("-", 2)[-2] + "-" + r["id"].rsplit("-", 1)[-1]) for r in mixed}
+    assert len(asked) == 6 * 8
 
 
-def _pair(texture_a: str, texture_b: str) -> tuple[Image.Image, Image.Image]:
+def _pair(texture_a: str, texture_b: str, size: int = 448) -> tuple[Image.Image, Image.Image]:
     """Two scenes identical except for the texture of the top-left part."""
     parts = (
         Part("green", texture_a, (70, 150, 80), 8),
@@ -140,14 +144,15 @@ def _pair(texture_a: str, texture_b: str) -> tuple[Image.Image, Image.Image]:
     )
     a = Scene(parts)
     b = Scene((dataclasses.replace(parts[0], texture=texture_b),) + parts[1:])
-    return render_scene(a), render_scene(b)
+    return render_scene(a, size), render_scene(b, size)
 
 
+@pytest.mark.parametrize("size", [224, 448])
 @pytest.mark.parametrize("pair", [("horizontal", "vertical"), ("horizontal", "checker"), ("vertical", "checker")])
-def test_fine_detail_is_below_the_global_view_resolution(pair):
-    img_a, img_b = _pair(*pair)
-    cfg = get_config("tiny").image
-    va, vb = ImageProcessor(cfg)(img_a).views, ImageProcessor(cfg)(img_b).views  # [5, 3, 224, 224]
+def test_fine_detail_is_below_the_global_view_resolution(pair, size):
+    img_a, img_b = _pair(*pair, size=size)
+    cfg = dataclasses.replace(get_config("tiny").image, window_size=size // 2)
+    va, vb = ImageProcessor(cfg)(img_a).views, ImageProcessor(cfg)(img_b).views  # [5, 3, size/2, size/2]
     diff = (va - vb).abs().flatten(1).max(dim=1).values
     one_level = 1 / 255 / max(cfg.std)
     # The top-left window sees the texture at full resolution ...
@@ -158,7 +163,8 @@ def test_fine_detail_is_below_the_global_view_resolution(pair):
     # A single-view model (Pillow's antialiased resize of the whole image) is blind to it too.
     single = dataclasses.replace(cfg, grid=[0, 0])
     sa, sb = ImageProcessor(single)(img_a).views, ImageProcessor(single)(img_b).views
-    assert (sa - sb).abs().max() <= 3 * one_level
+    # Only the ramped ends of the texture leak, by a few grey levels at most.
+    assert (sa - sb).abs().max() <= 6 * one_level
 
 
 def test_generation_is_deterministic(tmp_path, data):

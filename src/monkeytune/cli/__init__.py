@@ -13,7 +13,7 @@ import sys
 
 # Module names under monkeytune.cli, in the order they appear in --help.
 SUBCOMMANDS = [
-    "smoke",
+    "smoke", "demo",
     "data",
     "inspect",
     "train",

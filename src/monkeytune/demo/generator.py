@@ -3,18 +3,21 @@
 Layout of the output folder::
 
     images/{train,val,test}/00000.png   one scene per image (lossless PNG: the detail is 1 pixel)
-    train.jsonl                         conversations asking fine and coarse questions
-    train_fine.jsonl                    the same images, fine questions only
-    train_coarse.jsonl                  the same images, coarse questions only
+    train.jsonl                         one question per conversation, fine and coarse, shuffled
+    train_fine.jsonl                    the fine questions of train.jsonl
+    train_coarse.jsonl                  the coarse questions of train.jsonl
     val.jsonl, test.jsonl               evaluation questions, one per line (with ``kind``)
     scenes.jsonl                        what each image shows (split, image, parts)
     tokenizer/                          a SimpleTokenizer trained on every phrase the data uses
     meta.json                           generator parameters and counts
 
-A training record asks several questions about one image in one conversation (the image is in
-the first user turn), in random order, so one pass of the vision tower supervises several
-answers. User turns end with ``" Answer: "`` like the official Monkey prompts; use the same
-:data:`PROMPT` when evaluating. Evaluation records follow the Monkey VQA layout (``question_id``,
+A training record is one question about one image, laid out exactly like an evaluation prompt
+(:data:`PROMPT`, which is the ``vqa`` template of ``monkeytune eval``), so the answer always sits
+at the same distance from the image's visual tokens. That matters for a model trained from
+scratch: it must learn to send the region words to the right window's tokens, and in longer
+conversations the distance from a later answer back to the image changes from turn to turn, which
+the tiny LLM learns far more slowly. Every training image is asked all eight questions (four
+regions, fine and coarse), as eight records. Evaluation records follow the Monkey VQA layout (``question_id``,
 ``image``, ``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
 
 Splits never share an image nor an image content: every scene's ``content_key`` (its colours
@@ -26,8 +29,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
-
 import numpy as np
 from tqdm import tqdm
 
@@ -35,7 +36,6 @@ from monkeytune.demo.scene import COLOURS, REGIONS, TEXTURES, Scene, random_scen
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
 PROMPT = "<img>{image}</img> {question} Answer: "
-FOLLOW_UP = "{question} Answer: "
 KINDS = ("fine", "coarse")
 QUESTIONS: dict[str, tuple[str, ...]] = {
     "fine": (
@@ -103,7 +103,7 @@ def tokenizer_corpus() -> list[str]:
         for variant in range(len(QUESTIONS[kind])):
             for region in REGIONS:
                 q = question_text(kind, region, variant)
-                pieces += [PROMPT.format(image="x", question=q).split("</img>")[1], FOLLOW_UP.format(question=q)]
+                pieces.append(PROMPT.format(image="x", question=q).split("</img>")[1])
     answers = list(TEXTURES) + list(COLOURS)
     # Repeat so that every word reaches the merge threshold even when it occurs once.
     return pieces * 2 + answers * 4
@@ -114,20 +114,17 @@ def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> SimpleTokenizer:
     return SimpleTokenizer.train(tokenizer_corpus(), vocab_size=vocab_size)
 
 
-def _conversation(
-    image: str, scene: Scene, kinds: Iterable[str], rng: np.random.Generator
-) -> list[dict[str, str]]:
-    """One question per (kind, region), in random order, the image in the first user turn."""
-    asks = [(kind, region) for kind in kinds for region in REGIONS]
-    order = rng.permutation(len(asks))
-    turns: list[dict[str, str]] = []
-    for n, i in enumerate(order):
-        kind, region = asks[int(i)]
-        q = question_text(kind, region, int(rng.integers(len(QUESTIONS[kind]))))
-        text = PROMPT.format(image=image, question=q) if n == 0 else FOLLOW_UP.format(question=q)
-        turns.append({"from": "user", "value": text})
-        turns.append({"from": "assistant", "value": scene.answer(region, kind)})
-    return turns
+def _question_record(sid: str, image: str, scene: Scene, kind: str, region: str, rng: np.random.Generator) -> dict:
+    """A one-question training conversation about ``region`` of ``scene``."""
+    q = question_text(kind, region, int(rng.integers(len(QUESTIONS[kind]))))
+    return {
+        "id": f"{sid}-{kind}-{region}",
+        "kind": kind,
+        "conversations": [
+            {"from": "user", "value": PROMPT.format(image=image, question=q)},
+            {"from": "assistant", "value": scene.answer(region, kind)},
+        ],
+    }
 
 
 def _write_jsonl(path: Path, records: list[dict]) -> None:
@@ -158,7 +155,7 @@ def generate_dataset(
     n_train: int = 400,
     n_val: int = 24,
     n_test: int = 48,
-    image_size: int = 448,
+    image_size: int = 224,
     progress: bool = True,
 ) -> DemoData:
     """Render the scenes and write the data set described in the module docstring.
@@ -167,11 +164,11 @@ def generate_dataset(
         out_dir: Output folder (created; existing demo files in it are overwritten).
         seed: Seed of everything drawn (scenes, question order and wording): the same seed
             gives byte-identical files.
-        n_train, n_val, n_test: Images per split. Each training image yields one mixed
-            conversation (8 answers), one fine-only and one coarse-only conversation (4 each);
-            each val/test image yields 8 evaluation questions.
+        n_train, n_val, n_test: Images per split. Every image yields 8 questions (4 regions,
+            fine and coarse): training records or evaluation questions.
         image_size: Side of the images; the model canvas of a 2x2 grid (``2 * window_size``),
             so that the windows are exact crops and the global view a 2x downsample.
+            The demo model uses 112-pixel views, hence 224.
         progress: Show a progress bar while rendering.
 
     Returns:
@@ -198,9 +195,9 @@ def generate_dataset(
             scene_rows.append({"split": split, "image": rel, "parts": scene.to_dict()})
             sid = f"{split}-{idx:05d}"
             if split == "train":
-                for name, kinds in (("train", KINDS), ("train_fine", ("fine",)), ("train_coarse", ("coarse",))):
-                    turns = _conversation(rel, scene, kinds, rng)
-                    records[name].append({"id": f"{sid}-{name.split('_')[-1] if '_' in name else 'mixed'}", "conversations": turns})
+                for kind in KINDS:
+                    for region in REGIONS:
+                        records["train"].append(_question_record(sid, rel, scene, kind, region, rng))
             else:
                 for kind in KINDS:
                     for region in REGIONS:
@@ -215,6 +212,11 @@ def generate_dataset(
             bar.update(1)
         start += counts[split]
     bar.close()
+    # Shuffle once here (seeded) so that the files read well and any prefix is a fair sample.
+    order = rng.permutation(len(records["train"]))
+    records["train"] = [records["train"][int(i)] for i in order]
+    for kind in KINDS:
+        records[f"train_{kind}"] = [r for r in records["train"] if r["kind"] == kind]
     data = DemoData._paths(root, counts)
     for name, recs in records.items():
         _write_jsonl(root / f"{name}.jsonl", recs)

@@ -23,7 +23,7 @@ exactly zero, for any finite envelope ``W``: the texture is therefore built from
 
 A single-view model (grid ``[0, 0]``) sees Pillow's antialiased 2x bicubic resize instead. It
 also maps the interior alternation to exactly zero; the ramp keeps its edge response to a few
-percent of the texture amplitude (about 1-2 grey levels), which a small model does not pick up.
+percent of the texture amplitude (at most 3-5 grey levels at the ends of the texture).
 Colours survive both resizes: the texture averages out to the square's own colour.
 """
 
@@ -46,8 +46,8 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (142, 66, 178),
 }
 COLOUR_JITTER = 10
-AMPLITUDE = 32  # grey levels of the texture (peak deviation from the square's colour)
-RAMP_PAIRS = 16  # texture envelope ramp, in pairs of pixels, at each end
+AMPLITUDE = 48  # grey levels of the texture (peak deviation from the square's colour)
+RAMP_PAIRS = 8  # texture envelope ramp, in pairs of pixels, at each end
 BACKGROUND = 255
 
 # Keys bicubic (A = -0.75) taps of a 2x downsample at offsets +-0.5 and +-1.5 pixels.

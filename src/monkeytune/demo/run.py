@@ -1,0 +1,256 @@
+"""The demo run: data, three trainings, evaluation, report.
+
+1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
+   policy on conversations mixing fine (texture) and coarse (colour) questions;
+2. ``stage2``: that model fine-tuned the Monkey way, ``monkey-fix-llm`` (LLM frozen; per-window
+   LoRA and resampler train), on fine questions only;
+3. ``baseline``: the same architecture with a single global view (grid ``[0, 0]``), trained like
+   stage 1 for as many steps as stages 1 and 2 together;
+4. every model is evaluated with :func:`monkeytune.eval.runner.evaluate` on the held-out test
+   split, exact match per question kind;
+5. models, ``metrics.json``, ``loss_curves.png`` and ``examples.png`` land in the output folder.
+
+Training goes through :func:`monkeytune.train.loop.train` with ordinary run configurations
+(written to each run folder as ``config.yaml``), so every stage can be reproduced with
+``monkeytune train``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from monkeytune.config import get_config
+from monkeytune.demo.generator import DemoData, generate_dataset
+
+STAGES = ("baseline", "stage1", "stage2")
+LABELS = {
+    "baseline": "baseline: global view only, full",
+    "stage1": "step 1: 2x2 + global, full",
+    "stage2": "step 2: monkey-fix-llm on fine",
+}
+TARGETS = {"stage2_fine_min": 0.95, "baseline_fine_max": 0.60, "coarse_drop_max": 0.02, "wall_seconds_max": 600}
+
+
+def demo_model_config(grid: tuple[int, int] = (2, 2)) -> dict[str, Any]:
+    """The demo model: the ``tiny`` vision tower on 112-pixel views and a wider, deeper tiny LLM.
+
+    * 112-pixel views (a 224-pixel canvas for the 2x2 grid) cut into 28-pixel patches: 16
+      patches per view keep the vision tower cheap, and a 28x28 patch embedding still sees the
+      1-pixel texture of every window.
+    * 4 resampler queries per view: 20 visual tokens per image, so the LLM sequence is short.
+    * An LLM of width 256 with 4 layers and 8 heads: the 2-layer LLM of ``tiny`` does not
+      learn, within a CPU budget, to send the region words of a question to the right window's
+      tokens; this one does.
+
+    ``grid = (0, 0)`` gives the single-view baseline (no windows, hence no per-window adapters).
+    Vocabulary and image token ids are filled in from the tokenizer by the training engine.
+    """
+    cfg = get_config("tiny")
+    cfg.name = "demo" if tuple(grid) != (0, 0) else "demo-global-only"
+    cfg.image.grid = [int(grid[0]), int(grid[1])]
+    cfg.image.window_size = 112
+    cfg.vision.patch_size = 28
+    cfg.vision.n_queries = 4
+    cfg.vision.output_dim = 256
+    cfg.vision.resampler_heads = 8
+    cfg.llm.hidden_size = 256
+    cfg.llm.num_layers = 4
+    cfg.llm.num_heads = cfg.llm.num_kv_heads = 8
+    cfg.llm.intermediate_size = 768
+    if tuple(grid) == (0, 0):
+        cfg.vision.lora_slots = 0
+    return cfg.to_dict()
+
+
+@dataclass
+class DemoSettings:
+    """Everything the run depends on; the defaults are the documented demo.
+
+    Attributes:
+        out_dir: Output folder.
+        seed: Seed of the data, the initialisation and the data order.
+        n_train, n_val, n_test: Images per split (8 questions each).
+        steps1, steps2: Optimizer steps of stages 1 and 2; the baseline runs ``steps1 + steps2``.
+        batch_size: Questions per optimizer step.
+        lr1: Peak learning rate of the LLM in stage 1 and the baseline.
+        vision_lr1: Peak learning rate of the vision tower, its adapters and the resampler in
+            stage 1 and the baseline; a tower trained from scratch at the LLM's rate collapses.
+        lr2: Peak learning rate of stage 2 (adapters and resampler).
+        eval_batch_size: Questions generated together during evaluation.
+        threads: ``torch.set_num_threads`` (None: leave torch's default).
+        progress: Progress bars.
+        examples: Test images drawn in ``examples.png``.
+    """
+
+    out_dir: Path = Path("outputs/demo")
+    seed: int = 0
+    n_train: int = 1500
+    n_val: int = 24
+    n_test: int = 48
+    steps1: int = 350
+    steps2: int = 100
+    batch_size: int = 64
+    lr1: float = 1e-3
+    vision_lr1: float = 5e-4
+    lr2: float = 1e-3
+    eval_batch_size: int = 64
+    threads: int | None = None
+    progress: bool = True
+    examples: int = 4
+
+    @classmethod
+    def quick(cls, out_dir: str | Path, seed: int = 0) -> "DemoSettings":
+        """A few samples and steps: exercises every step end to end in seconds (for tests)."""
+        return cls(out_dir=Path(out_dir), seed=seed, n_train=4, n_val=1, n_test=2, steps1=2, steps2=2,
+                   batch_size=4, eval_batch_size=8, progress=False, examples=2)
+
+
+@dataclass
+class StageResult:
+    """One trained and evaluated model."""
+
+    name: str
+    model_dir: Path
+    run_dir: Path
+    trainable_params: int
+    total_params: int
+    steps: int
+    train_seconds: float
+    eval_seconds: float = 0.0
+    accuracy: dict[str, float] = field(default_factory=dict)
+    predictions: list[dict] = field(default_factory=list)
+
+
+def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str,
+                  train_file: Path, steps: int, lr: float, component_lr: dict[str, float]) -> "Any":
+    from monkeytune.train.config_load import load_config
+
+    gpu = torch.cuda.is_available()
+    raw = {
+        "model": {**model, "tokenizer": str(data.tokenizer), "init_seed": settings.seed},
+        "data": {"train": [str(train_file)], "template": "monkey", "max_length": 256},
+        "policy": {"preset": policy, "lr": component_lr},
+        "optim": {"lr": lr, "weight_decay": 0.0, "warmup_steps": max(1, steps // 20), "scheduler": "cosine"},
+        "train": {"max_steps": steps, "micro_batch_size": settings.batch_size, "grad_accum": 1,
+                  "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
+        "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
+        "log": {"progress": settings.progress, "plot": False, "tensorboard": "false"},
+    }
+    return load_config(data=raw)
+
+
+def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str, train_file: Path,
+           steps: int, lr: float, component_lr: dict[str, float] | None = None) -> tuple[StageResult, Any]:
+    from monkeytune.train.loop import train
+
+    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {})
+    start = time.perf_counter()
+    result = train(cfg)
+    seconds = time.perf_counter() - start
+    if result.final_dir is None:
+        raise RuntimeError(f"the {name} run wrote no model folder")
+    net = result.model
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in net.parameters())
+    # The final model folder lives in the demo's output root, where chat/eval users look for it.
+    final = settings.out_dir / "models" / name
+    if final.exists():
+        import shutil
+
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    Path(result.final_dir).rename(final)
+    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds), net
+
+
+def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> None:
+    """Fill ``stage.accuracy`` (exact match per kind and overall) and ``stage.predictions``."""
+    from tqdm import tqdm
+
+    from monkeytune.eval.metrics import compute_metrics
+    from monkeytune.eval.runner import evaluate, read_eval_records
+    from monkeytune.generate import load_for_inference
+
+    records = read_eval_records(data.test)
+    kinds = {}
+    with open(data.test, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            kinds[rec["question_id"]] = (rec["kind"], rec["region"])
+    model, tokenizer = load_for_inference(stage.model_dir, device="cuda" if torch.cuda.is_available() else "cpu")
+    bar = tqdm(total=len(records), desc=f"eval {stage.name}", unit="q", disable=not settings.progress)
+
+    def progress(done: int, total: int) -> None:
+        bar.update(done - bar.n)
+
+    start = time.perf_counter()
+    predictions, _ = evaluate(model, tokenizer, records, metrics=("exact_match",),
+                              batch_size=settings.eval_batch_size, template="vqa", max_new_tokens=3,
+                              progress=progress)
+    stage.eval_seconds = time.perf_counter() - start
+    bar.close()
+    for p in predictions:
+        p["kind"], p["region"] = kinds[p["question_id"]]
+    stage.predictions = predictions
+    for kind in ("fine", "coarse"):
+        subset = [p for p in predictions if p["kind"] == kind]
+        if subset:
+            stage.accuracy[kind] = compute_metrics(["exact_match"], [p["prediction"] for p in subset],
+                                                   [p["answer"] for p in subset])["exact_match"]
+    stage.accuracy["all"] = compute_metrics(["exact_match"], [p["prediction"] for p in predictions],
+                                            [p["answer"] for p in predictions])["exact_match"]
+
+
+@dataclass
+class DemoResult:
+    """What :func:`run_demo` produced."""
+
+    settings: DemoSettings
+    data: DemoData
+    stages: dict[str, StageResult]
+    seconds: float
+    files: dict[str, Path]
+
+
+def run_demo(settings: DemoSettings) -> DemoResult:
+    """Run the whole demo (see the module docstring) and write its outputs.
+
+    Returns:
+        :class:`DemoResult`; its ``files`` name the metrics JSON and the two PNGs.
+    """
+    from monkeytune.demo import report
+
+    settings = copy.copy(settings)
+    settings.out_dir = Path(settings.out_dir)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    start = time.perf_counter()
+    data = generate_dataset(settings.out_dir / "data", seed=settings.seed, n_train=settings.n_train,
+                            n_val=settings.n_val, n_test=settings.n_test, progress=settings.progress)
+    slow_vision = {"vision": settings.vision_lr1, "resampler": settings.vision_lr1}
+    stages: dict[str, StageResult] = {}
+    stages["stage1"], _ = _train(settings, data, "stage1", {"config": demo_model_config((2, 2))}, "full",
+                                 data.train, settings.steps1, settings.lr1, slow_vision)
+    stages["stage2"], _ = _train(settings, data, "stage2", {"from": str(stages["stage1"].model_dir)},
+                                 "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
+    stages["baseline"], _ = _train(settings, data, "baseline", {"config": demo_model_config((0, 0))}, "full",
+                                   data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision)
+    for name in STAGES:
+        _evaluate(settings, data, stages[name])
+    seconds = time.perf_counter() - start
+    result = DemoResult(settings, data, {n: stages[n] for n in STAGES}, seconds, {})
+    result.files = report.write_report(result)
+    return result
+
+
+def settings_dict(settings: DemoSettings) -> dict[str, Any]:
+    """JSON-able settings."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}

@@ -1,0 +1,80 @@
+"""A shortened demo run exercises every step end to end: data, three trainings, eval, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from monkeytune.cli import main
+from monkeytune.demo.run import STAGES, DemoSettings, demo_model_config, run_demo
+from monkeytune.model.io import load_model
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return run_demo(DemoSettings.quick(tmp_path_factory.mktemp("demo") / "out", seed=1))
+
+
+def test_every_stage_is_trained_evaluated_and_saved(demo):
+    out = demo.settings.out_dir
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["models"]) == set(STAGES)
+    for name in STAGES:
+        m = metrics["models"][name]
+        assert set(m["exact_match"]) == {"fine", "coarse", "all"}
+        assert all(0.0 <= v <= 1.0 for v in m["exact_match"].values())
+        assert m["steps"] == {"stage1": 2, "stage2": 2, "baseline": 4}[name]
+        preds = [json.loads(line) for line in (out / f"predictions_{name}.jsonl").read_text().splitlines()]
+        assert len(preds) == 2 * 8  # two test images, eight questions each
+        assert {p["kind"] for p in preds} == {"fine", "coarse"}
+    # Stage 2 is the Monkey recipe: the LLM is frozen, only adapters and resampler train.
+    s1, s2 = metrics["models"]["stage1"], metrics["models"]["stage2"]
+    assert s2["trainable_params"] < s1["trainable_params"] == s1["total_params"]
+    assert set(metrics["targets"]) == {"stage2_fine_min", "baseline_fine_max", "coarse_drop_max", "wall_seconds_max"}
+    for png in ("loss_curves.png", "examples.png"):
+        with Image.open(out / png) as im:
+            assert im.size[0] > 300 and im.size[1] > 200
+
+
+def test_stage2_changes_only_adapters_and_resampler(demo):
+    models = demo.settings.out_dir / "models"
+    s1, _ = load_model(models / "stage1")
+    s2, _ = load_model(models / "stage2")
+    p1, p2 = dict(s1.named_parameters()), dict(s2.named_parameters())
+    changed = {n for n in p1 if not torch.equal(p1[n], p2[n])}
+    assert changed, "stage 2 trained nothing"
+    assert all(n.startswith("resampler.") or "lora" in n for n in changed), sorted(changed)[:5]
+
+
+def test_models_have_the_demo_layouts(demo):
+    models = demo.settings.out_dir / "models"
+    monkey, _ = load_model(models / "stage2")
+    single, _ = load_model(models / "baseline")
+    assert monkey.config.image.grid == [2, 2] and monkey.config.tokens_per_image == 5 * 4
+    assert single.config.image.grid == [0, 0] and single.config.tokens_per_image == 4
+    assert demo_model_config((2, 2))["vision"]["lora_slots"] == 4
+    assert demo_model_config((0, 0))["vision"]["lora_slots"] == 0
+
+
+def test_saved_models_work_with_the_eval_command(demo, tmp_path, capsys):
+    out = demo.settings.out_dir
+    rc = main(["eval", "--model", str(out / "models" / "stage2"), "--data", str(out / "data" / "test.jsonl"),
+               "--metric", "exact_match", "--max-new-tokens", "3", "--out", str(tmp_path)])
+    assert rc == 0
+    scores = json.loads((tmp_path / "metrics.json").read_text())
+    # The command and the demo's own evaluation agree.
+    assert scores["exact_match"] == pytest.approx(demo.stages["stage2"].accuracy["all"])
+
+
+def test_the_demo_is_deterministic(demo, tmp_path):
+    again = run_demo(DemoSettings.quick(tmp_path / "again", seed=1))
+    for name in STAGES:
+        a, b = demo.stages[name], again.stages[name]
+        assert [p["prediction"] for p in a.predictions] == [p["prediction"] for p in b.predictions]
+        wa, _ = load_model(a.model_dir)
+        wb, _ = load_model(b.model_dir)
+        for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
+            assert torch.equal(x, y), (name, n)
