@@ -11,6 +11,7 @@ from PIL import Image
 from monkeytune.cli import main
 from monkeytune.demo.run import STAGES, DemoSettings, demo_model_config, run_demo
 from monkeytune.model.io import load_model
+from monkeytune.serve.launch import find_demo_model
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +79,8 @@ def test_the_demo_is_deterministic(demo, tmp_path):
         wb, _ = load_model(b.model_dir)
         for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
             assert torch.equal(x, y), (name, n)
+
+
+def test_serve_finds_the_demo_model_without_being_told(demo):
+    # `monkeytune serve` with no --model looks where the demo writes its models.
+    assert find_demo_model(demo.settings.out_dir) == demo.settings.out_dir / "models" / "stage2"

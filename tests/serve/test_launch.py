@@ -26,7 +26,7 @@ def test_other_hosts_are_warned_about(host):
 def test_no_demo_model_explains_how_to_get_one(tmp_path):
     with pytest.raises(NoModelError, match="monkeytune train examples/tiny-cpu.yaml") as err:
         find_demo_model(tmp_path / "outputs" / "demo")
-    assert "--model" in str(err.value)
+    assert "--model" in str(err.value) and "monkeytune demo" in str(err.value)
 
 
 def test_demo_model_prefers_final_folders_and_skips_checkpoints(tmp_path, parrot_dir):

@@ -51,7 +51,9 @@ def find_demo_model(root: str | Path = DEMO_ROOT) -> Path:
     if not candidates:
         raise NoModelError(
             f"no model given and no trained demo model in {root}/.\n"
-            "Train a tiny model first (about a minute on a CPU) and serve it:\n"
+            "Run the embedded demo (about 10 minutes on a CPU), which leaves its models there:\n"
+            "    monkeytune demo\n"
+            "or train a tiny model (about a minute on a CPU) and serve it:\n"
             "    monkeytune train examples/tiny-cpu.yaml\n"
             "    monkeytune serve --model runs/tiny-cpu/final\n"
             "or serve any monkeytune or official Monkey / Qwen-VL folder:\n"
