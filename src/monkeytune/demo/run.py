@@ -1,7 +1,7 @@
 """The demo run: data, three trainings, evaluation, report.
 
 1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
-   policy on conversations mixing fine (texture) and coarse (colour) questions;
+   policy on one-question records mixing fine (texture) and coarse (colour) questions;
 2. ``stage2``: that model fine-tuned the Monkey way, ``monkey-fix-llm`` (LLM frozen; per-window
    LoRA and resampler train), on fine questions only;
 3. ``baseline``: the same architecture with a single global view (grid ``[0, 0]``), trained like
