@@ -148,7 +148,7 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict
 
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str, train_file: Path,
-           steps: int, lr: float, component_lr: dict[str, float] | None = None) -> tuple[StageResult, Any]:
+           steps: int, lr: float, component_lr: dict[str, float] | None = None) -> StageResult:
     from monkeytune.train.loop import train
 
     cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {})
@@ -168,7 +168,7 @@ def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, polic
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     Path(result.final_dir).rename(final)
-    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds), net
+    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds)
 
 
 def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> None:
@@ -237,12 +237,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                             n_val=settings.n_val, n_test=settings.n_test, progress=settings.progress)
     slow_vision = {"vision": settings.vision_lr1, "resampler": settings.vision_lr1}
     stages: dict[str, StageResult] = {}
-    stages["stage1"], _ = _train(settings, data, "stage1", {"config": demo_model_config((2, 2))}, "full",
-                                 data.train, settings.steps1, settings.lr1, slow_vision)
-    stages["stage2"], _ = _train(settings, data, "stage2", {"from": str(stages["stage1"].model_dir)},
-                                 "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
-    stages["baseline"], _ = _train(settings, data, "baseline", {"config": demo_model_config((0, 0))}, "full",
-                                   data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision)
+    stages["stage1"] = _train(settings, data, "stage1", {"config": demo_model_config((2, 2))}, "full",
+                             data.train, settings.steps1, settings.lr1, slow_vision)
+    stages["stage2"] = _train(settings, data, "stage2", {"from": str(stages["stage1"].model_dir)},
+                             "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
+    stages["baseline"] = _train(settings, data, "baseline", {"config": demo_model_config((0, 0))}, "full",
+                               data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision)
     for name in STAGES:
         _evaluate(settings, data, stages[name])
     seconds = time.perf_counter() - start
