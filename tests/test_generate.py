@@ -23,7 +23,7 @@ from monkeytune.generate import (
     user_text,
 )
 from monkeytune.model import build_model
-from monkeytune.model.io import load_model, read_tensors, save_model
+from monkeytune.model.io import load_model, read_tensors, save_model, set_metadata
 from monkeytune.tokenizer.qwen import QwenTokenizer
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
@@ -48,6 +48,8 @@ def saved(tmp_path_factory):
 
 def test_official_prompt_wordings():
     assert user_text("vqa", "What is it?", "a.jpg") == "<img>a.jpg</img> What is it? Answer: "
+    assert user_text("vqa-question-first", "What is it?", "a.jpg") == "What is it? <img>a.jpg</img> Answer: "
+    assert user_text("vqa-question-first", "What is it?") == user_text("vqa", "What is it?") == "What is it? Answer: "
     assert user_text("caption", "ignored", "a.jpg") == "<img>a.jpg</img> Generate the detailed caption in English: "
     assert user_text("chatml", "Hi", "a.jpg") == "Picture 1: <img>a.jpg</img>\nHi"
     assert user_text("raw", "x <img>b.jpg</img> y", "a.jpg") == "x <img>b.jpg</img> y"
@@ -116,6 +118,26 @@ def test_default_template_follows_checkpoint_metadata(saved):
     assert default_template(model) == "chatml"
     model.metadata = {"chat_format": "monkey"}
     assert default_template(model) == "vqa"
+    model.metadata = {"chat_format": "monkey", "prompt_template": "vqa-question-first"}
+    assert default_template(model) == "vqa-question-first"
+    model.metadata = {"prompt_template": "alpaca"}  # not a template of this version: ignored
+    assert default_template(model) == "vqa"
+    model.metadata = {}
+
+
+def test_set_metadata_records_the_template_for_every_command(saved, tmp_path):
+    root, model, tok = saved
+    folder = save_model(model, tmp_path / "m", tokenizer=tok, metadata={"chat_format": "monkey"})
+    assert set_metadata(folder, prompt_template="vqa-question-first") == {
+        "chat_format": "monkey", "prompt_template": "vqa-question-first"}
+    loaded, _ = load_model(folder)
+    assert default_template(loaded) == "vqa-question-first"
+    # A model saved from it carries the fact on (a fine-tune of the demo keeps its layout).
+    again, _ = load_model(save_model(loaded, tmp_path / "again"))
+    assert again.metadata["prompt_template"] == "vqa-question-first"
+    # The weights were not touched.
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_score_equals_direct_log_softmax(saved, capsys):

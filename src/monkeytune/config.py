@@ -38,6 +38,11 @@ class VisionConfig:
         lora_rank_mlp: Rank of the parallel MLP adapter.
         lora_dropout: Dropout applied to adapter inputs during training.
         layer_norm_eps: Epsilon of every LayerNorm in the tower and resampler.
+        output_scale: Fixed factor on the resampler's output (1.0 in every official model). An
+            LLM trained from scratch starts with token embeddings of norm ~0.3 while the
+            resampler emits tokens of norm ~16; visual tokens that dwarf the updates the LLM
+            layers add to them make the fresh LLM much slower to learn to tell them apart (the
+            embedded demo uses 0.2).
         gradient_checkpointing: Recompute ViT blocks in backward to save activation memory.
     """
 
@@ -55,6 +60,7 @@ class VisionConfig:
     lora_rank_mlp: int = 32
     lora_dropout: float = 0.05
     layer_norm_eps: float = 1e-6
+    output_scale: float = 1.0
     gradient_checkpointing: bool = False
 
     @property
@@ -172,6 +178,8 @@ class ModelConfig:
         q = int(round(v.n_queries**0.5))
         if q * q != v.n_queries:
             raise ValueError(f"vision.n_queries ({v.n_queries}) must be a perfect square")
+        if not v.output_scale > 0:
+            raise ValueError(f"vision.output_scale must be positive, got {v.output_scale}")
         if v.width % v.heads:
             raise ValueError(f"vision.width ({v.width}) must be divisible by vision.heads ({v.heads})")
         if v.output_dim % v.num_resampler_heads:

@@ -1,17 +1,9 @@
 """Prompting and generation for chat, scoring and evaluation.
 
-Prompt templates (the official wordings):
-
-* ``vqa``: ``<img>PATH</img> QUESTION Answer: `` (Monkey's VQA prompt);
-* ``caption``: ``<img>PATH</img> Generate the detailed caption in English: ``;
-* ``chatml``: Qwen-VL-Chat's ChatML conversation; an image goes at the start of the user turn
-  as ``Picture 1: <img>PATH</img>\\n`` (the Qwen-VL-Chat convention);
-* ``raw``: the text exactly as given; with an image, ``<img>PATH</img>`` is put in front unless
-  the text already has an image tag.
-
-``vqa``, ``caption`` and ``raw`` prompts are rendered with the ``monkey`` conversation template
-of :mod:`monkeytune.data.templates` and ``chatml`` with its ``chatml`` template, so inference sees
-exactly what training produced. Generation stops at ``<|endoftext|>`` (and, for ChatML, at
+Prompt templates are named and worded in :mod:`monkeytune.prompts`. ``vqa``,
+``vqa-question-first``, ``caption`` and ``raw`` prompts are rendered with the ``monkey``
+conversation template of :mod:`monkeytune.data.templates` and ``chatml`` with its ``chatml``
+template, so inference sees exactly what training produced. Generation stops at ``<|endoftext|>`` (and, for ChatML, at
 ``<|im_end|>`` / ``<|im_start|>``).
 """
 
@@ -25,33 +17,22 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 
 from monkeytune.data.templates import build_prompt
+from monkeytune.prompts import CAPTION_PROMPT, TEMPLATES, user_text  # noqa: F401 (re-exported)
 from monkeytune.tokenizer.base import split_image_tags
 from monkeytune.vision.processor import ImageProcessor
 
-TEMPLATES = ("vqa", "caption", "chatml", "raw")
-CAPTION_PROMPT = "Generate the detailed caption in English:"
-
 
 def default_template(model: Any) -> str:
-    """``chatml`` for chat checkpoints (``chat_format: chatml`` in the folder's metadata), else ``vqa``."""
+    """The template a model folder was trained with.
+
+    ``prompt_template`` in the folder's metadata when it names a template (written by
+    :func:`monkeytune.model.io.set_metadata`, e.g. by the demo), else ``chatml`` for chat
+    checkpoints (``chat_format: chatml``), else ``vqa``.
+    """
     meta = getattr(model, "metadata", {}) or {}
+    if meta.get("prompt_template") in TEMPLATES:
+        return meta["prompt_template"]
     return "chatml" if meta.get("chat_format") == "chatml" else "vqa"
-
-
-def user_text(template: str, text: str, image: str | None = None) -> str:
-    """The user turn for one question (and optional image) under ``template``."""
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
-    tag = f"<img>{image}</img>" if image else ""
-    if template == "vqa":
-        return f"{tag} {text} Answer: " if tag else f"{text} Answer: "
-    if template == "caption":
-        return f"{tag} {CAPTION_PROMPT} " if tag else f"{CAPTION_PROMPT} "
-    if template == "chatml":
-        return f"Picture 1: {tag}\n{text}" if tag else text
-    if tag and not split_image_tags(text)[1]:
-        return tag + text
-    return text
 
 
 def prompt_ids(

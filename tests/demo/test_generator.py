@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from monkeytune.config import get_config
-from monkeytune.demo.generator import DemoData, generate_dataset, question_text
+from monkeytune.demo.generator import QUESTIONS, DemoData, generate_dataset, question_text
 from monkeytune.demo.scene import COLOURS, REGIONS, TEXTURES, Part, Scene, render_scene, texture_profile
+from monkeytune.prompts import user_text
 from monkeytune.tokenizer.simple import SimpleTokenizer
 from monkeytune.vision.processor import ImageProcessor
 
@@ -111,7 +112,7 @@ def test_splits_do_not_overlap(data):
     # The training files only use training images; the eval files only their own split.
     for path in (data.train, data.train_fine, data.train_coarse):
         for rec in _jsonl(path):
-            assert rec["conversations"][0]["value"].startswith("<img>images/train/")
+            assert "<img>images/train/" in rec["conversations"][0]["value"]
     assert all(r["image"].startswith("images/test/") for r in _jsonl(data.test))
 
 
@@ -125,12 +126,14 @@ def test_training_files_hold_the_right_kinds(data):
         assert {r["conversations"][1]["value"] for r in recs} <= answers
         assert [r for r in mixed if r["kind"] == kind] == recs  # the same records, same order
     for r in mixed:
-        # One question per record, laid out as the evaluation prompt (the vqa template).
+        # One question per record, laid out as the evaluation prompt: question, image, "Answer: ".
         user, answer = r["conversations"]
         assert user["from"] == "user" and answer["from"] == "assistant"
-        assert user["value"].startswith("<img>images/train/") and user["value"].endswith(" Answer: ")
+        question, rest = user["value"].split(" <img>")
+        assert question.endswith(" part?") and rest.startswith("images/train/") and rest.endswith("</img> Answer: ")
+        assert user["value"] == user_text("vqa-question-first", question, rest.split("</img>")[0])
     # Each image is asked about every region, in both kinds.
-    asked = {(r["conversations"][0]["value"].split("</img>")[0], r["kind"], r["id"].rsplit("-", 2)[-2] + "-" + r["id"].rsplit("-", 1)[-1]) for r in mixed}
+    asked = {(r["conversations"][0]["value"].split("<img>")[1], r["kind"], r["id"].rsplit("-", 2)[-2] + "-" + r["id"].rsplit("-", 1)[-1]) for r in mixed}
     assert len(asked) == 6 * 8
 
 
@@ -182,4 +185,15 @@ def test_tokenizer_encodes_every_answer_as_one_token(data):
         assert tok.decode(tok.encode(word)) == word
     q = question_text("fine", "bottom-left")
     assert tok.decode(tok.encode(q)) == q
+
+
+def test_every_prompt_has_the_same_token_length(data):
+    # Rotary positions are relative: with prompts of one length, each window's visual tokens sit
+    # at the same distance from the answer and from the region words in every record.
+    tok = SimpleTokenizer.from_dir(data.tokenizer)
+    lengths = {
+        (kind, variant, region): len(tok.encode(question_text(kind, region, variant)))
+        for kind in QUESTIONS for variant in range(len(QUESTIONS[kind])) for region in REGIONS
+    }
+    assert len(set(lengths.values())) == 1, lengths
     assert DemoData.at(data.root).counts == {"train": 6, "val": 3, "test": 3}

@@ -10,6 +10,7 @@ from PIL import Image
 
 from monkeytune.cli import main
 from monkeytune.demo.run import STAGES, DemoSettings, demo_model_config, run_demo
+from monkeytune.generate import default_template
 from monkeytune.model.io import load_model
 from monkeytune.serve.launch import find_demo_model
 
@@ -58,6 +59,10 @@ def test_models_have_the_demo_layouts(demo):
     assert single.config.image.grid == [0, 0] and single.config.tokens_per_image == 4
     assert demo_model_config((2, 2))["vision"]["lora_slots"] == 4
     assert demo_model_config((0, 0))["vision"]["lora_slots"] == 0
+    # Every folder records the data's prompt layout, so chat, serve and eval use it unasked.
+    for name in STAGES:
+        model, _ = load_model(models / name)
+        assert default_template(model) == "vqa-question-first", name
 
 
 def test_saved_models_work_with_the_eval_command(demo, tmp_path, capsys):

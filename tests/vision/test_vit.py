@@ -1,5 +1,6 @@
 """The batched per-window LoRA tower against plain per-view references written here."""
 
+import dataclasses
 import math
 
 import pytest
@@ -157,6 +158,10 @@ def test_resampler_matches_multihead_attention_reference():
     ref = mha(q, kv + key_pos, kv, need_weights=False)[0]
     ref = rs.ln_post(ref) @ rs.proj
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    # output_scale multiplies the same computation (same weights, same state-dict names).
+    scaled = Resampler(dataclasses.replace(cfg, output_scale=0.25)).eval()
+    scaled.load_state_dict(rs.state_dict())
+    torch.testing.assert_close(scaled(x, (4, 4)), 0.25 * ref, atol=1e-5, rtol=1e-5)
 
 
 def test_sincos_table_layout():

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from monkeytune.prompts import TEMPLATES
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="DIR", help="model folder (monkeytune or official Monkey/Qwen-VL)")
@@ -27,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("prompt", nargs="?", default=None, help="the question; omit for an interactive chat")
     p.add_argument("--image", default=None, metavar="IMG", help="image file the prompt is about")
-    p.add_argument("--template", choices=["vqa", "caption", "chatml", "raw"], default=None,
-                   help="prompt template (default: chatml for chat checkpoints, else vqa)")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="prompt template (default: the one the model folder records, else chatml for chat "
+                   "checkpoints, else vqa)")
     p.add_argument("--raw", action="store_true", help="send the text as is (same as --template raw)")
     p.add_argument("--system", default=None, help="ChatML system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)

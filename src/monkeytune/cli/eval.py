@@ -10,6 +10,8 @@ import argparse
 import json
 import sys
 
+from monkeytune.prompts import TEMPLATES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -26,7 +28,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help="metric to compute (repeatable; default vqa_score and exact_match)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", choices=["vqa", "caption", "chatml", "raw"], default="vqa")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="prompt template (default: the one the model folder records, else chatml for chat "
+                   "checkpoints, else vqa)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--out", default=None, metavar="DIR", help="folder for predictions.jsonl and metrics.json")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
@@ -61,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             if not (args.data and args.model):
                 raise ValueError("give --model and --data (or --predictions FILE)")
-            from monkeytune.generate import load_for_inference
+            from monkeytune.generate import default_template, load_for_inference
 
             records = read_eval_records(args.data)
             model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
@@ -69,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 print(f"\r{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-            predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, args.template,
+            template = args.template or default_template(model)
+            predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, template,
                                            args.max_new_tokens, progress=progress)
     except (EvalDataError, CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune eval: {e}", file=sys.stderr)

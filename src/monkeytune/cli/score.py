@@ -11,6 +11,7 @@ import json
 import sys
 
 from monkeytune.cli.chat import add_model_args
+from monkeytune.prompts import TEMPLATES
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--answer", required=True, help="the answer to score")
     p.add_argument("--image", default=None, metavar="IMG", help="image the prompt is about")
-    p.add_argument("--template", choices=["vqa", "caption", "chatml", "raw"], default="raw",
+    p.add_argument("--template", choices=TEMPLATES, default="raw",
                    help="how the prompt is rendered (default raw: as given, image tag in front)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)

@@ -12,13 +12,19 @@ Layout of the output folder::
     meta.json                           generator parameters and counts
 
 A training record is one question about one image, laid out exactly like an evaluation prompt
-(:data:`PROMPT`, which is the ``vqa`` template of ``monkeytune eval``), so the answer always sits
-at the same distance from the image's visual tokens. That matters for a model trained from
-scratch: it must learn to send the region words to the right window's tokens, and in longer
-conversations the distance from a later answer back to the image changes from turn to turn, which
-the tiny LLM learns far more slowly. Every training image is asked all eight questions (four
-regions, fine and coarse), as eight records. Evaluation records follow the Monkey VQA layout (``question_id``,
-``image``, ``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
+of the ``vqa-question-first`` template (``QUESTION <img>PATH</img> Answer: ``). The layout is
+what lets a model trained from scratch learn, within a CPU budget, to send the region words to
+the right window's tokens:
+
+* the question comes before the image, so the visual tokens can attend to the region words and
+  the answer only has to pick out the tokens that flagged themselves;
+* every question has the same number of tokens (two wordings per kind, checked by the tests),
+  and there is one question per record, so each window's tokens sit at fixed (rotary, hence
+  relative) distances from the region words and from the answer.
+
+Every training image is asked all eight questions (four regions, fine and coarse), as eight
+records. Evaluation records follow the Monkey VQA layout (``question_id``, ``image``,
+``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
 
 Splits never share an image nor an image content: every scene's ``content_key`` (its colours
 and textures) is unique across the whole data set, so no (content, question) pair repeats.
@@ -33,21 +39,14 @@ import numpy as np
 from tqdm import tqdm
 
 from monkeytune.demo.scene import COLOURS, REGIONS, TEXTURES, Scene, random_scene, render_scene
+from monkeytune.prompts import user_text
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
-PROMPT = "<img>{image}</img> {question} Answer: "
+PROMPT_TEMPLATE = "vqa-question-first"
 KINDS = ("fine", "coarse")
 QUESTIONS: dict[str, tuple[str, ...]] = {
-    "fine": (
-        "What pattern is in the {region} part?",
-        "Which texture fills the {region} part?",
-        "What is the pattern of the {region} part?",
-    ),
-    "coarse": (
-        "What colour is the {region} part?",
-        "Which colour does the {region} part have?",
-        "What is the colour of the {region} part?",
-    ),
+    "fine": ("What pattern is the {region} part?", "Which texture has the {region} part?"),
+    "coarse": ("What colour is the {region} part?", "Which colour has the {region} part?"),
 }
 SPLITS = ("train", "val", "test")
 TOKENIZER_VOCAB = 400
@@ -96,14 +95,19 @@ def question_text(kind: str, region: str, variant: int = 0) -> str:
     return wordings[variant % len(wordings)].format(region=region)
 
 
+def prompt(question: str, image: str) -> str:
+    """The user turn of a training record: the :data:`PROMPT_TEMPLATE` layout that evaluation uses."""
+    return user_text(PROMPT_TEMPLATE, question, image)
+
+
 def tokenizer_corpus() -> list[str]:
-    """Every text piece the data can produce, split the way the ``monkey`` template encodes it."""
+    """Every text piece the data can produce, split at the image the way the ``monkey`` template encodes it."""
     pieces: list[str] = []
     for kind in KINDS:
         for variant in range(len(QUESTIONS[kind])):
             for region in REGIONS:
-                q = question_text(kind, region, variant)
-                pieces.append(PROMPT.format(image="x", question=q).split("</img>")[1])
+                before, after = prompt(question_text(kind, region, variant), "x").split("<img>x</img>")
+                pieces += [before, after]
     answers = list(TEXTURES) + list(COLOURS)
     # Repeat so that every word reaches the merge threshold even when it occurs once.
     return pieces * 2 + answers * 4
@@ -121,7 +125,7 @@ def _question_record(sid: str, image: str, scene: Scene, kind: str, region: str,
         "id": f"{sid}-{kind}-{region}",
         "kind": kind,
         "conversations": [
-            {"from": "user", "value": PROMPT.format(image=image, question=q)},
+            {"from": "user", "value": prompt(q, image)},
             {"from": "assistant", "value": scene.answer(region, kind)},
         ],
     }
@@ -227,7 +231,7 @@ def generate_dataset(
         "image_size": image_size,
         "counts": counts,
         "questions": {name: len(recs) for name, recs in records.items()},
-        "prompt": PROMPT,
+        "prompt_template": PROMPT_TEMPLATE,
         "textures": list(TEXTURES),
         "colours": list(COLOURS),
         "regions": list(REGIONS),

@@ -185,6 +185,24 @@ def read_config(directory: str | Path) -> dict[str, Any]:
     return info
 
 
+def set_metadata(directory: str | Path, **values: Any) -> dict[str, Any]:
+    """Merge ``values`` into the metadata of a saved monkeytune folder (e.g. ``prompt_template``).
+
+    The metadata is loaded onto ``model.metadata`` and carried into every folder saved from that
+    model, so a fact recorded once follows later fine-tunes.
+
+    Returns:
+        The folder's new metadata.
+    """
+    path = Path(directory) / CONFIG_FILE
+    info = read_config(directory)
+    info["metadata"] = {**(info.get("metadata") or {}), **values}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(path)
+    return info["metadata"]
+
+
 def _model_config(info: dict[str, Any], directory: Path) -> ModelConfig:
     """The validated :class:`ModelConfig` of a parsed monkeytune ``config.json``."""
     try:

@@ -29,6 +29,7 @@ __all__ = ["ChatEngine", "Exchange", "TEMPLATE_LABELS", "MAX_NEW_TOKENS", "setti
 # Keys are monkeytune.generate template names.
 TEMPLATE_LABELS = {
     "vqa": "VQA (short answer)",
+    "vqa-question-first": "VQA, question before the image",
     "caption": "Caption",
     "chatml": "Free chat (ChatML)",
     "raw": "Raw text",

@@ -65,6 +65,7 @@ class Resampler(nn.Module):
         dim, eps = cfg.output_dim, cfg.layer_norm_eps
         side = int(round(math.sqrt(cfg.n_queries)))
         self.n_queries = cfg.n_queries
+        self.output_scale = float(cfg.output_scale)
         # Fixed, but a persistent buffer: checkpoints carry their own table, which may differ
         # slightly from a recomputed one (e.g. rounded to bf16 or trained).
         self.register_buffer("pos_embed", sincos_2d(dim, side), persistent=True)
@@ -101,4 +102,5 @@ class Resampler(nn.Module):
         q = self.ln_q(self.query) + self.pos_embed.to(self.query.dtype)
         q = q.unsqueeze(0).expand(x.shape[0], -1, -1)
         out = self.attn(q, kv + key_pos, kv)
-        return self.ln_post(out) @ self.proj
+        out = self.ln_post(out) @ self.proj
+        return out * self.output_scale if self.output_scale != 1.0 else out

@@ -1,0 +1,37 @@
+"""Prompt templates: how a question and an image become the user turn (no torch, so the CLI
+can list them cheaply).
+
+* ``vqa``: ``<img>PATH</img> QUESTION Answer: `` (Monkey's VQA prompt);
+* ``vqa-question-first``: ``QUESTION <img>PATH</img> Answer: ``, the question before the image,
+  so that the visual tokens can attend to it (the layout of the embedded demo);
+* ``caption``: ``<img>PATH</img> Generate the detailed caption in English: ``;
+* ``chatml``: Qwen-VL-Chat's ChatML conversation; an image goes at the start of the user turn
+  as ``Picture 1: <img>PATH</img>\\n`` (the Qwen-VL-Chat convention);
+* ``raw``: the text exactly as given; with an image, ``<img>PATH</img>`` is put in front unless
+  the text already has an image tag.
+"""
+
+from __future__ import annotations
+
+from monkeytune.tokenizer.base import split_image_tags
+
+TEMPLATES = ("vqa", "vqa-question-first", "caption", "chatml", "raw")
+CAPTION_PROMPT = "Generate the detailed caption in English:"
+
+
+def user_text(template: str, text: str, image: str | None = None) -> str:
+    """The user turn for one question (and optional image) under ``template``."""
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    tag = f"<img>{image}</img>" if image else ""
+    if template == "vqa":
+        return f"{tag} {text} Answer: " if tag else f"{text} Answer: "
+    if template == "vqa-question-first":
+        return f"{text} {tag} Answer: " if tag else f"{text} Answer: "
+    if template == "caption":
+        return f"{tag} {CAPTION_PROMPT} " if tag else f"{CAPTION_PROMPT} "
+    if template == "chatml":
+        return f"Picture 1: {tag}\n{text}" if tag else text
+    if tag and not split_image_tags(text)[1]:
+        return tag + text
+    return text
