@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -85,10 +86,17 @@ class MultiLoRA(nn.Module):
             return x.new_zeros(n, length, self.out_features)
         k = index.slots
         xa = self.dropout(x[index.active])
-        # Gather each view's adapter and apply it in one batched contraction.
-        down = torch.einsum("nli,nri->nlr", xa, self.lora_a[k])
-        up = torch.einsum("nlr,nor->nlo", down, self.lora_b[k])
-        up = up * self.lora_scale[k].to(up.dtype)[:, None, None]
+        # Select each view's adapter with a one-hot contraction rather than ``lora_a[k]``: the
+        # backward of a gather accumulates the views of one slot in an order that varies from
+        # process to process on CPU, so runs with the same seed would drift apart. A matmul
+        # gives the same selected weights exactly and a reproducible gradient.
+        pick = F.one_hot(k, self.slots).to(self.lora_a.dtype)  # [n_active, slots]
+        a = torch.einsum("ns,sri->nri", pick, self.lora_a)
+        b = torch.einsum("ns,sor->nor", pick, self.lora_b)
+        # Apply each view's adapter in one batched contraction.
+        down = torch.einsum("nli,nri->nlr", xa, a)
+        up = torch.einsum("nlr,nor->nlo", down, b)
+        up = up * (pick @ self.lora_scale).to(up.dtype)[:, None, None]
         # The zeros take the dtype of the computed delta, not of x: under autocast the einsums
         # run in bf16/fp16 while x (the fp32 residual stream) does not, and CUDA's index_copy
         # refuses mixed dtypes. Out-of-place scatter keeps autograd happy and leaves global-view
