@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (the tiny model end to end, no weights or network) and `make test`.
+# Two entry points: `make demo` (the embedded demo end to end, no weights or network) and `make test`.
 # Both create .venv on first use. torch is installed first and pinned to the CPU build
 # available here; the package itself only asks for a range.
 PYTHON ?= python3
@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/monkeytune smoke
+	$(VENV)/bin/monkeytune demo
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
