@@ -20,10 +20,10 @@ from monkeytune.generate import (
     prompt_ids,
     run_interactive,
     score_answer,
-    user_text,
 )
 from monkeytune.model import build_model
 from monkeytune.model.io import load_model, read_tensors, save_model, set_metadata
+from monkeytune.prompts import user_text
 from monkeytune.tokenizer.qwen import QwenTokenizer
 from monkeytune.tokenizer.simple import SimpleTokenizer
 

@@ -3,8 +3,8 @@
 Prompt templates are named and worded in :mod:`monkeytune.prompts`. ``vqa``,
 ``vqa-question-first``, ``caption`` and ``raw`` prompts are rendered with the ``monkey``
 conversation template of :mod:`monkeytune.data.templates` and ``chatml`` with its ``chatml``
-template, so inference sees exactly what training produced. Generation stops at ``<|endoftext|>`` (and, for ChatML, at
-``<|im_end|>`` / ``<|im_start|>``).
+template, so inference sees exactly what training produced. Generation stops at
+``<|endoftext|>`` (and, for ChatML, at ``<|im_end|>`` / ``<|im_start|>``).
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 
 from monkeytune.data.templates import build_prompt
-from monkeytune.prompts import CAPTION_PROMPT, TEMPLATES, user_text  # noqa: F401 (re-exported)
-from monkeytune.tokenizer.base import split_image_tags
+from monkeytune.prompts import TEMPLATES, user_text
 from monkeytune.vision.processor import ImageProcessor
 
 

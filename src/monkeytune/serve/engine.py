@@ -20,7 +20,8 @@ from typing import Iterator
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from monkeytune.generate import GenerationSettings, TokenStreamer, default_template, generate_ids, prompt_ids, stop_ids, user_text
+from monkeytune.generate import GenerationSettings, TokenStreamer, default_template, generate_ids, prompt_ids, stop_ids
+from monkeytune.prompts import user_text
 from monkeytune.serve.tiling import TilingView, describe_tiling
 from monkeytune.serve.uploads import UploadLimits
 
