@@ -27,17 +27,25 @@ class SlotIndex:
         active: ``[M]`` indices of the views with an adapter (slot >= 0).
         slots: ``[M]`` their slots.
         num_views: N, the number of views in the batch.
+        pick: ``[M, K]`` float32 one-hot of ``slots`` over the K adapter slots. Adapters are
+            selected by contracting with it rather than by indexing (``lora_a[slots]``): the
+            backward of a gather accumulates the views of one slot in an order that varies from
+            process to process on a multi-threaded CPU, so runs with the same seed would drift
+            apart; a matmul gives the same selected weights exactly and a reproducible gradient.
     """
 
     active: torch.Tensor
     slots: torch.Tensor
     num_views: int
+    pick: torch.Tensor
 
     @classmethod
-    def from_slots(cls, slots: torch.Tensor) -> "SlotIndex":
-        """Args: slots ``[N]`` int64, -1 for views without an adapter."""
+    def from_slots(cls, slots: torch.Tensor, num_slots: int) -> "SlotIndex":
+        """Args: slots ``[N]`` int64, -1 for views without an adapter; num_slots: K."""
         active = (slots >= 0).nonzero(as_tuple=True)[0]
-        return cls(active, slots[active], int(slots.shape[0]))
+        chosen = slots[active]
+        pick = F.one_hot(chosen, num_slots).float() if num_slots else chosen.new_zeros(0, 0, dtype=torch.float32)
+        return cls(active, chosen, int(slots.shape[0]), pick)
 
 
 class MultiLoRA(nn.Module):
@@ -80,17 +88,13 @@ class MultiLoRA(nn.Module):
         Returns:
             ``[N, L, out_features]``: the delta to add to the base projection's output.
         """
-        index = slots if isinstance(slots, SlotIndex) else SlotIndex.from_slots(slots)
+        index = slots if isinstance(slots, SlotIndex) else SlotIndex.from_slots(slots, self.slots)
         n, length, _ = x.shape
         if index.active.numel() == 0:
             return x.new_zeros(n, length, self.out_features)
-        k = index.slots
         xa = self.dropout(x[index.active])
-        # Select each view's adapter with a one-hot contraction rather than ``lora_a[k]``: the
-        # backward of a gather accumulates the views of one slot in an order that varies from
-        # process to process on CPU, so runs with the same seed would drift apart. A matmul
-        # gives the same selected weights exactly and a reproducible gradient.
-        pick = F.one_hot(k, self.slots).to(self.lora_a.dtype)  # [n_active, slots]
+        # Each view's adapter, selected by a one-hot contraction (see SlotIndex.pick).
+        pick = index.pick.to(self.lora_a.dtype)  # [n_active, slots]
         a = torch.einsum("ns,sri->nri", pick, self.lora_a)
         b = torch.einsum("ns,sor->nor", pick, self.lora_b)
         # Apply each view's adapter in one batched contraction.
