@@ -104,7 +104,7 @@ def _model(preset: str, device: str, checkpointing: bool):
     model = build_model(preset).to(device).train()
     apply_plan(model, TrainPlan("monkey"))
     if checkpointing:
-        from monkeytune.train.setup import enable_llm_checkpointing
+        from monkeytune.model.monkey import enable_llm_checkpointing
 
         enable_llm_checkpointing(model.llm)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)

@@ -41,12 +41,21 @@ def build_llm(cfg: LLMConfig) -> Qwen2ForCausalLM:
         max_position_embeddings=cfg.max_position_embeddings,
         tie_word_embeddings=cfg.tie_word_embeddings,
         use_cache=True,
+        attn_implementation="sdpa",
     )
-    hf_cfg._attn_implementation = "sdpa"
     llm = Qwen2ForCausalLM(hf_cfg)
     if cfg.gradient_checkpointing:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_llm_checkpointing(llm)
     return llm
+
+
+def enable_llm_checkpointing(llm: nn.Module) -> None:
+    """transformers' activation checkpointing of the decoder layers (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):  # the current name; the old one warns
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass

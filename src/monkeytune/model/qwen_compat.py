@@ -7,14 +7,30 @@ inference (``model.eval()``) does two things a plain Qwen2 model does not:
   becomes ``base * alpha ** (dim / (dim - 2))`` with
   ``alpha = max(2 ** ceil(log2(T / seq_length) + 1) - 1, 1)`` for a prompt of ``T`` tokens
   (``alpha`` is 1 up to ``seq_length`` tokens and 3 just above). Decoding steps that follow keep
-  the ``alpha`` chosen for the prompt.
-* **log-n attention scaling**: the query at 0-based position ``p`` is multiplied by
-  ``log(p + 1) / log(seq_length)`` when ``p + 1 > seq_length`` (after the rotary embedding).
+  the ``alpha`` chosen for the prompt. A left-padded batch gets one ``alpha``, from its padded
+  length, as in the official code.
+* **log-n attention scaling**: the query at cache index ``p`` (0-based, left padding counted, as
+  in the official code) is multiplied by ``log(p + 1) / log(seq_length)`` when
+  ``p + 1 > seq_length`` (after the rotary embedding).
 
-Both are off in training mode, as in the official code. The rotary embedding is also applied in
-float32 and rounded back, as the official code does, so bf16/fp16 inference matches it more
-closely. :func:`apply_compat` installs all of this on a loaded LLM; models loaded from official
-folders get it automatically and keep it through monkeytune save/load.
+Both are off in training mode, as in the official code. The rotary embedding is also computed in
+float32 and rounded back to the compute dtype, as the official code does.
+
+Everything goes through transformers' public extension points, so no transformers internals are
+copied or patched:
+
+* :class:`QwenRotaryEmbedding` replaces the decoder's ``rotary_emb`` module. It sees only the
+  position ids, and chooses ``alpha`` from them: a forward whose positions start at 0 is a fresh
+  prompt (``alpha`` from its length), any other continues a cached sequence (``alpha`` kept).
+  Its cos/sin tables are float32, so the attention modules rotate q and k in float32.
+* A function registered with ``transformers.AttentionInterface`` (and the base implementation's
+  mask builder with ``AttentionMaskInterface``) rounds q and k back to the value dtype, applies
+  log-n from the query and key lengths it is given, and calls the base implementation (``sdpa``
+  by default). The model selects it with ``set_attn_implementation``.
+
+Under bf16/fp16 the KV cache therefore keeps keys in float32 (values stay in the compute dtype):
+the keys are rounded when attention reads them, which is what the official code computes, at
+the cost of 1.5x the key/value cache memory during generation.
 """
 
 from __future__ import annotations
@@ -25,7 +41,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.models.qwen2 import modeling_qwen2 as q2
+from transformers import AttentionInterface, AttentionMaskInterface
+
+#: Prefix of the attention implementations registered here; the base implementation follows it.
+ATTENTION_PREFIX = "monkeytune_qwen_"
 
 
 @dataclass
@@ -56,27 +75,34 @@ def ntk_alpha(length: int, seq_length: int) -> float:
     return float(max(2 ** math.ceil(context_value) - 1, 1))
 
 
-def logn_scale(position_ids: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
-    """Per-position query scale ``[B, 1, T, 1]``: ``log_{seq_length}(p + 1)`` beyond ``seq_length``, else 1.
+def logn_scale(positions: torch.Tensor, seq_length: int, dtype: torch.dtype) -> torch.Tensor:
+    """Query scale ``log_{seq_length}(p + 1)`` beyond ``seq_length``, else 1, same shape as ``positions``.
 
     Computed in float64, rounded to float32 (the official table's dtype), then to ``dtype``.
     """
-    p1 = position_ids.to(torch.float64) + 1
+    p1 = positions.to(torch.float64) + 1
     scale = torch.where(p1 > seq_length, torch.log(p1) / math.log(seq_length), torch.ones_like(p1))
-    return scale.to(torch.float32).to(dtype)[:, None, :, None]
+    return scale.to(torch.float32).to(dtype)
 
 
 class QwenRotaryEmbedding(nn.Module):
     """Rotary tables with the official dynamic-NTK rule; returns float32 ``(cos, sin)`` ``[B, T, dim]``.
 
-    ``ntk_alpha`` is set by the pre-hook :func:`apply_compat` installs on the decoder; the
-    inverse frequencies for each alpha are computed once and cached.
+    The NTK ``alpha`` is chosen from the position ids alone: positions that include 0 begin a new
+    sequence (``alpha`` from the longest row, ``max(position) + 1``, which is the padded length of
+    a left-padded batch); positions past 0 continue the cached one and keep its ``alpha``.
+
+    Attributes:
+        alpha: The ``alpha`` of the sequence being decoded.
+        pinned_alpha: When set, used for every forward (e.g. to recompute a cached generation
+            without a cache, where each full-length forward would otherwise choose anew).
     """
 
     def __init__(self, dim: int, base: float, compat: CompatConfig):
         super().__init__()
         self.dim, self.base, self.compat = dim, float(base), compat
-        self.ntk_alpha = 1.0
+        self.alpha = 1.0
+        self.pinned_alpha: float | None = None
         self._inv_freq: dict[tuple[float, str], torch.Tensor] = {}
 
     def inv_freq(self, alpha: float, device: torch.device) -> torch.Tensor:
@@ -90,79 +116,56 @@ class QwenRotaryEmbedding(nn.Module):
     def rebuild(self, device) -> None:  # nothing persistent to rebuild; tables are made on demand
         self._inv_freq.clear()
 
+    def choose_alpha(self, position_ids: torch.Tensor) -> float:
+        """The ``alpha`` for a forward over ``position_ids`` ``[B, T]`` (updates :attr:`alpha`)."""
+        if self.training or not self.compat.use_dynamic_ntk:
+            return 1.0
+        if self.pinned_alpha is not None:
+            return self.pinned_alpha
+        if int(position_ids.min()) == 0:  # a new prompt: decoding steps never revisit position 0
+            self.alpha = ntk_alpha(int(position_ids.max()) + 1, self.compat.seq_length)
+        return self.alpha
+
     @torch.no_grad()
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv = self.inv_freq(self.ntk_alpha, x.device)
+        inv = self.inv_freq(self.choose_alpha(position_ids), x.device)
         freqs = position_ids[..., None].float() * inv
         emb = torch.cat((freqs, freqs), dim=-1)
+        # float32 on purpose: q * cos then runs in float32, as the official rotary does.
         return emb.cos(), emb.sin()
 
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding in float32 (``t`` ``[B, H, T, D]``, cos/sin ``[B, T, D]``), back to ``t``'s dtype."""
-    tf = t.float()
-    cos, sin = cos[:, None], sin[:, None]
-    half = tf.shape[-1] // 2
-    rotated = torch.cat((-tf[..., half:], tf[..., :half]), dim=-1)
-    return (tf * cos + rotated * sin).to(t.dtype)
+def _compat_attention(base: str):
+    """An attention function for ``AttentionInterface``: official rounding and log-n, then ``base``."""
+    inner = AttentionInterface()[base]
+
+    def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+        # q and k come out of the float32 rotary in float32; the official code rounds them back.
+        query, key = query.to(value.dtype), key.to(value.dtype)
+        settings = module.config.qwen_compat
+        if settings["use_logn_attn"] and not module.training:
+            # Queries are the last query-length entries of the key sequence (cache included).
+            end = key.shape[-2]
+            index = torch.arange(end - query.shape[-2], end, device=query.device)
+            query = query * logn_scale(index, settings["seq_length"], query.dtype)[:, None]
+        return inner(module, query, key, value, attention_mask, **kwargs)
+
+    return attention
 
 
-class QwenCompatAttention(q2.Qwen2Attention):
-    """``Qwen2Attention`` with float32 rotary and the official log-n query scaling at inference.
-
-    Installed by changing the class of existing attention modules, so their projections
-    (possibly wrapped by adapters) and attention backend stay as they are.
-    """
-
-    compat: CompatConfig
-
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
-        input_shape = hidden_states.shape[:-1]
-        hidden_shape = (*input_shape, -1, self.head_dim)
-        query = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        key = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        query, key = _rotate(query, cos, sin), _rotate(key, cos, sin)
-        if self.compat.use_logn_attn and not self.training:
-            positions = kwargs.get("position_ids")
-            if positions is None:
-                past = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
-                positions = torch.arange(past, past + query.shape[2], device=query.device)[None]
-            query = query * logn_scale(positions, self.compat.seq_length, query.dtype)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
-        attention = q2.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, q2.eager_attention_forward)
-        out, weights = attention(
-            self,
-            query,
-            key,
-            value,
-            attention_mask,
-            dropout=0.0 if not self.training else self.attention_dropout,
-            scaling=self.scaling,
-            sliding_window=self.sliding_window,
-            **kwargs,
+def _register(base: str) -> str:
+    """Register the compat attention over ``base`` (once) and return its name."""
+    attention_names = AttentionInterface()
+    if base not in attention_names:
+        raise ValueError(
+            f"attention implementation {base!r} has no registered function to build the Qwen compat layer on; "
+            f"use one of {sorted(k for k in attention_names if not k.startswith(ATTENTION_PREFIX))}"
         )
-        return self.o_proj(out.reshape(*input_shape, -1).contiguous()), weights
-
-
-def _choose_alpha(decoder: nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook on the decoder: pick the NTK alpha for a fresh prompt, keep it while decoding."""
-    rotary = decoder.rotary_emb
-    compat = rotary.compat
-    if decoder.training or not compat.use_dynamic_ntk:
-        rotary.ntk_alpha = 1.0
-        return
-    past = kwargs.get("past_key_values")
-    if past is not None and past.get_seq_length() > 0:
-        return
-    inputs = kwargs.get("inputs_embeds")
-    if inputs is None:
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-    if inputs is None:
-        return
-    rotary.ntk_alpha = ntk_alpha(int(inputs.shape[1]), compat.seq_length)
+    name = ATTENTION_PREFIX + base
+    if name not in attention_names:
+        AttentionInterface.register(name, _compat_attention(base))
+        AttentionMaskInterface.register(name, AttentionMaskInterface()[base])
+    return name
 
 
 def apply_compat(llm: nn.Module, compat: CompatConfig) -> nn.Module:
@@ -179,23 +182,19 @@ def apply_compat(llm: nn.Module, compat: CompatConfig) -> nn.Module:
     cfg = llm.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     base = cfg.rope_parameters["rope_theta"]
-    device = decoder.embed_tokens.weight.device
-    decoder.rotary_emb = QwenRotaryEmbedding(head_dim, base, compat).to(device)
-    for layer in decoder.layers:
-        attn = layer.self_attn
-        if not isinstance(attn, q2.Qwen2Attention):
-            raise TypeError(f"expected Qwen2Attention layers, got {type(attn).__name__}")
-        attn.__class__ = QwenCompatAttention
-        attn.compat = compat
-    old = getattr(decoder, "_monkeytune_ntk_hook", None)
-    if old is not None:
-        old.remove()
-    decoder._monkeytune_ntk_hook = decoder.register_forward_pre_hook(_choose_alpha, with_kwargs=True)
-    llm._monkeytune_compat = compat
+    decoder.rotary_emb = QwenRotaryEmbedding(head_dim, base, compat)
+    current = cfg._attn_implementation or "sdpa"
+    underlying = current.removeprefix(ATTENTION_PREFIX)
+    # "eager" has no entry in the interface (models fall back to their own eager code); sdpa
+    # computes the same attention.
+    name = _register("sdpa" if underlying == "eager" else underlying)
+    cfg.qwen_compat = compat.to_dict()
+    llm.set_attn_implementation(name)
     return llm
 
 
 def get_compat(model: nn.Module) -> CompatConfig | None:
     """The compat flags installed on a model (or its ``.llm``), None when plain Qwen2."""
     llm = getattr(model, "llm", model)
-    return getattr(llm, "_monkeytune_compat", None)
+    settings = getattr(getattr(llm, "config", None), "qwen_compat", None)
+    return CompatConfig.from_dict(settings) if settings else None

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import ModelConfig, get_config
+from monkeytune.model.monkey import enable_llm_checkpointing
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.sampler import EpochBatchSampler
 
@@ -145,15 +146,6 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
     if "vit" in cfg.train.gradient_checkpointing:
         model.vision.gradient_checkpointing = True
     return model.float().train(), tokenizer
-
-
-def enable_llm_checkpointing(llm: nn.Module) -> None:
-    """transformers' activation checkpointing of the decoder layers (non-reentrant)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(llm, "activation_checkpointing_enable"):  # the name since transformers 5.x
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir: Path, rank: int, world_size: int):
