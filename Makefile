@@ -1,19 +1,27 @@
 # Two entry points: `make demo` (the embedded demo end to end, no weights or network) and `make test`.
-# Both create .venv on first use. torch is installed first and pinned to the CPU build
-# available here; the package itself only asks for a range.
+# Both create .venv on first use and install the exact set CI tested, from requirements/lock.txt:
+# torch first (its CPU build is on the machine; a plain `torch` requirement would pull CUDA), then
+# the package and its extras under the lock's constraints. `make lock` refreshes the lock.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-TORCH_SPEC ?= torch==2.13.0
+LOCK := requirements/lock.txt
+EXTRAS := dev,serve
+# The torch line of the lock; for a CUDA build keep the version and add an index, e.g.
+# make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
+# The tests that name an upstream break: official numerics, generation, adapters, one training run.
+UPSTREAM_TESTS := tests/model tests/test_generate.py tests/policy/test_presets.py tests/policy/test_rules.py \
+	tests/train/test_resume.py tests/train/test_final_save.py
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test bench lock test-upstream test-floor
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed
@@ -24,3 +32,50 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/vision.py
+
+# Resolve every dependency afresh, to the newest release within pyproject.toml's ranges, and write
+# the pins (pip, setuptools and torch included) to the lock. To move to newer releases: check them
+# with `make test-upstream`, raise the caps in pyproject.toml, `make lock`, then `make test`, and
+# commit the lock only with a passing suite.
+LOCK_VENV := .venv-lock
+TORCH_VERSION ?= 2.13.0
+lock:
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
+	$(LOCK_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(LOCK_VENV)/bin/python -m pip install -q ".[$(EXTRAS)]"
+	mkdir -p $(dir $(LOCK))
+	{ echo "# The exact set CI tests (Python 3.11, Linux x86-64). Made by 'make lock'; installed by 'make install'."; \
+	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \
+	    | grep -v '^monkeytune' | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'; } > $(LOCK)
+	rm -rf $(LOCK_VENV)
+
+# The same package against the newest transformers, peft and accelerate that install here, for the
+# tests above. CI runs it before the locked suite and reports a failure without blocking.
+UPSTREAM := .venv-upstream
+$(UPSTREAM)/.installed: pyproject.toml $(LOCK)
+	test -x $(UPSTREAM)/bin/python || $(PYTHON) -m venv $(UPSTREAM)
+	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) pip
+	$(UPSTREAM)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) -e ".[dev]"
+	$(UPSTREAM)/bin/python -m pip install -q --upgrade transformers peft accelerate
+	touch $@
+
+test-upstream: $(UPSTREAM)/.installed
+	$(UPSTREAM)/bin/python -m pip list 2>/dev/null | grep -E '^(transformers|peft|accelerate|torch) '
+	$(UPSTREAM)/bin/python -m pytest -q $(UPSTREAM_TESTS)
+
+# The same package at the floors of pyproject.toml's ranges (each direct requirement at the lowest
+# version it allows), for the whole suite. Run by hand when a floor moves; the result is in the README.
+FLOOR := .venv-floor
+$(FLOOR)/.installed: pyproject.toml
+	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
+	$(FLOOR)/bin/python -m pip install -q -c $(LOCK) pip
+	$(PYTHON) requirements/floor_pins.py dev > $(FLOOR)/floors.txt
+	$(FLOOR)/bin/python -m pip install -q $(TORCH_SPEC)
+	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/floors.txt -e ".[dev]"
+	touch $@
+
+test-floor: $(FLOOR)/.installed
+	$(FLOOR)/bin/python -m pytest -q
