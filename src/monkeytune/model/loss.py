@@ -23,8 +23,10 @@ def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor | None)
     return (F.cross_entropy(logits.float(), targets, reduction="none") * w).sum()
 
 
-def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    return _ce_sum(F.linear(hidden, weight), targets, w)
+def _chunk_ce_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module, w: torch.Tensor | None) -> torch.Tensor:
+    # The head is called as a module, never through its weight tensor: engines that shard
+    # parameters (ZeRO-3, FSDP) gather them in the module's forward, recomputation included.
+    return _ce_sum(head(hidden), targets, w)
 
 
 def supervised_loss(
@@ -40,7 +42,7 @@ def supervised_loss(
         hidden: ``[B, T, H]`` final hidden states.
         labels: ``[B, T]`` token ids aligned with the inputs; ``-100`` marks unsupervised
             positions. Position ``t`` of ``hidden`` predicts ``labels[:, t + 1]``.
-        lm_head: The output projection (an ``nn.Linear`` without bias, possibly wrapped by peft).
+        lm_head: The output projection ``H -> vocab`` (any module, e.g. wrapped by peft).
         chunk_size: Supervised positions per LM-head chunk.
         weights: Optional ``[B, T]`` weight of each target ``labels[b, t]`` (e.g. one over its
             sample's target count for a per-sample loss); the sum is then weighted.
@@ -61,17 +63,13 @@ def supervised_loss(
         # every data-parallel rank runs the same backward (DDP waits for each parameter's grad).
         reach = hidden.sum() + lm_head(hidden[:, :1]).float().sum()
         return reach * 0.0, num_tokens
-    weight = getattr(lm_head, "weight", None)
-    if not isinstance(lm_head, nn.Linear) or getattr(lm_head, "bias", None) is not None or weight is None:
-        # A wrapped head (e.g. peft LoRA on lm_head): call the module, no chunked recomputation.
-        return _ce_sum(lm_head(selected), targets, w), num_tokens
     if selected.shape[0] <= chunk_size:
-        return _chunk_ce_sum(selected, targets, weight, w), num_tokens
+        return _chunk_ce_sum(selected, targets, lm_head, w), num_tokens
     total = selected.new_zeros((), dtype=torch.float32)
     for start in range(0, selected.shape[0], chunk_size):
         end = start + chunk_size
         w_chunk = None if w is None else w[start:end]
         total = total + checkpoint(
-            _chunk_ce_sum, selected[start:end], targets[start:end], weight, w_chunk, use_reentrant=False
+            _chunk_ce_sum, selected[start:end], targets[start:end], lm_head, w_chunk, use_reentrant=False
         )
     return total, num_tokens

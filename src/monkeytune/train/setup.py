@@ -46,8 +46,13 @@ def make_accelerator(cfg: TrainConfig):
     # accelerate only forms a multi-process CPU group (gloo) when told to use the CPU; do so for
     # runs launched with several processes (torchrun) on a machine without CUDA.
     launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if launched and deepspeed and not torch.cuda.is_available():
+        from accelerate import PartialState
+
+        PartialState(backend="gloo")
     acc = Accelerator(
-        cpu=launched and not torch.cuda.is_available(),
+        cpu=launched and not torch.cuda.is_available() and not deepspeed,
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
@@ -69,6 +74,8 @@ def configure_engine(accelerator, cfg: TrainConfig) -> None:
         return
     ds = plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.optim.grad_clip
 
