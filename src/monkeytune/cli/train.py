@@ -72,13 +72,14 @@ def run(args: argparse.Namespace) -> int:
     from monkeytune.model.io import CheckpointError as ModelFolderError
     from monkeytune.policy import PlanError
     from monkeytune.train.checkpoint import CheckpointError
+    from monkeytune.train.engine import EngineError
     from monkeytune.train.loop import TrainingError, train
     from monkeytune.train.setup import SetupError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(cfg, resume=resume)
-    except (SetupError, PlanError, CheckpointError, ModelFolderError, DataError, FileNotFoundError) as e:
+    except (SetupError, EngineError, PlanError, CheckpointError, ModelFolderError, DataError, FileNotFoundError) as e:
         print(f"monkeytune train: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

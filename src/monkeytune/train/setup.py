@@ -1,9 +1,8 @@
-"""Building a run's pieces from its configuration: engine, model, tokenizer, data, policy."""
+"""Building a run's pieces from its configuration: model, tokenizer, data, policy (the engine: ``engine.py``)."""
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -17,67 +16,9 @@ from monkeytune.train.sampler import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
 
-MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-
 
 class SetupError(ValueError):
     """A run that cannot start; the message says which setting to change."""
-
-
-def make_accelerator(cfg: TrainConfig):
-    """An ``accelerate.Accelerator`` for this run.
-
-    Gradient accumulation is the engine's (so DeepSpeed's own accumulation lines up); the loss
-    passed to ``backward`` is multiplied back by the accumulation steps because the engine
-    divides by them, and the loop normalises by the step's token count itself. The scheduler
-    is stepped by the loop once per optimizer step, not by the engine.
-    """
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    # accelerate keeps precision and accumulation settings process-wide and refuses different
-    # ones later; a process may run several trainings (tests, notebooks), so start afresh. The
-    # process group itself (PartialState) is kept.
-    AcceleratorState._reset_state()
-    GradientState._reset_state()
-
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
-    # accelerate only forms a multi-process CPU group (gloo) when told to use the CPU; do so for
-    # runs launched with several processes (torchrun) on a machine without CUDA.
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
-    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    if launched and deepspeed and not torch.cuda.is_available():
-        from accelerate import PartialState
-
-        PartialState(backend="gloo")
-    acc = Accelerator(
-        cpu=launched and not torch.cuda.is_available() and not deepspeed,
-        mixed_precision=MIXED_PRECISION[cfg.train.precision],
-        gradient_accumulation_steps=cfg.train.grad_accum,
-        step_scheduler_with_optimizer=False,
-        kwargs_handlers=[ddp],
-    )
-    if cfg.train.precision == "fp16" and acc.scaler is None and acc.distributed_type.value != "DEEPSPEED":
-        logger.warning("fp16 mixed precision needs a GPU; on %s the run computes in fp32", acc.device)
-    return acc
-
-
-def configure_engine(accelerator, cfg: TrainConfig) -> None:
-    """Give DeepSpeed what it would otherwise read from a prepared DataLoader or a JSON file.
-
-    monkeytune feeds batches itself (its sampler must resume exactly), so the engine learns
-    the micro-batch size here; gradient clipping left at ``auto`` follows ``optim.grad_clip``.
-    """
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    ds = plugin.deepspeed_config
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch_size
-    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
-    ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = cfg.optim.grad_clip
 
 
 def check_engine(accelerator, cfg: TrainConfig) -> None:
@@ -88,11 +29,6 @@ def check_engine(accelerator, cfg: TrainConfig) -> None:
             f"train.grad_accum is {cfg.train.grad_accum}; remove gradient_accumulation_steps from the "
             "accelerate/DeepSpeed config (monkeytune passes train.grad_accum to the engine)"
         )
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether model/optimizer state is sharded by the engine (FSDP, DeepSpeed)."""
-    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
 
 
 def ensure_synthetic_data(cfg: TrainConfig, accelerator) -> None:

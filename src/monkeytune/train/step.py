@@ -1,0 +1,168 @@
+"""One optimizer step, top to bottom.
+
+window counts -> forward -> backward -> clip -> step -> schedule -> log -> checkpoint
+
+One step ("window") is ``grad_accum`` micro-batches on every process. Their supervised-token (or
+sample) counts are summed over all ranks first, and each micro-batch then backpropagates
+``loss_sum / window_count``, so the update is the same whatever the split into micro-batches
+and processes (see :mod:`monkeytune.train.losses`). Everything that differs between engines
+(DDP, FSDP2, DeepSpeed, the fp16 loss scaler) sits behind :class:`~monkeytune.train.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from monkeytune.train.checkpoint import CheckpointManager
+from monkeytune.train.config import TrainConfig
+from monkeytune.train.engine import Engine
+from monkeytune.train.final import assert_finite
+from monkeytune.train.losses import sample_weights, supervised_count
+from monkeytune.train.metrics import MetricsLog, Progress
+from monkeytune.train.sampler import Position
+from monkeytune.train.state import ever_trained_names, write_checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many consecutive non-finite steps)."""
+
+
+@dataclass
+class StepContext:
+    """What a step reads and updates; built once by :func:`monkeytune.train.loop.train`."""
+
+    cfg: TrainConfig
+    engine: Engine
+    model: Any  # the bare model (weights, names, finiteness checks)
+    scheduler: Any
+    schedule: Any  # the unfreezing schedule
+    stage_index: int
+    sharded: bool
+    metrics: MetricsLog
+    progress: Progress
+    checkpoints: CheckpointManager
+    batches_per_epoch: int
+    total_steps: int
+    send_to_device: Callable
+    bad_steps: int = 0
+    last_checkpoint: Path | None = None
+    t_last: float = field(default_factory=time.perf_counter)
+
+    @property
+    def inner_optimizer(self) -> torch.optim.Optimizer:
+        optimizer = self.engine.optimizer
+        return getattr(optimizer, "optimizer", optimizer)
+
+
+def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str, Any]]]) -> dict[str, Any]:
+    """Run optimizer step ``step`` (1-based) on ``window`` (``grad_accum`` micro-batches).
+
+    Returns:
+        The step's metrics row (``loss`` is ``nan`` for a skipped step).
+
+    Raises:
+        TrainingError: after ``train.max_bad_steps`` consecutive non-finite steps.
+    """
+    cfg, engine, acc = ctx.cfg, ctx.engine, ctx.engine.accelerator
+    batches = [b for _, b in window]
+    position = window[-1][0]
+    per_sample = cfg.train.loss_norm == "per_sample"
+
+    # Window counts: supervised tokens (or samples) of the whole step, over every rank.
+    weights, totals = [], torch.zeros(3, dtype=torch.float64)
+    for b in batches:
+        totals[0] += supervised_count(b["labels"])
+        w, n = sample_weights(b["labels"], b.get("position_ids"))
+        totals[1] += n
+        totals[2] += float(b["seq_lens"].sum()) if "seq_lens" in b else b["input_ids"].numel()
+        weights.append(w if per_sample else None)
+    totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+    denom = float(totals[1] if per_sample else totals[0])
+    # The engine divides by grad_accum and averages over processes; undo both so each
+    # micro-batch contributes exactly objective_sum / (count over the whole step).
+    scale = cfg.train.grad_accum * acc.num_processes / max(denom, 1.0)
+
+    # Forward and backward, one micro-batch at a time.
+    engine.module.train()
+    objective = torch.zeros((), dtype=torch.float64, device=acc.device)
+    for batch, w in zip(batches, weights):
+        batch = ctx.send_to_device(batch, acc.device)
+        with acc.accumulate(engine.module):
+            out = engine.module(batch, None if w is None else w.to(acc.device))
+            objective += out.detach().double()
+            engine.backward(out * scale)
+    loss = float(acc.reduce(objective, reduction="sum")) / max(denom, 1.0)
+
+    # Clip.
+    norm = engine.clip_grad_norm(cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+    reason = None
+    if not math.isfinite(loss):
+        reason = f"loss is {loss}"
+    elif not math.isfinite(norm) and not engine.updates_in_backward:
+        reason = f"gradient norm is {norm}"
+    bad = reason is not None
+    if denom == 0 and not bad:
+        reason = "no supervised tokens in the step"
+
+    # Step (unless the step is bad or empty; the engine may skip it too) and schedule.
+    lr = max(g["lr"] for g in ctx.inner_optimizer.param_groups)  # the rate this step uses
+    skipped_by_engine = engine.optimizer_step(apply=reason is None)
+    if skipped_by_engine:
+        reason, bad = reason or skipped_by_engine, True
+    applied = reason is None
+    if applied:
+        ctx.scheduler.step()
+    engine.zero_grad()
+
+    # Log.
+    now = time.perf_counter()
+    row = {
+        "step": step,
+        "epoch": round(position.epoch + position.batch / ctx.batches_per_epoch, 4),
+        "loss": loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None,
+        "tokens": int(totals[0]), "samples": int(totals[1]),
+        "tokens_per_s": round(float(totals[2]) / max(now - ctx.t_last, 1e-9), 1),
+        "skipped": not applied,
+    }
+    ctx.t_last = now
+    ctx.bad_steps = ctx.bad_steps + 1 if bad else 0
+    if not applied:
+        in_a_row = f" ({ctx.bad_steps} in a row)" if ctx.bad_steps else ""
+        ctx.progress.write(f"step {step}: {reason}; step skipped" + in_a_row)
+        logger.warning("step %d skipped: %s", step, reason)
+        if ctx.bad_steps >= cfg.train.max_bad_steps:
+            raise TrainingError(
+                f"{ctx.bad_steps} consecutive steps had a non-finite loss or gradient (last: {reason}); "
+                "stopping. Lower optim.lr, check the data, or use train.precision bf16/fp32."
+            )
+    if step % cfg.log.every == 0 or step == ctx.total_steps:
+        ctx.metrics.log(row)
+    ctx.progress.update(loss, lr, row["tokens_per_s"])
+
+    # Checkpoint.
+    if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
+        state = {"step": step, "epoch": position.epoch, "batch": position.batch,
+                 "stage": ctx.stage_index, "bad_steps": ctx.bad_steps,
+                 "world_size": acc.num_processes, "micro_batch_size": cfg.train.micro_batch_size,
+                 "grad_accum": cfg.train.grad_accum, "total_steps": ctx.total_steps}
+        ctx.last_checkpoint = save_checkpoint(ctx, state)
+    return row
+
+
+def save_checkpoint(ctx: StepContext, state: dict[str, Any]) -> Path:
+    """Write checkpoint ``state["step"]`` (refusing non-finite weights)."""
+    step = state["step"]
+    assert_finite(ctx.model, f"checkpoint at step {step}")
+    names = ever_trained_names(ctx.model, ctx.schedule, step) if not ctx.sharded else []
+    return ctx.checkpoints.save(step, lambda folder: write_checkpoint(
+        folder, accelerator=ctx.engine.accelerator, cfg=ctx.cfg, model=ctx.model, optimizer=ctx.inner_optimizer,
+        scheduler=ctx.scheduler, names=names, state=state, sharded=ctx.sharded))
