@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
-EXTRAS := dev,serve
+EXTRAS := dev,serve,deepspeed
 # The torch line of the lock; for a CUDA build keep the version and add an index, e.g.
 # make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
@@ -16,9 +16,11 @@ UPSTREAM_TESTS := tests/model tests/test_generate.py tests/policy/test_presets.p
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) pip setuptools
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
+	# No build isolation: DeepSpeed's build imports torch, so it must build against the torch just
+	# installed (an isolated build would fetch another one), and ours uses the locked setuptools.
+	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
 .PHONY: install demo test bench lock test-upstream test-floor
@@ -44,7 +46,7 @@ lock:
 	$(PYTHON) -m venv $(LOCK_VENV)
 	$(LOCK_VENV)/bin/python -m pip install -q --upgrade pip setuptools
 	$(LOCK_VENV)/bin/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(LOCK_VENV)/bin/python -m pip install -q ".[$(EXTRAS)]"
+	$(LOCK_VENV)/bin/python -m pip install -q --no-build-isolation ".[$(EXTRAS)]"
 	mkdir -p $(dir $(LOCK))
 	{ echo "# The exact set CI tests (Python 3.11, Linux x86-64). Made by 'make lock'; installed by 'make install'."; \
 	  $(LOCK_VENV)/bin/python -m pip freeze --all --exclude-editable \

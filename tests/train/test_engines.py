@@ -1,10 +1,11 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 for real: two CPU processes under `accelerate launch` with the shipped configs.
+"""Engines for real: DeepSpeed ZeRO-2/3 and a two-machine launch, as CPU processes under `accelerate launch`.
 
 Each engine trains the micro model from the shipped accelerate config (``--num_processes 2``
 overriding its 8 GPUs; DeepSpeed's CPU accelerator over gloo) and is compared with one process
 that sees the same global batches: losses within 1e-5 (relative), sharded checkpoints with the
 engine's state that resume to the same losses and weights, a final save that gathers full weights
 into a normal model folder, a trainable-only final save, and the run record naming the engine.
+Two launchers with ``--num_machines 2`` meeting on loopback stand for two machines.
 """
 
 from __future__ import annotations
@@ -34,12 +35,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def launch_command(config_file: str, run_yaml: Path, *overrides: str, port: int, launcher_args=()) -> list[str]:
+    return [ACCELERATE, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / config_file),
+            "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(port),
+            *launcher_args, "-m", "monkeytune.cli.train", str(run_yaml), *overrides]
+
+
 def launch(config_file: str, run_yaml: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "examples" / "accelerate" / config_file),
-           "--num_processes", "2", "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port()),
-           "-m", "monkeytune.cli.train", str(run_yaml), *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    cmd = launch_command(config_file, run_yaml, *overrides, port=free_port())
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -117,3 +124,24 @@ def test_unfreezing_stages_are_refused_under_deepspeed(make_config, engine_secti
     # Each rank exits with 2 and the message; the launcher itself reports the failure as 1.
     proc = launch("deepspeed_zero2.yaml", tmp_path / "run.yaml", expect=1)
     assert "policy.unfreeze stages need a single-process or DDP run: deepspeed-zero2 fixes" in proc.stderr
+
+
+def test_two_machines_match_one_machine(make_config, engine_sections, single_process, tmp_path):
+    """Two launchers (machine ranks 0 and 1, one process each) meet on 127.0.0.1 and train as DDP."""
+    cfg = make_config("two-machines", **engine_sections)
+    cfg.save(tmp_path / "run.yaml")
+    port = free_port()
+    procs = [
+        subprocess.Popen(launch_command("multi_node.yaml", tmp_path / "run.yaml", port=port,
+                                        launcher_args=("--num_machines", "2", "--machine_rank", str(rank))),
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for rank in (0, 1)
+    ]
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    run = Path(cfg.checkpoint.output_dir)
+    record = json.loads((run / "run.json").read_text())
+    assert record["engine"] == "ddp" and record["world_size"] == 2 and record["num_machines"] == 2
+    got = losses(run)
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(single_process.losses),
+                               rtol=1e-5, atol=0)

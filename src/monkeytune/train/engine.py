@@ -155,7 +155,7 @@ def write_run_record(run_dir: Path, accelerator, cfg: TrainConfig) -> dict[str, 
     record = {
         "engine": engine_of(accelerator),
         "world_size": accelerator.num_processes,
-        "num_machines": int(os.environ.get("NUM_MACHINES", os.environ.get("GROUP_WORLD_SIZE", "1")) or 1),
+        "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun's node count
         "precision": cfg.train.precision,
         "device": str(accelerator.device),
         "python": platform.python_version(),
