@@ -85,6 +85,17 @@ def write_text_atomic(path: Path, text: str) -> None:
     _fsync_dir(path.parent)
 
 
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete ``.tmp-*`` and ``.old-*`` folders an interrupted save left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
+
+
 class CheckpointManager:
     """Folders under ``root`` named by step, written atomically, pruned to the last ``keep_last``.
 

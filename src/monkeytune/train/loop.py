@@ -18,9 +18,10 @@ from typing import Any, Callable
 
 import torch
 
-from monkeytune.train.checkpoint import CheckpointManager, read_state
+from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_leftovers
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.final import assert_finite, rebuild_from_state, save_final
+from monkeytune.train.lock import RunLock, RunLockedError
 from monkeytune.train.losses import TrainingModule, sample_weights, supervised_count
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
@@ -30,6 +31,7 @@ from monkeytune.train.setup import (
     build_data,
     build_schedule,
     check_engine,
+    check_environment,
     configure_engine,
     ensure_synthetic_data,
     is_sharded,
@@ -100,16 +102,18 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
 
     from monkeytune.policy import apply_plan, apply_stage, check_trainable_consistent, plan_report, rewrap_ddp
 
+    check_environment(cfg)
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
-    handler = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = _add_file_log(run_dir)
+    lock, handler = _claim_run_dir(run_dir, acc)
     try:
-        ensure_synthetic_data(cfg, acc)
         ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
+        if main:
+            # Nothing else writes here while the lock is held, so these are crash leftovers.
+            remove_leftovers(run_dir)
+            remove_leftovers(ckpts.root)
+        ensure_synthetic_data(cfg, acc)
         spec = resume if resume is not None else cfg.checkpoint.resume
         resume_dir = ckpts.resolve(spec) if spec else None
         if spec == "latest" and resume_dir is None:
@@ -224,6 +228,39 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(run_dir: Path, acc) -> tuple[RunLock | None, logging.Handler | None]:
+    """Create the run folder and take its lock (main process); every rank learns the outcome.
+
+    Raises:
+        RunLockedError: another live run holds the folder.
+        SetupError: the folder cannot be created or written.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    lock, handler, refusal = None, None, [None]
+    if acc.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            lock.acquire()
+            handler = _add_file_log(run_dir)
+        except RunLockedError as e:
+            lock, refusal = None, [("locked", str(e))]
+        except OSError as e:
+            if lock is not None:
+                lock.release()
+            lock, refusal = None, [("setup", f"cannot write to checkpoint.output_dir {run_dir}: "
+                                              f"{e.strerror or e}")]
+    # The other ranks would otherwise wait at the first barrier for a main process that left.
+    refusal = broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        kind, message = refusal[0]
+        raise RunLockedError(message) if kind == "locked" else SetupError(message)
+    return lock, handler
 
 
 def _stage_by_index(schedule, index: int):

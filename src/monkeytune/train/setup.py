@@ -23,6 +23,15 @@ class SetupError(ValueError):
     """A run that cannot start; the message says which setting to change."""
 
 
+def check_environment(cfg: TrainConfig) -> None:
+    """Refuse, before anything is built, settings this installation cannot honour."""
+    import importlib.util
+
+    if cfg.log.tensorboard == "true" and importlib.util.find_spec("tensorboard") is None:
+        raise SetupError("log.tensorboard is true but the tensorboard package is not installed: "
+                         "pip install tensorboard, or set log.tensorboard auto or false")
+
+
 def make_accelerator(cfg: TrainConfig):
     """An ``accelerate.Accelerator`` for this run.
 
