@@ -18,8 +18,9 @@ from typing import Any, Callable
 
 import torch
 
-from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_leftovers
+from monkeytune.train.checkpoint import CheckpointError, CheckpointManager, read_state, remove_leftovers
 from monkeytune.train.config import TrainConfig
+from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.final import assert_finite, rebuild_from_state, save_final
 from monkeytune.train.lock import RunLock, RunLockedError
 from monkeytune.train.losses import TrainingModule, sample_weights, supervised_count
@@ -37,10 +38,11 @@ from monkeytune.train.setup import (
     is_sharded,
     load_model_and_tokenizer,
     make_accelerator,
+    tokenizer_dir,
     total_steps,
 )
 from monkeytune.train.state import (
-    compare_configs,
+    resume_differences,
     ever_trained_names,
     load_engine_state,
     load_model_state,
@@ -82,7 +84,8 @@ def _add_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
+          accept_changes: bool = False) -> TrainResult:
     """Run (or continue) training as ``cfg`` says.
 
     Args:
@@ -91,6 +94,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             ``latest`` with no checkpoint yet starts a fresh run.
         on_step: Called on every process after each optimizer step with the step's metrics
             (exceptions propagate: raising there interrupts the run like a crash would).
+        accept_changes: Resume even when the data, tokenizer, model or a setting that changes
+            the model or the sample order differs from the checkpoint's (each is logged).
 
     Returns:
         :class:`TrainResult`.
@@ -123,9 +128,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or choose another checkpoint.output_dir")
         saved = read_state(resume_dir) if resume_dir else None
+        fingerprint = run_fingerprint(cfg, tokenizer_dir(cfg))
         if resume_dir is not None:
-            for diff in compare_configs(resume_dir, cfg):
-                logger.warning("resuming with a changed setting (%s)", diff)
+            _check_same_run(resume_dir, cfg, fingerprint, accept_changes)
         if main:
             print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
             cfg.save(run_dir / "config.yaml")
@@ -163,7 +168,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
                         position.epoch, position.batch)
 
-        loop = _Loop(cfg, acc, module, model, optimizer, scheduler, schedule, stage.index, sharded)
+        loop = _Loop(cfg, acc, module, model, optimizer, scheduler, schedule, stage.index, sharded, fingerprint)
         metrics = MetricsLog(run_dir, main, cfg.log.tensorboard, resume_step=start_step if saved else None)
         progress = Progress(steps_total, start_step, main and cfg.log.progress)
         stream = micro_batches(dataset, sampler, collator, position, cfg.data.num_workers, cfg.train.seed)
@@ -263,6 +268,20 @@ def _claim_run_dir(run_dir: Path, acc) -> tuple[RunLock | None, logging.Handler 
     return lock, handler
 
 
+def _check_same_run(resume_dir: Path, cfg: TrainConfig, fingerprint: dict[str, Any], accept_changes: bool) -> None:
+    """Refuse to resume a different run (every difference listed) unless the change is meant."""
+    refused, allowed = resume_differences(resume_dir, cfg, fingerprint)
+    if refused and not accept_changes:
+        raise CheckpointError(
+            f"cannot resume from {resume_dir}: the run differs from the one that wrote it: " + "; ".join(refused)
+            + ". Pass --resume-changed if the change is meant (the resumed run then mixes both)"
+        )
+    for diff in refused:
+        logger.warning("resuming with a changed input, as --resume-changed allows (%s)", diff)
+    for diff in allowed:
+        logger.warning("resuming with a changed setting (%s)", diff)
+
+
 def _stage_by_index(schedule, index: int):
     """The :class:`StageState` of stage ``index`` (-1: the base plan)."""
     if not -1 <= index < len(schedule.stages):
@@ -309,11 +328,12 @@ class _Loop:
     """State and arithmetic of one optimizer step."""
 
     def __init__(self, cfg: TrainConfig, acc, module, model, optimizer, scheduler, schedule, stage_index: int,
-                 sharded: bool):
+                 sharded: bool, fingerprint: dict[str, Any]):
         self.cfg, self.acc, self.module, self.model = cfg, acc, module, model
         self.optimizer, self.scheduler, self.schedule = optimizer, scheduler, schedule
         self.stage_index = stage_index
         self.sharded = sharded
+        self.fingerprint = fingerprint
         self.per_sample = cfg.train.loss_norm == "per_sample"
         # DeepSpeed applies the update inside backward; its optimizer wrapper's step is a no-op.
         self.deepspeed = acc.distributed_type.value == "DEEPSPEED"
@@ -329,7 +349,8 @@ class _Loop:
         names = ever_trained_names(self.model, self.schedule, step) if not self.sharded else []
         return ckpts.save(step, lambda folder: write_checkpoint(
             folder, accelerator=self.acc, cfg=self.cfg, model=self.model, optimizer=self.inner_optimizer,
-            scheduler=self.scheduler, names=names, state=state, sharded=self.sharded))
+            scheduler=self.scheduler, names=names, state=state, sharded=self.sharded,
+            fingerprint=self.fingerprint))
 
     def _counts(self, batches: list[dict[str, Any]]) -> tuple[list[Any], torch.Tensor]:
         """Per-batch weights (per-sample mode) and the global ``[tokens, samples, input tokens]``."""

@@ -109,7 +109,8 @@ def ensure_synthetic_data(cfg: TrainConfig, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _tokenizer_dir(cfg: TrainConfig) -> str | None:
+def tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """The tokenizer folder the run uses; None means the ``model.from`` folder's own."""
     if cfg.model.tokenizer:
         return cfg.model.tokenizer
     if cfg.data.synthetic > 0:
@@ -129,7 +130,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
     from monkeytune.model import build_model
     from monkeytune.tokenizer.loading import load_tokenizer
 
-    tok_dir = _tokenizer_dir(cfg)
+    tok_dir = tokenizer_dir(cfg)
     if cfg.model.from_dir:
         from monkeytune.model.io import load_model
 
