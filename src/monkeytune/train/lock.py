@@ -76,3 +76,33 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def claim_run_dir(run_dir: Path, accelerator) -> RunLock | None:
+    """Create the run folder and take its lock on the main process; every rank learns the outcome.
+
+    Returns:
+        The held lock on the main process, None on the others.
+
+    Raises:
+        RunLockedError: another live run holds the folder.
+        SetupError: the folder cannot be created or written (e.g. a read-only file system).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    lock, refusal = None, [None]
+    if accelerator.is_main_process:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            lock = RunLock(run_dir)
+            lock.acquire()  # creating the lock file also proves the folder is writable
+        except RunLockedError as e:
+            lock, refusal = None, [("locked", str(e))]
+        except OSError as e:
+            lock, refusal = None, [("setup", f"cannot write to checkpoint.output_dir {run_dir}: {e.strerror or e}")]
+    # The other ranks would otherwise wait at the first barrier for a main process that left.
+    refusal = broadcast_object_list(refusal, from_process=0)
+    if refusal[0] is not None:
+        kind, message = refusal[0]
+        raise RunLockedError(message) if kind == "locked" else SetupError(message)
+    return lock

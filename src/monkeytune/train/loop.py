@@ -18,11 +18,11 @@ from typing import Any, Callable
 
 import torch
 
-from monkeytune.train.checkpoint import CheckpointError, CheckpointManager, read_state, remove_leftovers
+from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_leftovers
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.final import assert_finite, rebuild_from_state, save_final
-from monkeytune.train.lock import RunLock, RunLockedError
+from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.losses import TrainingModule, sample_weights, supervised_count
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
@@ -42,7 +42,7 @@ from monkeytune.train.setup import (
     total_steps,
 )
 from monkeytune.train.state import (
-    resume_differences,
+    check_same_run,
     ever_trained_names,
     load_engine_state,
     load_model_state,
@@ -111,8 +111,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
-    lock, handler = _claim_run_dir(run_dir, acc)
+    lock = claim_run_dir(run_dir, acc)
+    handler = None
     try:
+        handler = _add_file_log(run_dir) if main else None
         ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
         if main:
             # Nothing else writes here while the lock is held, so these are crash leftovers.
@@ -130,7 +132,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         saved = read_state(resume_dir) if resume_dir else None
         fingerprint = run_fingerprint(cfg, tokenizer_dir(cfg))
         if resume_dir is not None:
-            _check_same_run(resume_dir, cfg, fingerprint, accept_changes)
+            check_same_run(resume_dir, cfg, fingerprint, accept_changes)
         if main:
             print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
             cfg.save(run_dir / "config.yaml")
@@ -235,51 +237,6 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             handler.close()
         if lock is not None:
             lock.release()
-
-
-def _claim_run_dir(run_dir: Path, acc) -> tuple[RunLock | None, logging.Handler | None]:
-    """Create the run folder and take its lock (main process); every rank learns the outcome.
-
-    Raises:
-        RunLockedError: another live run holds the folder.
-        SetupError: the folder cannot be created or written.
-    """
-    from accelerate.utils import broadcast_object_list
-
-    lock, handler, refusal = None, None, [None]
-    if acc.is_main_process:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            lock = RunLock(run_dir)
-            lock.acquire()
-            handler = _add_file_log(run_dir)
-        except RunLockedError as e:
-            lock, refusal = None, [("locked", str(e))]
-        except OSError as e:
-            if lock is not None:
-                lock.release()
-            lock, refusal = None, [("setup", f"cannot write to checkpoint.output_dir {run_dir}: "
-                                              f"{e.strerror or e}")]
-    # The other ranks would otherwise wait at the first barrier for a main process that left.
-    refusal = broadcast_object_list(refusal, from_process=0)
-    if refusal[0] is not None:
-        kind, message = refusal[0]
-        raise RunLockedError(message) if kind == "locked" else SetupError(message)
-    return lock, handler
-
-
-def _check_same_run(resume_dir: Path, cfg: TrainConfig, fingerprint: dict[str, Any], accept_changes: bool) -> None:
-    """Refuse to resume a different run (every difference listed) unless the change is meant."""
-    refused, allowed = resume_differences(resume_dir, cfg, fingerprint)
-    if refused and not accept_changes:
-        raise CheckpointError(
-            f"cannot resume from {resume_dir}: the run differs from the one that wrote it: " + "; ".join(refused)
-            + ". Pass --resume-changed if the change is meant (the resumed run then mixes both)"
-        )
-    for diff in refused:
-        logger.warning("resuming with a changed input, as --resume-changed allows (%s)", diff)
-    for diff in allowed:
-        logger.warning("resuming with a changed setting (%s)", diff)
 
 
 def _stage_by_index(schedule, index: int):

@@ -171,3 +171,17 @@ def resume_differences(folder: Path, cfg: TrainConfig, fingerprint: dict[str, An
             old, fingerprint = {**old, "model_config": None}, {**fingerprint, "model_config": None}
         refused += fingerprint_differences(old, fingerprint)
     return refused, allowed
+
+
+def check_same_run(resume_dir: Path, cfg: TrainConfig, fingerprint: dict[str, Any], accept_changes: bool) -> None:
+    """Refuse to resume a different run (every difference listed) unless the change is meant."""
+    refused, allowed = resume_differences(resume_dir, cfg, fingerprint)
+    if refused and not accept_changes:
+        raise CheckpointError(
+            f"cannot resume from {resume_dir}: the run differs from the one that wrote it: " + "; ".join(refused)
+            + ". Pass --resume-changed if the change is meant (the resumed run then mixes both)"
+        )
+    for diff in refused:
+        logger.warning("resuming with a changed input, as --resume-changed allows (%s)", diff)
+    for diff in allowed:
+        logger.warning("resuming with a changed setting (%s)", diff)
