@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from monkeytune.config import ModelConfig
@@ -37,7 +35,9 @@ from monkeytune.model.weights import (  # noqa: F401  (re-exported: the public n
     iter_tensors,
     materialize_buffers,
     name_list,
+    open_safetensors,
     read_tensors,
+    save_safetensors,
     unique_state_dict,
     weight_files,
     write_tensors,
@@ -328,7 +328,7 @@ def save_adapters(model: nn.Module, path: str | Path, names: list[str] | None = 
     if not names:
         raise ValueError("no parameters to save: none requires grad and no names were given")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().to("cpu").contiguous() for n in names}, str(path), metadata={"format": "pt"})
+    save_safetensors({n: params[n].detach().to("cpu").contiguous() for n in names}, path, metadata={"format": "pt"})
     return path
 
 
@@ -354,7 +354,7 @@ def load_adapters(
         if p.is_dir():
             tensors = read_tensors(p)
         else:
-            with safe_open(str(p), framework="pt", device="cpu") as f:
+            with open_safetensors(p) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     else:
         tensors, where = source, where or "adapter tensors"

@@ -11,11 +11,10 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from monkeytune.train.checkpoint import CheckpointError, load_rng, save_rng, write_state
+from monkeytune.model.weights import open_safetensors, save_safetensors
+from monkeytune.train.checkpoint import CheckpointError, load_rng, load_torch, save_rng, save_torch, write_state
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.fingerprint import save_fingerprint
 
@@ -62,7 +61,7 @@ def save_weights(model: nn.Module, names: list[str], path: Path) -> None:
             continue
         seen.add(p.data_ptr())
         out[n] = p.detach().to("cpu").contiguous()
-    save_file(out, str(path), metadata={"format": "pt"})
+    save_safetensors(out, path, metadata={"format": "pt"})
 
 
 def load_weights(model: nn.Module, path: Path) -> list[str]:
@@ -73,7 +72,7 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
     """
     params = dict(model.named_parameters())
     loaded = []
-    with safe_open(str(path), framework="pt", device="cpu") as f, torch.no_grad():
+    with open_safetensors(path) as f, torch.no_grad():
         for n in f.keys():
             if n not in params:
                 raise CheckpointError(f"{path}: parameter {n} is not in the model (was the policy or model changed?)")
@@ -95,10 +94,10 @@ def write_checkpoint(
     if accelerator.is_main_process:
         if not sharded:
             save_weights(model, names, folder / WEIGHTS_FILE)
-            torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+            save_torch(optimizer.state_dict(), folder / "optimizer.pt")
+        save_torch(scheduler.state_dict(), folder / "scheduler.pt")
         if accelerator.scaler is not None:
-            torch.save(accelerator.scaler.state_dict(), folder / "scaler.pt")
+            save_torch(accelerator.scaler.state_dict(), folder / "scaler.pt")
         cfg.save(folder / CONFIG_FILE)
         save_fingerprint(folder, fingerprint)
         write_state(folder, state)
@@ -109,8 +108,8 @@ def load_model_state(folder: Path, model: nn.Module, optimizer, scheduler, shard
     """Before ``accelerator.prepare``: trained weights, optimizer and scheduler states."""
     if not sharded:
         load_weights(model, folder / WEIGHTS_FILE)
-        optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+        optimizer.load_state_dict(load_torch(folder / "optimizer.pt"))
+    scheduler.load_state_dict(load_torch(folder / "scheduler.pt"))
 
 
 def load_engine_state(folder: Path, accelerator, sharded: bool) -> None:
@@ -119,7 +118,7 @@ def load_engine_state(folder: Path, accelerator, sharded: bool) -> None:
         accelerator.load_state(str(folder / "engine"))
     scaler_file = folder / "scaler.pt"
     if accelerator.scaler is not None and scaler_file.is_file():
-        accelerator.scaler.load_state_dict(torch.load(scaler_file, weights_only=True))
+        accelerator.scaler.load_state_dict(load_torch(scaler_file))
     if not load_rng(folder, accelerator.process_index):
         logger.warning("%s has no RNG state for rank %d; dropout will differ from an uninterrupted run",
                        folder, accelerator.process_index)
