@@ -117,3 +117,41 @@ def test_a_read_only_output_folder_is_one_line(make_config, monkeypatch, capsys)
     assert main(["train", str(path)]) == 2
     err = capsys.readouterr().err
     assert err == f"monkeytune train: cannot write to checkpoint.output_dir {cfg.checkpoint.output_dir}: Read-only file system\n"
+
+
+def test_a_model_too_large_for_memory_is_refused_before_building(make_config, micro_model, monkeypatch):
+    from monkeytune import model as model_pkg
+
+    micro_model["llm"]["num_layers"] = 10_000_000
+
+    def no_build(config):
+        raise AssertionError("the model was built before the size check")
+
+    monkeypatch.setattr(model_pkg, "build_model", no_build)
+    with pytest.raises(SetupError, match=r"^model: the model config describes about \d\.\d+e\+11 parameters "
+                                         r"\([\d,.]+ GiB at 4 bytes each\), more than this machine's memory"):
+        train(make_config("huge", model={"config": micro_model}))
+
+
+def test_config_mistakes_stop_before_anything_is_printed_or_built(make_config, micro_model, tmp_path, capsys):
+    path = tmp_path / "typo.yaml"
+    make_config("typo").save(path)
+    assert main(["train", str(path), "--model.preset", "tinny", "--model.config", "null"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the resolved configuration is not printed
+    assert captured.err == (f"monkeytune train: {path}: model.preset: unknown preset 'tinny' (did you mean tiny?); "
+                            "known: mid, monkey-7b, qwen-vl-7b, tiny\n")
+    for override, message in ((["--optim.eps", "0"], "optim.eps must be > 0, got 0.0"),
+                              (["--optim.lr", ".inf"], "optim.lr must be a finite number, got inf"),
+                              (["--optim.lr", "nan"], "optim.lr must be a finite number, got nan")):
+        assert main(["train", str(path), *override]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err == f"monkeytune train: {path}: {message}\n"
+    micro_model["llm"]["num_layers"] = -2
+    bad = make_config("typo").to_dict()
+    bad["model"]["config"] = micro_model
+    import yaml
+
+    path.write_text(yaml.safe_dump(bad))
+    assert main(["train", str(path)]) == 2
+    assert "model.config: llm.num_layers must be an integer >= 0, got -2" in capsys.readouterr().err

@@ -213,6 +213,16 @@ def _model_config(info: dict[str, Any], directory: Path) -> ModelConfig:
     return config
 
 
+def check_size(config: ModelConfig, where: str | Path) -> None:
+    """Refuse, before building, a config whose weights cannot fit in this machine's memory."""
+    from monkeytune.memory import check_fits_in_memory
+
+    try:
+        check_fits_in_memory(config)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
 def _build_on_meta(config: ModelConfig):
     from monkeytune.model import build_model
 
@@ -247,6 +257,7 @@ def load_monkeytune(
     directory = Path(directory)
     info = read_config(directory)
     config = _model_config(info, directory)
+    check_size(config, directory / CONFIG_FILE)
     metadata = dict(info.get("metadata") or {})
     tensors = read_tensors(directory, device)
     if info.get("complete", True):

@@ -158,6 +158,15 @@ def write_tensors(
     return paths
 
 
+def _pickle_reason(e: Exception) -> str:
+    """The line of torch's refusal that says what the pickle wanted, without its ANSI styling."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()[:200]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and plain containers (no code from the pickle runs)."""
     try:
@@ -171,7 +180,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refusing to load: the pickle asks to run code or build objects other than "
-            f"tensors ({_ANSI.sub('', str(e)).splitlines()[0][:200]}). Only plain state dicts are accepted; convert "
+            f"tensors ({_pickle_reason(e)}). Only plain state dicts are accepted; convert "
             "the file to safetensors with a trusted tool if you trust its origin."
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):

@@ -127,6 +127,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
     ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
     and vocabulary size are taken from the tokenizer (``ModelConfig.matched_to_tokenizer``).
     """
+    from monkeytune.memory import check_fits_in_memory
     from monkeytune.model import build_model
     from monkeytune.tokenizer.loading import load_tokenizer
 
@@ -144,6 +145,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
             raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
         tokenizer = load_tokenizer(tok_dir)
         mcfg = get_config(cfg.model.preset) if cfg.model.preset else ModelConfig.from_dict(cfg.model.config)
+        try:
+            # fp32 master weights; refused before minutes are spent building what cannot fit.
+            check_fits_in_memory(mcfg.matched_to_tokenizer(tokenizer), bytes_per_param=4)
+        except ValueError as e:
+            raise SetupError(f"model: {e}") from None
         torch.manual_seed(cfg.model.init_seed)
         model = build_model(mcfg.matched_to_tokenizer(tokenizer))
     try:
