@@ -102,3 +102,17 @@ def test_a_kill_during_the_final_save_leaves_the_old_final_or_none_and_resume_fi
     assert result.steps == 2 and not (run / ".tmp-final").exists()
     model, tokenizer = load_model(run / "final")
     assert tokenizer is not None and model.config.name == "micro"
+
+
+@pytest.mark.parametrize("name", ["weights.safetensors", "optimizer.pt", "rng/rank-00000.pt"])
+def test_a_corrupt_checkpoint_file_is_named_on_resume(make_config, tmp_path, capsys, name):
+    cfg = make_config("corrupt", train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    path = Path(cfg.checkpoint.output_dir) / "checkpoints" / "step-00000001" / name
+    path.write_bytes(path.read_bytes()[:100])  # cut short, as a full disk or a bad copy leaves it
+    config = tmp_path / "corrupt.yaml"
+    make_config("corrupt", train={"max_steps": 2}).save(config)
+    assert main(["train", str(config), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"monkeytune train: {path}: ") and "truncated or corrupt" in err, err
+    assert err.count("\n") == 1
