@@ -25,7 +25,7 @@ from monkeytune.train.config import TrainConfig
 
 FINGERPRINT_FILE = "fingerprint.json"
 FULL_HASH_BYTES = 256 * 2**20
-SAMPLE_BLOCKS = 256
+SAMPLE_BLOCKS = 64
 BLOCK_BYTES = 2**20
 
 
