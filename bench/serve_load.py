@@ -5,7 +5,8 @@ Starts ``monkeytune serve`` on the loopback address in a subprocess (a tiny rand
 Gradio's HTTP API (``gradio_client``). The requests cycle through these kinds:
 
 * ``normal``: a small picture and a short question;
-* ``endless``: a short question with 2048 new tokens (the time limit stops it);
+* ``endless``: a short question with up to 2048 new tokens (the time limit stops those that run
+  too long; a random model often ends earlier on its own);
 * ``long``: a 100,000-character question;
 * ``huge``: a 2,000,000-character question;
 * ``bomb``: a 20000x20000 PNG of a few KiB (400 megapixels when decoded);
