@@ -121,3 +121,18 @@ def test_resume_lists_every_difference_and_the_cli_says_it_in_one_line(make_conf
     for part in ("data.padding: 'dynamic' -> 'max_length'", "model.init_seed: 0 -> 5",
                  "policy.rules: [] -> ['freeze: vision.*']", "model config llm.intermediate_size: 128 -> 96"):
         assert part in err, part
+
+
+def test_resume_refuses_a_changed_tokenizer(make_config, synthetic, tmp_path):
+    import shutil
+
+    from monkeytune.train.checkpoint import CheckpointError
+
+    tok = tmp_path / "tok"
+    shutil.copytree(synthetic[1], tok)
+    cfg = make_config("tokrun", model={"tokenizer": str(tok)}, train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    changed = sorted(p for p in tok.iterdir() if p.is_file())[0]
+    changed.write_bytes(changed.read_bytes() + b"\n")  # still valid, no longer the same file
+    with pytest.raises(CheckpointError, match=rf"tokenizer file {changed.name} changed"):
+        train(make_config("tokrun", model={"tokenizer": str(tok)}, train={"max_steps": 2}), resume="latest")

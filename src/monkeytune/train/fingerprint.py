@@ -47,10 +47,10 @@ def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def folder_fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
-    """The fingerprints of every file under ``folder``, by relative path."""
+    """The fingerprints of the files directly in ``folder`` (tokenizer and weight files live
+    there; subfolders, e.g. a run's checkpoints beside its model, are not what is read)."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): file_fingerprint(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(".")}
+    return {p.name: file_fingerprint(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def model_config_dict(cfg: TrainConfig) -> dict[str, Any] | None:
