@@ -133,6 +133,15 @@ class LLMConfig:
     gradient_checkpointing: bool = False
 
 
+# Sizes a config.json may state, with their smallest sensible values (anything smaller builds a
+# broken model, or fails deep inside torch with an unhelpful message).
+_MIN_VISION = {"patch_size": 1, "width": 1, "layers": 0, "heads": 1, "pos_grid": 1, "output_dim": 1,
+               "n_queries": 1, "resampler_heads": 0, "lora_slots": 0, "lora_rank_attn": 1, "lora_rank_mlp": 1}
+_MIN_LLM = {"hidden_size": 1, "num_layers": 0, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 1,
+            "vocab_size": 1, "max_position_embeddings": 1}
+_SECTION_NAME = {VisionConfig: "vision", ImageConfig: "image", LLMConfig: "llm"}
+
+
 @dataclass
 class ModelConfig:
     """A whole model: vision tower, view layout, LLM and the image token ids.
@@ -158,6 +167,13 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field when the sizes do not fit together."""
         v, im, llm = self.vision, self.image, self.llm
+        for section, at_least in ((v, _MIN_VISION), (im, {"window_size": 1}), (llm, _MIN_LLM)):
+            for name, low in at_least.items():
+                value = getattr(section, name)
+                if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                    raise ValueError(f"{_SECTION_NAME[type(section)]}.{name} must be an integer >= {low}, got {value!r}")
+        if len(im.grid) != 2 or any(not isinstance(g, int) or g < 0 for g in im.grid):
+            raise ValueError(f"image.grid must be two integers >= 0, got {im.grid!r}")
         if v.output_dim != llm.hidden_size:
             raise ValueError(
                 f"vision.output_dim ({v.output_dim}) must equal llm.hidden_size ({llm.hidden_size})"

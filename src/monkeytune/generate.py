@@ -9,15 +9,17 @@ template, so inference sees exactly what training produced. Generation stops at
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
+from transformers import StoppingCriteriaList
 
 from monkeytune.data.templates import build_prompt
+from monkeytune.limits import Deadline, GenerationTimeout, check_prompt_length, check_raw_length
 from monkeytune.prompts import TEMPLATES, user_text
+from monkeytune.streaming import TokenStreamer
 from monkeytune.vision.processor import ImageProcessor
 
 
@@ -42,6 +44,8 @@ def prompt_ids(
     image: str | None = None,
     history: Sequence[tuple[str, str]] = (),
     system: str | None = None,
+    config: Any = None,
+    max_new_tokens: int = 0,
 ) -> tuple[list[int], list[str]]:
     """Token ids of a generation prompt and the image paths it names.
 
@@ -54,10 +58,20 @@ def prompt_ids(
         history: Earlier ``(user_text, answer)`` exchanges (already rendered user texts), for
             multi-turn ChatML.
         system: ChatML system prompt (default: the template's).
+        config: The model's ``ModelConfig``: when given, a prompt that cannot fit before
+            ``max_new_tokens`` new tokens is refused, from its raw length first (see
+            :mod:`monkeytune.limits`).
+        max_new_tokens: Tokens to be generated after the prompt.
 
     Returns:
         ``(ids, image_paths)``.
+
+    Raises:
+        PromptTooLongError: with ``config``, a prompt longer than the model can take.
     """
+    if config is not None:
+        texts = [text, system or "", *(t for pair in history for t in pair)]
+        check_raw_length(texts, tokenizer, config, max_new_tokens)
     turns: list[dict[str, str]] = []
     if system is not None and template == "chatml":
         turns.append({"role": "system", "content": system})
@@ -65,7 +79,10 @@ def prompt_ids(
         turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     turns.append({"role": "user", "content": user_text(template, text, image)})
     kind = "chatml" if template == "chatml" else "monkey"
-    return build_prompt(kind, turns, tokenizer, tokens_per_image, add_generation_prompt=True)
+    ids, images = build_prompt(kind, turns, tokenizer, tokens_per_image, add_generation_prompt=True)
+    if config is not None:
+        check_prompt_length(len(ids), config, max_new_tokens)
+    return ids, images
 
 
 def stop_ids(tokenizer: Any, template: str) -> list[int]:
@@ -101,68 +118,25 @@ def load_views(
     return views.to(device=device, dtype=dtype), slots.to(device)
 
 
-class TokenStreamer:
-    """Writes generated text as it comes (a transformers streamer over a monkeytune tokenizer).
-
-    The first ``put`` (the prompt) is skipped. Text is decoded from all tokens so far and only
-    the new suffix is written, holding back a trailing incomplete UTF-8 character.
-
-    Args:
-        tokenizer: Decodes ids (special tokens skipped).
-        out: Stream to write to, or a callable taking each new piece of text.
-    """
-
-    def __init__(self, tokenizer: Any, out: TextIO | Callable[[str], Any] = sys.stdout):
-        self.tokenizer = tokenizer
-        self.out = out
-        self.tokens: list[int] = []
-        self.written = 0
-        self._prompt_seen = False
-
-    def _emit(self, text: str) -> None:
-        if not text:
-            return
-        if callable(self.out) and not hasattr(self.out, "write"):
-            self.out(text)
-        else:
-            self.out.write(text)
-            self.out.flush()
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self._prompt_seen:
-            self._prompt_seen = True
-            return
-        if value.dim() > 1 and value.shape[0] > 1:
-            raise ValueError("TokenStreamer streams a single sequence")
-        self.tokens.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.tokens)
-        if text.endswith("\ufffd"):
-            return
-        self._emit(text[self.written :])
-        self.written = len(text)
-
-    def end(self) -> None:
-        text = self.tokenizer.decode(self.tokens)
-        self._emit(text[self.written :])
-        self.written = len(text)
-
-    @property
-    def text(self) -> str:
-        return self.tokenizer.decode(self.tokens)
-
-
 @dataclass
 class GenerationSettings:
-    """Decoding settings; ``temperature == 0`` means greedy."""
+    """Decoding settings; ``temperature == 0`` means greedy.
+
+    ``time_limit_s`` ends a generation at the next token after that many seconds
+    (:class:`~monkeytune.limits.GenerationTimeout`); None: no limit.
+    """
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)
+    time_limit_s: float | None = None
 
     def kwargs(self) -> dict[str, Any]:
         if self.temperature < 0 or not 0 < self.top_p <= 1:
             raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.time_limit_s is not None and not self.time_limit_s > 0:
+            raise ValueError(f"the time limit must be above 0 seconds, got {self.time_limit_s}")
         kw: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, **self.extra}
         if self.temperature > 0:
             kw.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0)
@@ -201,7 +175,17 @@ def generate_ids(
         stops: Stop ids (see :func:`stop_ids`).
         image_root: Folder relative image paths are resolved against.
         streamer: Optional :class:`TokenStreamer` (batch of one only).
+
+    Raises:
+        PromptTooLongError: a prompt longer than the model can take with ``max_new_tokens``.
+        GenerationTimeout: ``settings.time_limit_s`` ran out (the answers so far attached).
     """
+    for ids, _ in prompts:
+        check_prompt_length(len(ids), model.config, settings.max_new_tokens)
+    kwargs = settings.kwargs()
+    deadline = Deadline(settings.time_limit_s) if settings.time_limit_s else None
+    if deadline is not None:
+        kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), deadline])
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in prompts)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)
@@ -220,9 +204,13 @@ def generate_ids(
         eos_token_id=list(stops),
         pad_token_id=tokenizer.pad_id,
         streamer=streamer,
-        **settings.kwargs(),
+        **kwargs,
     )
-    return [cut_at_stop(row.tolist(), stops) for row in out]
+    answers = [cut_at_stop(row.tolist(), stops) for row in out]
+    if deadline is not None and deadline.expired:
+        raise GenerationTimeout(
+            f"the answer was stopped after {deadline.seconds:g} s, the time limit per request", partial=answers)
+    return answers
 
 
 def answer(
@@ -241,9 +229,10 @@ def answer(
         The answer text, stripped.
     """
     template = template or default_template(model)
-    ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, text, image, history)
-    streamer = TokenStreamer(tokenizer, stream) if stream is not None else None
     settings = settings or GenerationSettings()
+    ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, text, image, history,
+                             config=model.config, max_new_tokens=settings.max_new_tokens)
+    streamer = TokenStreamer(tokenizer, stream) if stream is not None else None
     new = generate_ids(model, tokenizer, [(ids, images)], settings, stop_ids(tokenizer, template), streamer=streamer)
     return tokenizer.decode(new[0]).strip()
 
@@ -265,8 +254,11 @@ def score_answer(
     Returns:
         ``{"tokens": [{"id", "text", "logprob"}...], "sum_logprob", "mean_nll", "num_tokens"}``.
     """
+    # Prompt and answer share the model's positions: both count against its length.
+    check_raw_length([prompt, answer_text], tokenizer, model.config, what="the prompt with its answer")
     ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, prompt, image)
     ans = tokenizer.encode(answer_text)
+    check_prompt_length(len(ids) + len(ans), model.config, what="the prompt with its answer")
     if not ans:
         raise ValueError("the answer is empty: nothing to score")
     if not ids:
@@ -331,7 +323,8 @@ class ChatSession:
         multi = self.template == "chatml"
         image = self.image if not (multi and self.history) else None
         ids, images = prompt_ids(self.template, self.tokenizer, self.model.config.tokens_per_image, text, image,
-                                 self.history if multi else (), self.system)
+                                 self.history if multi else (), self.system, config=self.model.config,
+                                 max_new_tokens=self.settings.max_new_tokens)
         streamer = TokenStreamer(self.tokenizer, stream) if stream is not None else None
         new = generate_ids(self.model, self.tokenizer, [(ids, images)], self.settings,
                            stop_ids(self.tokenizer, self.template), streamer=streamer)

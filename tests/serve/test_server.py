@@ -61,6 +61,9 @@ def test_bad_requests_get_messages_and_the_server_keeps_serving(server, picture,
         _ask(client, "what?", sampling=True, temperature=0).result()
     _, _, notice = _ask(client, "", template="caption").result()
     assert "needs an image" in notice
+    # A 2,000,000-character question (1,999,999 once stripped) is refused from its length, with a message in the page.
+    _, _, notice = _ask(client, "why " * 500_000).result()
+    assert "the prompt is 1,999,999 characters long, more than this model can take" in notice
 
     client.predict(handle_file(str(picture)), api_name="/set_image")
     chat, _, notice = _ask(client, "what is on the left?").result()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -30,7 +31,11 @@ def test_nan_steps_are_skipped(make_config, monkeypatch):
     result = train(make_config("nan", train={"max_steps": 5}, checkpoint={"every": 5, "final_save": "full"}))
     rows = read_metrics(result.run_dir / "metrics.jsonl")
     assert [r["skipped"] for r in rows] == [False, True, True, False, False]
-    assert math.isnan(rows[1]["loss"]) and math.isfinite(rows[3]["loss"])
+    # A skipped step's NaN loss is written as null: every line is strict JSON.
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    strict = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in metrics.jsonl")) for line in lines]
+    assert strict == rows
+    assert rows[1]["loss"] is None and math.isfinite(rows[3]["loss"])
     # The schedule did not advance on skipped steps: steps 2-4 all use the rate of step 2.
     assert rows[1]["lr"] == rows[2]["lr"] == rows[3]["lr"] != rows[4]["lr"]
     assert all(torch.isfinite(p).all() for p in result.model.parameters())

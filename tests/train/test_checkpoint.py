@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
 
 import numpy as np
@@ -38,10 +40,12 @@ def test_a_failed_write_leaves_the_previous_checkpoint_current(tmp_path):
 
     def broken(folder):
         (folder / "payload.txt").write_text("half")
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder / "payload.txt"))
 
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match=r"no space left on device while writing checkpoint step-00000002 "
+                       r"\(.*payload.txt\); the last good checkpoint .*step-00000001 is unchanged"):
         m.save(2, broken)
+    assert not (tmp_path / ".tmp-step-00000002").exists()  # the partial folder is gone
     assert m.latest().name == "step-00000001"
     assert [p.name for p in m.checkpoints()] == ["step-00000001"]
     m.save(2, writer("2"))  # the stale temporary folder is replaced

@@ -12,10 +12,12 @@ EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_flags_are_separated_from_overrides():
-    assert split_flags(["--resume", "--train.seed", "3"]) == ("latest", False, ["--train.seed", "3"])
+    assert split_flags(["--resume", "--train.seed", "3"]) == ("latest", False, ["--train.seed", "3"], False)
     assert split_flags(["--resume", "runs/x/checkpoints/step-00000010", "--print-config"]) == (
-        "runs/x/checkpoints/step-00000010", True, [])
-    assert split_flags(["--resume=latest"]) == ("latest", False, [])
+        "runs/x/checkpoints/step-00000010", True, [], False)
+    assert split_flags(["--resume=latest"]) == ("latest", False, [], False)
+    assert split_flags(["--resume", "--resume-changed"]) == ("latest", False, [], True)
+    assert split_flags(["--resume-changed", "--resume", "ck"]) == ("ck", False, [], True)
 
 
 def test_cli_trains_prints_and_reports_errors(make_config, tmp_path, capsys):

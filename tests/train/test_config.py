@@ -65,6 +65,15 @@ def test_yaml_values_and_overrides_are_converted(tmp_path):
         (BASE, ["max_steps=3"], r"unexpected argument 'max_steps=3'"),
         (BASE.replace("  lr: 1e-5", "  lr: fast"), [], r"run\.yaml:7: optim\.lr: expected a number, got 'fast'"),
         ("- a\n- b\n", [], r"top level must be a mapping"),
+        (BASE, ["--model.preset", "tinny"], r"model\.preset: unknown preset 'tinny' \(did you mean tiny\?\)"),
+        (BASE, ["--optim.eps", "0"], r"optim\.eps must be > 0, got 0\.0"),
+        (BASE, ["--optim.eps", "-1e-8"], r"optim\.eps must be > 0"),
+        (BASE, ["--optim.lr", ".inf"], r"optim\.lr must be a finite number, got inf"),
+        (BASE, ["--optim.lr", "nan"], r"optim\.lr must be a finite number, got nan"),
+        (BASE.replace("  lr: 1e-5", "  lr: .inf"), [], r"run\.yaml: optim\.lr must be a finite number, got inf"),
+        (BASE, ["--optim.weight_decay", "nan"], r"optim\.weight_decay must be a finite number"),
+        (BASE, ["--optim.betas", "[0.9, .nan]"], r"optim\.betas must be a finite number"),
+        (BASE, ["--policy.lr", "{llm: .inf}"], r"policy\.lr\.llm must be a non-negative number"),
     ],
 )
 def test_errors_name_the_place(tmp_path, text, overrides, pattern):

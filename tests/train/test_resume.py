@@ -77,3 +77,62 @@ def test_a_fresh_run_refuses_a_folder_with_checkpoints(make_config):
     train(cfg)
     with pytest.raises(SetupError, match="pass --resume to continue it"):
         train(cfg)
+
+
+def test_resume_refuses_another_init_seed_unless_the_change_is_meant(make_config):
+    from monkeytune.train.checkpoint import CheckpointError
+
+    cfg = make_config("seed", train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    reseeded = make_config("seed", train={"max_steps": 2}, model={"init_seed": 1})
+    # Frozen weights are rebuilt from the seed: the resumed model would mix two initialisations.
+    with pytest.raises(CheckpointError, match=r"model\.init_seed: 0 -> 1\. Pass --resume-changed"):
+        train(reseeded, resume="latest")
+    assert train(reseeded, resume="latest", accept_changes=True).steps == 2
+
+
+def test_resume_refuses_a_data_file_edited_under_the_same_name(make_config, synthetic, tmp_path):
+    from monkeytune.train.checkpoint import CheckpointError
+
+    data = synthetic[0].parent / f"{tmp_path.name}.jsonl"  # beside the images it names
+    lines = synthetic[0].read_text().splitlines(keepends=True)
+    data.write_text("".join(lines))
+    cfg = make_config("edit", data={"train": str(data)}, train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    data.write_text("".join(reversed(lines)))  # same size, same name, another sample order
+    longer = make_config("edit", data={"train": str(data)}, train={"max_steps": 2})
+    with pytest.raises(CheckpointError, match=rf"data file {data} changed \(\d+ bytes, hash \w+ -> \d+ bytes"):
+        train(longer, resume="latest")
+
+
+def test_resume_lists_every_difference_and_the_cli_says_it_in_one_line(make_config, micro_model, tmp_path, capsys):
+    from monkeytune.cli import main
+
+    cfg = make_config("many", train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    micro_model["llm"]["intermediate_size"] = 96
+    changed = make_config("many", train={"max_steps": 2}, model={"init_seed": 5, "config": micro_model},
+                          data={"padding": "max_length"}, policy={"rules": ["freeze: vision.*"]})
+    path = tmp_path / "many.yaml"
+    changed.save(path)
+    assert main(["train", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    for part in ("data.padding: 'dynamic' -> 'max_length'", "model.init_seed: 0 -> 5",
+                 "policy.rules: [] -> ['freeze: vision.*']", "model config llm.intermediate_size: 128 -> 96"):
+        assert part in err, part
+
+
+def test_resume_refuses_a_changed_tokenizer(make_config, synthetic, tmp_path):
+    import shutil
+
+    from monkeytune.train.checkpoint import CheckpointError
+
+    tok = tmp_path / "tok"
+    shutil.copytree(synthetic[1], tok)
+    cfg = make_config("tokrun", model={"tokenizer": str(tok)}, train={"max_steps": 1}, checkpoint={"every": 1})
+    train(cfg)
+    changed = sorted(p for p in tok.iterdir() if p.is_file())[0]
+    changed.write_bytes(changed.read_bytes() + b"\n")  # still valid, no longer the same file
+    with pytest.raises(CheckpointError, match=rf"tokenizer file {changed.name} changed"):
+        train(make_config("tokrun", model={"tokenizer": str(tok)}, train={"max_steps": 2}), resume="latest")

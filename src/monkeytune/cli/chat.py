@@ -37,18 +37,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop an answer that takes longer than this (default: no limit)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from monkeytune.generate import ChatSession, GenerationSettings, load_for_inference, run_interactive
+    from monkeytune.limits import GenerationTimeout
     from monkeytune.model.io import CheckpointError
     from monkeytune.vision.image import ImageLoadError
 
     template = "raw" if args.raw else args.template
     try:
         model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
-        settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p)
+        settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p,
+                                      time_limit_s=args.time_limit)
         settings.kwargs()  # validates the numbers before any work
         session = ChatSession(model, tokenizer, template, args.image, settings, args.system)
         if args.prompt is not None:
@@ -57,6 +61,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         run_interactive(session, sys.stdin, sys.stdout, prompt=sys.stderr if sys.stdin.isatty() else None)
         return 0
+    except GenerationTimeout as e:
+        sys.stdout.write("\n")  # after the text streamed so far
+        print(f"monkeytune chat: {e}", file=sys.stderr)
+        return 2
     except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune chat: {e}", file=sys.stderr)
         return 2

@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt template (default: the one the model folder records, else chatml for chat "
                    "checkpoints, else vqa)")
     p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop a batch whose answers take longer than this (default: no limit)")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for predictions.jsonl and metrics.json")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default=None)
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         read_predictions,
         write_results,
     )
+    from monkeytune.limits import GenerationTimeout
     from monkeytune.model.io import CheckpointError
     from monkeytune.vision.image import ImageLoadError
 
@@ -75,8 +78,8 @@ def run(args: argparse.Namespace) -> int:
 
             template = args.template or default_template(model)
             predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, template,
-                                           args.max_new_tokens, progress=progress)
-    except (EvalDataError, CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+                                           args.max_new_tokens, progress=progress, time_limit_s=args.time_limit)
+    except (EvalDataError, CheckpointError, ImageLoadError, ValueError, FileNotFoundError, GenerationTimeout) as e:
         print(f"monkeytune eval: {e}", file=sys.stderr)
         return 2
     if args.out:

@@ -11,7 +11,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monkeytune.serve.engine import TEMPLATE_LABELS
+    from monkeytune.serve.engine import DEFAULT_TIME_LIMIT_S, TEMPLATE_LABELS
     from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, DEMO_ROOT
 
     p = subparsers.add_parser(
@@ -32,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=sorted(TEMPLATE_LABELS), default=None,
                    help="preselected prompt template (default: chatml for chat models, else vqa)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MiB (default 20)")
+    p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS",
+                   help=f"longest one answer may take before it is stopped (default {DEFAULT_TIME_LIMIT_S:g})")
     p.set_defaults(func=run)
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     try:
         app, url = start(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                         template=args.template, max_upload_mb=args.max_upload_mb)
+                         template=args.template, max_upload_mb=args.max_upload_mb, time_limit_s=args.time_limit)
     except NoModelError as e:
         print(e, file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-USAGE = "monkeytune train CONFIG.yaml [--resume [PATH]] [--print-config] [--section.key VALUE ...]"
+USAGE = ("monkeytune train CONFIG.yaml [--resume [PATH]] [--resume-changed] [--print-config] "
+         "[--section.key VALUE ...]")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -22,18 +23,24 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Train from a YAML config; any field can be overridden as --section.key VALUE "
             "(e.g. --train.max_steps 100 --optim.lr 2e-5 --policy.preset monkey-fix-llm). "
             "--resume continues the run in checkpoint.output_dir from its latest checkpoint "
-            "(or from the checkpoint folder given)."
+            "(or from the checkpoint folder given); it refuses a changed data file, tokenizer, model or "
+            "setting that changes the model or the sample order unless --resume-changed says the change is meant."
         ),
     )
     p.add_argument("config", metavar="CONFIG.yaml", help="training configuration file")
     p.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
-                   help="--resume [PATH], --print-config, and --section.key VALUE overrides")
+                   help="--resume [PATH], --resume-changed, --print-config, and --section.key VALUE overrides")
     p.set_defaults(func=run)
 
 
-def split_flags(rest: list[str]) -> tuple[str | None, bool, list[str]]:
-    """Pull ``--resume [PATH]`` and ``--print-config`` out of the remaining arguments."""
-    resume, print_only, overrides = None, False, []
+def split_flags(rest: list[str]) -> tuple[str | None, bool, list[str], bool]:
+    """Pull ``--resume [PATH]``, ``--resume-changed`` and ``--print-config`` out of the arguments.
+
+    Returns:
+        ``(resume, print_only, overrides, accept_changes)``; ``--resume-changed`` implies
+        ``--resume`` (latest) when no ``--resume`` is given.
+    """
+    resume, print_only, overrides, accept = None, False, [], False
     i = 0
     while i < len(rest):
         arg = rest[i]
@@ -44,19 +51,23 @@ def split_flags(rest: list[str]) -> tuple[str | None, bool, list[str]]:
                 resume, i = "latest", i + 1
         elif arg.startswith("--resume="):
             resume, i = arg.split("=", 1)[1] or "latest", i + 1
+        elif arg == "--resume-changed":
+            accept, i = True, i + 1
         elif arg == "--print-config":
             print_only, i = True, i + 1
         else:
             overrides.append(arg)
             i += 1
-    return resume, print_only, overrides
+    if accept and resume is None:
+        resume = "latest"
+    return resume, print_only, overrides, accept
 
 
 def run(args: argparse.Namespace) -> int:
     from monkeytune.train.config import ConfigError
     from monkeytune.train.config_load import load_config, parse_overrides
 
-    resume, print_only, rest = split_flags(args.rest)
+    resume, print_only, rest, accept_changes = split_flags(args.rest)
     try:
         cfg = load_config(args.config, parse_overrides(rest))
     except ConfigError as e:
@@ -78,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        result = train(cfg, resume=resume)
+        result = train(cfg, resume=resume, accept_changes=accept_changes)
     except (SetupError, EngineError, PlanError, CheckpointError, ModelFolderError, DataError, FileNotFoundError) as e:
         print(f"monkeytune train: {e}", file=sys.stderr)
         return 2

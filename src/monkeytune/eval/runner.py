@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 from monkeytune.eval.metrics import compute_metrics
 from monkeytune.generate import GenerationSettings, generate_ids, prompt_ids, stop_ids
+from monkeytune.limits import PromptTooLongError
 
 DEFAULT_METRICS = ("vqa_score", "exact_match")
 
@@ -125,6 +126,7 @@ def evaluate(
     template: str = "vqa",
     max_new_tokens: int = 32,
     progress: Callable[[int, int], Any] | None = None,
+    time_limit_s: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Generate an answer for every record and score them.
 
@@ -137,6 +139,12 @@ def evaluate(
         template: Prompt template (``vqa``, ``caption``, ``chatml``, ``raw``).
         max_new_tokens: Answer length limit.
         progress: Called with ``(done, total)`` after each batch.
+        time_limit_s: Longest one batch's generation may take (None: no limit).
+
+    Raises:
+        PromptTooLongError: a question too long for the model (checked for every record before
+            anything is generated; the record is named).
+        GenerationTimeout: a batch ran past ``time_limit_s``.
 
     Returns:
         ``(predictions, scores)``: one dict per record (``question_id``, ``image``, ``question``,
@@ -148,11 +156,18 @@ def evaluate(
     model.eval()
     tpi = model.config.tokens_per_image
     stops = stop_ids(tokenizer, template)
-    settings = GenerationSettings(max_new_tokens=max_new_tokens)
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, time_limit_s=time_limit_s)
+    all_prompts = []
+    for i, r in enumerate(records):
+        try:
+            all_prompts.append(prompt_ids(template, tokenizer, tpi, r["question"], r.get("image"),
+                                          config=model.config, max_new_tokens=max_new_tokens))
+        except PromptTooLongError as e:
+            raise PromptTooLongError(f"record {i + 1} (question_id {r.get('question_id')!r}): {e}") from None
     predictions: list[dict[str, Any]] = []
     for start in range(0, len(records), batch_size):
         batch = records[start : start + batch_size]
-        prompts = [prompt_ids(template, tokenizer, tpi, r["question"], r.get("image")) for r in batch]
+        prompts = all_prompts[start : start + batch_size]
         answers = generate_ids(model, tokenizer, prompts, settings, stops)
         for rec, ids in zip(batch, answers):
             predictions.append({

@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from monkeytune.config import ModelConfig
@@ -37,7 +35,9 @@ from monkeytune.model.weights import (  # noqa: F401  (re-exported: the public n
     iter_tensors,
     materialize_buffers,
     name_list,
+    open_safetensors,
     read_tensors,
+    save_safetensors,
     unique_state_dict,
     weight_files,
     write_tensors,
@@ -213,6 +213,16 @@ def _model_config(info: dict[str, Any], directory: Path) -> ModelConfig:
     return config
 
 
+def check_size(config: ModelConfig, where: str | Path) -> None:
+    """Refuse, before building, a config whose weights cannot fit in this machine's memory."""
+    from monkeytune.memory import check_fits_in_memory
+
+    try:
+        check_fits_in_memory(config)
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+
+
 def _build_on_meta(config: ModelConfig):
     from monkeytune.model import build_model
 
@@ -247,6 +257,7 @@ def load_monkeytune(
     directory = Path(directory)
     info = read_config(directory)
     config = _model_config(info, directory)
+    check_size(config, directory / CONFIG_FILE)
     metadata = dict(info.get("metadata") or {})
     tensors = read_tensors(directory, device)
     if info.get("complete", True):
@@ -328,7 +339,7 @@ def save_adapters(model: nn.Module, path: str | Path, names: list[str] | None = 
     if not names:
         raise ValueError("no parameters to save: none requires grad and no names were given")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({n: params[n].detach().to("cpu").contiguous() for n in names}, str(path), metadata={"format": "pt"})
+    save_safetensors({n: params[n].detach().to("cpu").contiguous() for n in names}, path, metadata={"format": "pt"})
     return path
 
 
@@ -354,7 +365,7 @@ def load_adapters(
         if p.is_dir():
             tensors = read_tensors(p)
         else:
-            with safe_open(str(p), framework="pt", device="cpu") as f:
+            with open_safetensors(p) as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
     else:
         tensors, where = source, where or "adapter tensors"

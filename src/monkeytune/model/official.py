@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import CLIP_MEAN, CLIP_STD, ImageConfig, LLMConfig, ModelConfig, VisionConfig
-from monkeytune.model.io import CONFIG_FILE, finish_model, load_tokenizer_if_any, read_json_object
+from monkeytune.model.io import CONFIG_FILE, check_size, finish_model, load_tokenizer_if_any, read_json_object
 from monkeytune.model.weights import (
     DEFAULT_SHARD_BYTES,
     CheckpointError,
@@ -197,6 +197,7 @@ def load_official(directory: str | Path, dtype: torch.dtype | None = None, devic
     cfg = read_json_object(directory / CONFIG_FILE)
     tensors = dict(iter_tensors(directory, device))
     model_cfg, compat = config_from_official(cfg, str(directory / CONFIG_FILE), tensors)
+    check_size(model_cfg, directory / CONFIG_FILE)
     try:
         ours = from_official(tensors, model_cfg, str(directory))
     except NameMapError as e:

@@ -7,13 +7,16 @@ models built on the meta device with every missing, unexpected or misshaped key 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import re
 from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -26,6 +29,66 @@ class CheckpointError(ValueError):
 
 
 # ----------------------------------------------------------------------------- tensor files
+# safetensors reports I/O failures as SafetensorError("... (os error 28) ..."); the errno is
+# recovered so callers can tell a full disk from a bug.
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def _umask() -> int:
+    # Read where the kernel shows it: setting and restoring the umask would briefly give files
+    # created meanwhile by other threads the wrong mode.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def os_error_of(e: SafetensorError, path: str | Path) -> OSError | None:
+    """The ``OSError`` a safetensors I/O failure stands for (None for other failures)."""
+    found = _OS_ERROR.search(str(e))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with I/O failures raised as ``OSError`` (errno kept).
+
+    safetensors writes a private temporary file and renames it, so the file would keep mode
+    0600; it gets the mode the umask gives every other file of the folder instead.
+    """
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        error = os_error_of(e, path)
+        if error is None:
+            raise
+        raise error from None
+    os.chmod(path, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def open_safetensors(path: str | Path, device: str | torch.device = "cpu"):
+    """``safe_open`` whose failures on a truncated or corrupt file name the file in one line.
+
+    Raises:
+        CheckpointError: the header or the data cannot be read.
+    """
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+
+
 def name_list(names, limit: int = 12) -> str:
     names = sorted(names)
     shown = ", ".join(names[:limit])
@@ -79,9 +142,10 @@ def write_tensors(
 
     def write(shard: dict[str, torch.Tensor], path: Path) -> None:
         if ext == "safetensors":
-            save_file(shard, str(path), metadata=meta)
+            save_safetensors(shard, path, metadata=meta)
         else:
-            torch.save(shard, path)
+            with open(path, "wb") as f:  # through a Python file, so a full disk raises OSError
+                torch.save(shard, f)
 
     # Remove weights of a previous save so the folder never mixes two layouts.
     index_path = directory / f"{weights_name}.index.json"
@@ -103,6 +167,15 @@ def write_tensors(
     return paths
 
 
+def _pickle_reason(e: Exception) -> str:
+    """The line of torch's refusal that says what the pickle wanted, without its ANSI styling."""
+    lines = [line.strip() for line in _ANSI.sub("", str(e)).splitlines() if line.strip()]
+    for line in lines:
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].split(". Please", 1)[0].strip()[:200]
+    return (lines[0] if lines else type(e).__name__)[:200]
+
+
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     """``torch.load`` restricted to tensors and plain containers (no code from the pickle runs)."""
     try:
@@ -116,7 +189,7 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refusing to load: the pickle asks to run code or build objects other than "
-            f"tensors ({str(e).splitlines()[0][:200]}). Only plain state dicts are accepted; convert "
+            f"tensors ({_pickle_reason(e)}). Only plain state dicts are accepted; convert "
             "the file to safetensors with a trusted tool if you trust its origin."
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
@@ -164,7 +237,7 @@ def iter_tensors(directory: str | Path, device: str | torch.device = "cpu") -> I
     seen: dict[str, Path] = {}
     for path in weight_files(directory):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
+            with open_safetensors(path, device) as f:
                 items = ((k, f.get_tensor(k)) for k in f.keys())
                 for name, t in items:
                     if name in seen:

@@ -22,6 +22,7 @@ from typing import Any, Iterator  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
+from monkeytune.limits import GenerationTimeout  # noqa: E402
 from monkeytune.serve.engine import MAX_NEW_TOKENS, ChatEngine, Exchange, settings_from_form  # noqa: E402
 from monkeytune.serve.uploads import UploadError, check_upload  # noqa: E402
 from monkeytune.vision.image import ImageLoadError  # noqa: E402
@@ -105,7 +106,9 @@ def build_app(engine: ChatEngine, title: str = "monkeytune chat") -> gr.Blocks:
         history = [*exchanges, exchange]
         try:
             settings = settings_from_form(max_new_tokens, sampling, temperature, top_p)
-            engine.check_turn(history, template)
+            # Refuses a question too long for the model (from its raw length first) before the
+            # request waits for the generation slot.
+            engine.prompt(history, template, settings.max_new_tokens)
         except ValueError as e:
             yield chat_messages(exchanges), exchanges, gr.skip(), _error(str(e))
             return
@@ -114,6 +117,10 @@ def build_app(engine: ChatEngine, title: str = "monkeytune chat") -> gr.Blocks:
             for text in engine.stream(history, template, settings):
                 exchange.answer = text
                 yield chat_messages(history), history, gr.skip(), gr.skip()
+        except GenerationTimeout as e:
+            exchange.answer = exchange.answer or "…"
+            yield chat_messages(history), history, gr.skip(), _error(f"{e}; the text so far is kept")
+            return
         except ImageLoadError:
             # The stored upload was removed (cache clean-up) or damaged since it was checked.
             exchange.answer = exchange.answer or "…"

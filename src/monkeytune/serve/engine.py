@@ -25,7 +25,7 @@ from monkeytune.prompts import user_text
 from monkeytune.serve.tiling import TilingView, describe_tiling
 from monkeytune.serve.uploads import UploadLimits
 
-__all__ = ["ChatEngine", "Exchange", "TEMPLATE_LABELS", "MAX_NEW_TOKENS", "settings_from_form"]
+__all__ = ["ChatEngine", "DEFAULT_TIME_LIMIT_S", "Exchange", "TEMPLATE_LABELS", "MAX_NEW_TOKENS", "settings_from_form"]
 
 # Keys are monkeytune.generate template names.
 TEMPLATE_LABELS = {
@@ -36,6 +36,9 @@ TEMPLATE_LABELS = {
     "raw": "Raw text",
 }
 MAX_NEW_TOKENS = 2048
+# A 100,000-character question once held the single generation slot for 91 s; prompts are now
+# bounded by the model's length, and no answer may hold the slot longer than this.
+DEFAULT_TIME_LIMIT_S = 120.0
 
 
 @dataclass
@@ -102,6 +105,8 @@ class ChatEngine:
         template: Template preselected in the page (a key of :data:`TEMPLATE_LABELS`); default:
             ``chatml`` for chat-format models, else ``vqa``.
         limits: Upload limits.
+        time_limit_s: Longest a generation may run (seconds) before it is stopped at the next
+            token; None: no limit. Waiting for the generation slot does not count.
 
     Raises:
         ValueError: the tokenizer does not fit the model, or an unknown template.
@@ -114,7 +119,11 @@ class ChatEngine:
         name: str = "model",
         template: str | None = None,
         limits: UploadLimits = UploadLimits(),
+        time_limit_s: float | None = DEFAULT_TIME_LIMIT_S,
     ) -> None:
+        if time_limit_s is not None and not time_limit_s > 0:
+            raise ValueError(f"the time limit must be above 0 seconds, got {time_limit_s}")
+        self.time_limit_s = time_limit_s
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -166,12 +175,17 @@ class ChatEngine:
         if template == "caption" and turn.image is None:
             raise ValueError("the caption template needs an image: upload or paste one first")
 
-    def prompt(self, history: list[Exchange], template: str) -> tuple[list[int], list[str]]:
+    def prompt(self, history: list[Exchange], template: str, max_new_tokens: int = 0) -> tuple[list[int], list[str]]:
         """Token ids of the prompt answering the last exchange of ``history``, and its image paths.
 
         As in ``monkeytune chat``: ``chatml`` keeps the conversation (the exchanges since the
         image last changed, the image in the first of them); the other templates answer the
         last question on its own, with the current image.
+
+        Raises:
+            ValueError: the turn cannot be asked; :class:`~monkeytune.limits.PromptTooLongError`
+                when the prompt cannot fit before ``max_new_tokens`` new tokens (checked from the
+                raw length before tokenizing).
         """
         self.check_turn(history, template)
         last = history[-1]
@@ -182,7 +196,8 @@ class ChatEngine:
         earlier = history[start:-1]
         rendered = [(user_text(template, ex.question, ex.image if i == 0 else None), ex.answer) for i, ex in enumerate(earlier)]
         image = None if earlier else last.image
-        return prompt_ids(template, self.tokenizer, self.model.config.tokens_per_image, last.question, image, rendered)
+        return prompt_ids(template, self.tokenizer, self.model.config.tokens_per_image, last.question, image, rendered,
+                          config=self.model.config, max_new_tokens=max_new_tokens)
 
     # ------------------------------------------------------------------ generation
     def stream(self, history: list[Exchange], template: str, settings: GenerationSettings) -> Iterator[str]:
@@ -200,10 +215,12 @@ class ChatEngine:
             The whole answer so far (not the increment).
 
         Raises:
-            ValueError: a bad template, question or setting (message meant for the user).
+            ValueError: a bad template, question or setting, or a prompt too long for the model
+                (message meant for the user).
+            GenerationTimeout: the time limit ended the answer (after the text so far was yielded).
             ImageLoadError: an image of the conversation can no longer be read.
         """
-        ids, paths = self.prompt(history, template)
+        ids, paths = self.prompt(history, template, settings.max_new_tokens)
         stops = stop_ids(self.tokenizer, template)
         settings.kwargs()  # validates before the lock is taken
         cond = threading.Condition()
@@ -221,6 +238,7 @@ class ChatEngine:
             settings.temperature,
             settings.top_p,
             {**settings.extra, "stopping_criteria": StoppingCriteriaList([_Cancelled(cancel)])},
+            time_limit_s=settings.time_limit_s if settings.time_limit_s is not None else self.time_limit_s,
         )
 
         def run() -> None:

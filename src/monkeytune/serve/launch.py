@@ -84,6 +84,7 @@ def start(
     device: str | None = None,
     template: str | None = None,
     max_upload_mb: float = 20.0,
+    time_limit_s: float | None = None,
 ):
     """Load a model and start serving the chat page in the background.
 
@@ -97,6 +98,7 @@ def start(
         device: Where the model runs (default: ``cuda`` when available, else ``cpu``).
         template: Preselected prompt template (default from the model).
         max_upload_mb: Largest accepted upload in MiB.
+        time_limit_s: Longest one answer may take (default: the engine's, 120 s).
 
     Returns:
         ``(app, url)``: the running :class:`gradio.Blocks` and its local address.
@@ -110,7 +112,8 @@ def start(
     if model_dir is None:
         model_dir = find_demo_model()
     limits = UploadLimits(max_bytes=int(max_upload_mb * 2**20))
-    engine = ChatEngine.from_dir(model_dir, dtype=dtype, device=device, template=template, limits=limits)
+    extra = {} if time_limit_s is None else {"time_limit_s": time_limit_s}
+    engine = ChatEngine.from_dir(model_dir, dtype=dtype, device=device, template=template, limits=limits, **extra)
     return launch_app(engine, host, port)
 
 

@@ -26,8 +26,10 @@ the sampler order is a pure function of seed and epoch, so ``(epoch, batch)`` is
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -74,6 +76,50 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def write_error(e: OSError, what: str) -> str:
+    """One line for a failed write: a full disk says so and names the path."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return f"no space left on device while writing {what}{where}"
+    return f"cannot write {what}{where}: {e.strerror or e}"
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through a Python file object, so a full disk raises ``OSError(ENOSPC)``
+    (given a path, torch reports it as an unspecific ``RuntimeError``)."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_torch(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; a truncated or corrupt file is a :class:`CheckpointError`."""
+    try:
+        return torch.load(path, weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: cannot be read, truncated or corrupt ({first})") from None
+
+
+def publish_folder(tmp: Path, final: Path) -> None:
+    """Make the fully written ``tmp`` appear as ``final`` in one rename (replacing an old one).
+
+    Everything is synced first, so after a crash ``final`` is either the old folder or the
+    complete new one; a leftover ``.old-*`` or ``.tmp-*`` folder is removed at the next start.
+    """
+    _fsync_tree(tmp)
+    if final.exists():
+        old = final.with_name(f".old-{final.name}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a synced temporary file and a rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -83,6 +129,17 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_dir(path.parent)
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete ``.tmp-*`` and ``.old-*`` folders an interrupted save left in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith((".tmp-", ".old-"))]
+    for p in found:
+        shutil.rmtree(p, ignore_errors=True)
+    return found
 
 
 class CheckpointManager:
@@ -140,27 +197,32 @@ class CheckpointManager:
 
         Returns:
             The final folder.
+
+        Raises:
+            CheckpointError: the write failed (a full disk says "no space left"); the partial
+                folder is removed and the previous checkpoint stays current.
         """
         final = self.root / step_name(step)
         tmp = self.root / f".tmp-{step_name(step)}"
-        if self.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)  # left by a crash during an earlier attempt
-            tmp.mkdir()
-        self.barrier()
-        write(tmp)
-        self.barrier()
-        if self.is_main:
-            _fsync_tree(tmp)
-            if final.exists():
-                old = self.root / f".old-{final.name}"
-                os.replace(final, old)
-                shutil.rmtree(old)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
-            write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
-            self.prune(keep=final)
+        try:
+            if self.is_main:
+                self.root.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left by a crash during an earlier attempt
+                tmp.mkdir()
+            self.barrier()
+            write(tmp)
+            self.barrier()
+            if self.is_main:
+                publish_folder(tmp, final)
+                write_text_atomic(self.root / LATEST_FILE, final.name + "\n")
+                self.prune(keep=final)
+        except OSError as e:
+            # The partial folder goes (it also frees the space a full disk needs back).
+            shutil.rmtree(tmp, ignore_errors=True)
+            last = self.latest()
+            kept = f"the last good checkpoint {last} is unchanged" if last else "no earlier checkpoint exists"
+            raise CheckpointError(f"{write_error(e, f'checkpoint {final.name}')}; {kept}") from None
         self.barrier()
         return final
 
@@ -210,7 +272,7 @@ def rng_file(folder: Path, rank: int) -> Path:
 def save_rng(folder: Path, rank: int) -> None:
     path = rng_file(folder, rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(rng_state(), path)
+    save_torch(rng_state(), path)
 
 
 def load_rng(folder: Path, rank: int) -> bool:
@@ -218,7 +280,7 @@ def load_rng(folder: Path, rank: int) -> bool:
     path = rng_file(folder, rank)
     if not path.is_file():
         return False
-    set_rng_state(torch.load(path, weights_only=True))
+    set_rng_state(load_torch(path))
     return True
 
 

@@ -20,6 +20,8 @@ spellings of unknown keys.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,6 +279,15 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         raise ConfigError(
             f"{origin}: model needs exactly one of preset, config or from; got {given or 'none'}"
         )
+    if m.preset:
+        from monkeytune.config import PRESETS
+
+        # Caught here, before the engine is built or the configuration printed.
+        if m.preset not in PRESETS:
+            close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{origin}: model.preset: unknown preset {m.preset!r}{hint}; "
+                              f"known: {', '.join(sorted(PRESETS))}")
     if m.config:
         from monkeytune.config import ModelConfig
 
@@ -323,17 +334,25 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
+    # NaN and inf pass every comparison below unnoticed (an inf rate applies a NaN update).
+    for f in dataclasses.fields(cfg.optim):
+        value = getattr(cfg.optim, f.name)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{origin}: optim.{f.name} must be a finite number, got {v}")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ConfigError(f"{origin}: set train.epochs or train.max_steps")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"{origin}: optim.lr must be > 0, got {cfg.optim.lr}")
+    if not cfg.optim.eps > 0:
+        raise ConfigError(f"{origin}: optim.eps must be > 0, got {cfg.optim.eps}")
     if not 0 <= cfg.optim.warmup_ratio < 1:
         raise ConfigError(f"{origin}: optim.warmup_ratio must be in [0, 1), got {cfg.optim.warmup_ratio}")
     if len(cfg.optim.betas) != 2 or not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"{origin}: optim.betas must be two numbers in [0, 1), got {cfg.optim.betas}")
     for comp, lr in cfg.policy.lr.items():
         try:
-            ok = float(lr) >= 0
+            ok = math.isfinite(float(lr)) and float(lr) >= 0
         except (TypeError, ValueError):
             ok = False
         if not ok:

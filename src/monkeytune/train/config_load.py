@@ -23,6 +23,7 @@ from monkeytune.train.config import SECTIONS, ConfigError, TrainConfig, _key, va
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 _NULL = {"null", "none", "~", ""}
+_YAML_SPECIAL = {".inf": "inf", "+.inf": "inf", "-.inf": "-inf", ".nan": "nan"}
 
 
 def coerce(value: Any, tp: Any, where: str) -> Any:
@@ -64,6 +65,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if isinstance(value, str) and value.strip().lower() in _YAML_SPECIAL:
+            # YAML's spellings, so --optim.lr .inf reads as the file's `lr: .inf` does.
+            value = _YAML_SPECIAL[value.strip().lower()]
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -17,11 +17,16 @@ parameters and stay separate from the LLM LoRA in either case.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
+
+from monkeytune.model.weights import os_error_of
+from monkeytune.train.checkpoint import CheckpointError, publish_folder, write_error
 
 logger = logging.getLogger(__name__)
 
@@ -99,15 +104,39 @@ def save_final(
 
     Returns:
         The folder, or None for ``mode == "none"``.
-    """
-    from monkeytune.model.io import save_model
-    from monkeytune.policy.presets import has_llm_lora
 
+    Raises:
+        CheckpointError: the write failed (a full disk says "no space left"); an earlier
+            ``out_dir`` is left as it was.
+    """
     if mode == "none":
         return None
     assert_finite(model, str(out_dir))
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed into place, like checkpoints: a kill mid-save leaves the
+    # previous final/ (or none), never one without its config.json.
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        _write_final(model, tokenizer, tmp, mode, merge_llm_lora, base_model, metadata)
+        publish_folder(tmp, out_dir)
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, SafetensorError):  # written by peft, straight through safetensors
+            e = os_error_of(e, tmp)
+            if e is None:
+                raise
+        raise CheckpointError(f"{write_error(e, f'the final model {out_dir}')}; the checkpoints are unchanged") from None
+    return out_dir
+
+
+def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: bool, base_model, metadata) -> None:
+    """Fill ``out_dir`` (see :func:`save_final`)."""
+    from monkeytune.model.io import save_model
+    from monkeytune.policy.presets import has_llm_lora
+
     meta = dict(metadata or {})
     if has_llm_lora(model):
         lora_dir = out_dir / "llm_lora"
@@ -118,8 +147,8 @@ def save_final(
         logger.info("LLM LoRA adapters written to %s (%s)", lora_dir, "merged into the model" if merge_llm_lora else "not merged")
     if mode == "adapters":
         if not any(p.requires_grad for p in model.parameters()):
-            logger.info("no trainable parameters outside the LLM LoRA; the adapters are in %s/llm_lora", out_dir)
-            return out_dir
-        return save_model(model, out_dir, tokenizer=tokenizer, trainable_only=True,
-                          metadata=meta, base_model=base_model)
-    return save_model(model, out_dir, tokenizer=tokenizer, metadata=meta)
+            logger.info("no trainable parameters outside the LLM LoRA; the adapters are in llm_lora/")
+            return
+        save_model(model, out_dir, tokenizer=tokenizer, trainable_only=True, metadata=meta, base_model=base_model)
+        return
+    save_model(model, out_dir, tokenizer=tokenizer, metadata=meta)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from monkeytune.train.checkpoint import CheckpointManager, read_state
+from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_leftovers
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.engine import (
     Engine,
@@ -24,7 +24,9 @@ from monkeytune.train.engine import (
     make_accelerator,
     write_run_record,
 )
+from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.final import rebuild_from_state, save_final
+from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.losses import TrainingModule
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
@@ -34,11 +36,13 @@ from monkeytune.train.setup import (
     build_data,
     build_schedule,
     check_engine,
+    check_environment,
     ensure_synthetic_data,
     load_model_and_tokenizer,
+    tokenizer_dir,
     total_steps,
 )
-from monkeytune.train.state import compare_configs, load_engine_state, load_model_state
+from monkeytune.train.state import check_same_run, load_engine_state, load_model_state
 from monkeytune.train.step import StepContext, TrainingError, run_step
 
 __all__ = ["TrainResult", "TrainingError", "train"]
@@ -74,7 +78,8 @@ def _add_file_log(run_dir: Path) -> logging.Handler:
     return handler
 
 
-def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None) -> TrainResult:
+def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict], None] | None = None,
+          accept_changes: bool = False) -> TrainResult:
     """Run (or continue) training as ``cfg`` says.
 
     Args:
@@ -83,6 +88,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             ``latest`` with no checkpoint yet starts a fresh run.
         on_step: Called on every process after each optimizer step with the step's metrics
             (exceptions propagate: raising there interrupts the run like a crash would).
+        accept_changes: Resume even when the data, tokenizer, model or a setting that changes
+            the model or the sample order differs from the checkpoint's (each is logged).
 
     Returns:
         :class:`TrainResult`.
@@ -94,16 +101,20 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
 
     from monkeytune.policy import apply_plan, apply_stage, plan_report
 
+    check_environment(cfg)
     acc = make_accelerator(cfg)
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
+    lock = claim_run_dir(run_dir, acc)
     handler = None
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        handler = _add_file_log(run_dir)
     try:
-        ensure_synthetic_data(cfg, acc)
+        handler = _add_file_log(run_dir) if main else None
         ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
+        if main:
+            # Nothing else writes here while the lock is held, so these are crash leftovers.
+            remove_leftovers(run_dir)
+            remove_leftovers(ckpts.root)
+        ensure_synthetic_data(cfg, acc)
         spec = resume if resume is not None else cfg.checkpoint.resume
         resume_dir = ckpts.resolve(spec) if spec else None
         if spec == "latest" and resume_dir is None:
@@ -113,9 +124,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or choose another checkpoint.output_dir")
         saved = read_state(resume_dir) if resume_dir else None
+        fingerprint = run_fingerprint(cfg, tokenizer_dir(cfg))
         if resume_dir is not None:
-            for diff in compare_configs(resume_dir, cfg):
-                logger.warning("resuming with a changed setting (%s)", diff)
+            check_same_run(resume_dir, cfg, fingerprint, accept_changes)
         if main:
             print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
             cfg.save(run_dir / "config.yaml")
@@ -162,6 +173,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             progress=Progress(steps_total, start_step, main and cfg.log.progress), checkpoints=ckpts,
             batches_per_epoch=sampler.batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
             bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
+            fingerprint=fingerprint,
         )
         stream = micro_batches(dataset, sampler, collator, position, cfg.data.num_workers, cfg.train.seed)
         result = TrainResult(run_dir, start_step, last_checkpoint=resume_dir)
@@ -183,6 +195,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
+        if lock is not None:
+            lock.release()
 
 
 def _stage_by_index(schedule, index: int):

@@ -24,6 +24,12 @@ METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
 
+def json_line(row: dict[str, Any]) -> str:
+    """One JSON Lines record; NaN and inf become ``null`` (bare ``NaN`` is not valid JSON)."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False) + "\n"
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Parse a metrics file (a missing file reads as empty; a torn last line is ignored)."""
     path = Path(path)
@@ -58,7 +64,7 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
         # Through a temporary file: a crash here must not lose the history kept so far.
-        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text_atomic(self.path, "".join(json_line(r) for r in kept))
         has_tb = importlib.util.find_spec("tensorboard") is not None
         if tensorboard == "true" and not has_tb:
             raise RuntimeError("log.tensorboard is true but the tensorboard package is not installed")
@@ -75,7 +81,7 @@ class MetricsLog:
             return
         row = {"time": round(time.time(), 3), **row}
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json_line(row))
         if self._tb is not None:
             for k, v in row.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):

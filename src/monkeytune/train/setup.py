@@ -21,6 +21,15 @@ class SetupError(ValueError):
     """A run that cannot start; the message says which setting to change."""
 
 
+def check_environment(cfg: TrainConfig) -> None:
+    """Refuse, before anything is built, settings this installation cannot honour."""
+    import importlib.util
+
+    if cfg.log.tensorboard == "true" and importlib.util.find_spec("tensorboard") is None:
+        raise SetupError("log.tensorboard is true but the tensorboard package is not installed: "
+                         "pip install tensorboard, or set log.tensorboard auto or false")
+
+
 def check_engine(accelerator, cfg: TrainConfig) -> None:
     """After ``prepare``: the engine must accumulate exactly ``train.grad_accum`` micro-batches."""
     if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
@@ -44,7 +53,8 @@ def ensure_synthetic_data(cfg: TrainConfig, accelerator) -> None:
     accelerator.wait_for_everyone()
 
 
-def _tokenizer_dir(cfg: TrainConfig) -> str | None:
+def tokenizer_dir(cfg: TrainConfig) -> str | None:
+    """The tokenizer folder the run uses; None means the ``model.from`` folder's own."""
     if cfg.model.tokenizer:
         return cfg.model.tokenizer
     if cfg.data.synthetic > 0:
@@ -61,10 +71,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
     ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
     and vocabulary size are taken from the tokenizer (``ModelConfig.matched_to_tokenizer``).
     """
+    from monkeytune.memory import check_fits_in_memory
     from monkeytune.model import build_model
     from monkeytune.tokenizer.loading import load_tokenizer
 
-    tok_dir = _tokenizer_dir(cfg)
+    tok_dir = tokenizer_dir(cfg)
     if cfg.model.from_dir:
         from monkeytune.model.io import load_model
 
@@ -78,6 +89,11 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
             raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
         tokenizer = load_tokenizer(tok_dir)
         mcfg = get_config(cfg.model.preset) if cfg.model.preset else ModelConfig.from_dict(cfg.model.config)
+        try:
+            # fp32 master weights; refused before minutes are spent building what cannot fit.
+            check_fits_in_memory(mcfg.matched_to_tokenizer(tokenizer), bytes_per_param=4)
+        except ValueError as e:
+            raise SetupError(f"model: {e}") from None
         torch.manual_seed(cfg.model.init_seed)
         model = build_model(mcfg.matched_to_tokenizer(tokenizer))
     try:

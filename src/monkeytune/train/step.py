@@ -53,6 +53,7 @@ class StepContext:
     batches_per_epoch: int
     total_steps: int
     send_to_device: Callable
+    fingerprint: dict[str, Any]  # stored in each checkpoint; a resume must match it
     bad_steps: int = 0
     last_checkpoint: Path | None = None
     t_last: float = field(default_factory=time.perf_counter)
@@ -165,4 +166,4 @@ def save_checkpoint(ctx: StepContext, state: dict[str, Any]) -> Path:
     names = ever_trained_names(ctx.model, ctx.schedule, step) if not ctx.sharded else []
     return ctx.checkpoints.save(step, lambda folder: write_checkpoint(
         folder, accelerator=ctx.engine.accelerator, cfg=ctx.cfg, model=ctx.model, optimizer=ctx.inner_optimizer,
-        scheduler=ctx.scheduler, names=names, state=state, sharded=ctx.sharded))
+        scheduler=ctx.scheduler, names=names, state=state, sharded=ctx.sharded, fingerprint=ctx.fingerprint))

@@ -1,0 +1,134 @@
+"""What a run was trained on, stored in every checkpoint so a resume can refuse a different run.
+
+A checkpoint's ``fingerprint.json`` records the size and a content hash of every data file, of
+the tokenizer folder and of a ``model.from`` folder, and the resolved model configuration. The
+settings that change the model or the sample order are compared from the checkpoint's
+``config.yaml`` (see :data:`monkeytune.train.state.MUST_MATCH`). A resume whose inputs differ is
+refused with every difference listed, unless the caller says the change is meant.
+
+Hashing cost: files up to :data:`FULL_HASH_BYTES` are hashed whole (BLAKE2b, ~1 s per GB on one
+core). Larger files (multi-GB data files, model weights) are hashed from :data:`SAMPLE_BLOCKS`
+blocks spread evenly over the file, first and last included, plus the exact size: reordering or
+editing lines moves bytes through most blocks, but an in-place edit that keeps the size and lies
+entirely between sampled blocks of a file above the limit goes unnoticed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from monkeytune.train.config import TrainConfig
+
+FINGERPRINT_FILE = "fingerprint.json"
+FULL_HASH_BYTES = 256 * 2**20
+SAMPLE_BLOCKS = 64
+BLOCK_BYTES = 2**20
+
+
+def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
+    """``{"size", "hash"}`` of one file (``"sampled": true`` above :data:`FULL_HASH_BYTES`)."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        if size <= FULL_HASH_BYTES:
+            for chunk in iter(lambda: f.read(BLOCK_BYTES), b""):
+                h.update(chunk)
+            return {"size": size, "hash": h.hexdigest()}
+        step = (size - BLOCK_BYTES) / (SAMPLE_BLOCKS - 1)
+        for i in range(SAMPLE_BLOCKS):
+            f.seek(int(i * step))
+            h.update(f.read(BLOCK_BYTES))
+    return {"size": size, "hash": h.hexdigest(), "sampled": True}
+
+
+def folder_fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
+    """The fingerprints of the files directly in ``folder`` (tokenizer and weight files live
+    there; subfolders, e.g. a run's checkpoints beside its model, are not what is read)."""
+    folder = Path(folder)
+    return {p.name: file_fingerprint(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def model_config_dict(cfg: TrainConfig) -> dict[str, Any] | None:
+    """The resolved configuration of a ``preset`` / ``config`` model (None for ``from``)."""
+    from monkeytune.config import ModelConfig, get_config
+
+    if cfg.model.preset:
+        return get_config(cfg.model.preset).to_dict()
+    if cfg.model.config:
+        return ModelConfig.from_dict(cfg.model.config).to_dict()
+    return None
+
+
+def run_fingerprint(cfg: TrainConfig, tokenizer_dir: str | None) -> dict[str, Any]:
+    """What the run reads: data files, tokenizer, model source.
+
+    Args:
+        cfg: The run configuration.
+        tokenizer_dir: The tokenizer folder the run uses (None: the ``model.from`` folder's own).
+    """
+    out: dict[str, Any] = {
+        "data": {str(p): file_fingerprint(p) for p in cfg.data.train if Path(p).is_file()},
+        "model_config": model_config_dict(cfg),
+    }
+    if tokenizer_dir and Path(tokenizer_dir).is_dir():
+        out["tokenizer"] = folder_fingerprint(tokenizer_dir)
+    if cfg.model.from_dir and Path(cfg.model.from_dir).is_dir():
+        out["model_from"] = folder_fingerprint(cfg.model.from_dir)
+    return out
+
+
+def save_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:
+    (Path(folder) / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2) + "\n", encoding="utf-8")
+
+
+def load_fingerprint(folder: Path) -> dict[str, Any] | None:
+    """A checkpoint's fingerprint; None for checkpoints written before fingerprints existed."""
+    path = Path(folder) / FINGERPRINT_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None  # compared as absent: the config comparison still applies
+
+
+def _describe(fp: dict[str, Any] | None) -> str:
+    return "absent" if fp is None else f"{fp['size']} bytes, hash {fp['hash'][:12]}"
+
+
+def _files_differ(label: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
+        if a != b:
+            out.append(f"{label} {name} changed ({_describe(a)} -> {_describe(b)})")
+    return out
+
+
+def fingerprint_differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """One readable line per input that differs between a checkpoint and the current run."""
+    diffs = _files_differ("data file", saved.get("data", {}), now.get("data", {}))
+    diffs += _files_differ("tokenizer file", saved.get("tokenizer", {}), now.get("tokenizer", {}))
+    diffs += _files_differ("model.from file", saved.get("model_from", {}), now.get("model_from", {}))
+    old_cfg, new_cfg = saved.get("model_config"), now.get("model_config")
+    if old_cfg != new_cfg and old_cfg is not None and new_cfg is not None:
+        flat_old, flat_new = _flatten(old_cfg), _flatten(new_cfg)
+        for key in sorted(set(flat_old) | set(flat_new)):
+            if flat_old.get(key) != flat_new.get(key):
+                diffs.append(f"model config {key}: {flat_old.get(key)!r} -> {flat_new.get(key)!r}")
+    return diffs
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
