@@ -3,6 +3,7 @@
 # torch first (its CPU build is on the machine; a plain `torch` requirement would pull CUDA), then
 # the package and its extras under the lock's constraints. `make lock` refreshes the lock.
 PYTHON ?= python3
+comma := ,
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
@@ -74,9 +75,10 @@ FLOOR := .venv-floor
 $(FLOOR)/.installed: pyproject.toml
 	test -x $(FLOOR)/bin/python || $(PYTHON) -m venv $(FLOOR)
 	$(FLOOR)/bin/python -m pip install -q -c $(LOCK) pip
-	$(PYTHON) requirements/floor_pins.py dev > $(FLOOR)/floors.txt
+	$(FLOOR)/bin/python -m pip install -q -c $(LOCK) setuptools
+	$(PYTHON) requirements/floor_pins.py $(subst $(comma), ,$(EXTRAS)) > $(FLOOR)/floors.txt
 	$(FLOOR)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/floors.txt -e ".[dev]"
+	$(FLOOR)/bin/python -m pip install -q -c $(FLOOR)/floors.txt --no-build-isolation -e ".[$(EXTRAS)]"
 	touch $@
 
 test-floor: $(FLOOR)/.installed

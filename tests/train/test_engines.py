@@ -1,7 +1,7 @@
-"""Engines for real: DeepSpeed ZeRO-2/3 and a two-machine launch, as CPU processes under `accelerate launch`.
+"""Engines for real: DeepSpeed ZeRO-2/3, FSDP2 and a two-machine launch, as CPU processes under `accelerate launch`.
 
 Each engine trains the micro model from the shipped accelerate config (``--num_processes 2``
-overriding its 8 GPUs; DeepSpeed's CPU accelerator over gloo) and is compared with one process
+overriding its 8 GPUs; DeepSpeed's CPU accelerator, or FSDP2, over gloo) and is compared with one process
 that sees the same global batches: losses within 1e-5 (relative), sharded checkpoints with the
 engine's state that resume to the same losses and weights, a final save that gathers full weights
 into a normal model folder, a trainable-only final save, and the run record naming the engine.
@@ -75,25 +75,32 @@ def single_process(make_config, engine_sections):
     return train(make_config("single", **sections))
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_matches_one_process_and_resumes_exactly(stage, make_config, engine_sections, single_process,
-                                                           tmp_path):
-    cfg = make_config(f"zero{stage}", **engine_sections)
+ENGINES = {"deepspeed-zero2": "deepspeed_zero2.yaml", "deepspeed-zero3": "deepspeed_zero3.yaml", "fsdp2": "fsdp.yaml"}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+def test_engine_matches_one_process_and_resumes_exactly(engine, make_config, engine_sections, single_process,
+                                                        tmp_path):
+    cfg = make_config(engine, **engine_sections)
     cfg.save(tmp_path / "run.yaml")
     run = Path(cfg.checkpoint.output_dir)
-    launch(f"deepspeed_zero{stage}.yaml", tmp_path / "run.yaml")
+    launch(ENGINES[engine], tmp_path / "run.yaml")
 
     record = json.loads((run / "run.json").read_text())
-    assert record["engine"] == f"deepspeed-zero{stage}" and record["world_size"] == 2
-    assert f"engine deepspeed-zero{stage}, 2 process(es)" in (run / "train.log").read_text()
+    assert record["engine"] == engine and record["world_size"] == 2
+    assert f"engine {engine}, 2 process(es)" in (run / "train.log").read_text()
     got = losses(run)
     assert sorted(got) == list(range(1, STEPS + 1)) and single_process.steps == STEPS
     torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(single_process.losses),
                                rtol=1e-5, atol=0)
 
-    # The sharded checkpoint holds DeepSpeed's own engine state (partitioned optimizer state).
+    # The sharded checkpoint holds the engine's own state: DeepSpeed's partitioned model and
+    # optimizer, or FSDP2's shards through torch.distributed.checkpoint.
     ckpt = run / "checkpoints" / "step-00000003"
-    assert (ckpt / "engine" / "pytorch_model").is_dir() and (ckpt / "engine" / "latest").is_file()
+    if engine == "fsdp2":
+        assert (ckpt / "engine" / ".metadata").is_file() and len(list((ckpt / "engine").glob("*.distcp"))) == 2
+    else:
+        assert (ckpt / "engine" / "pytorch_model").is_dir() and (ckpt / "engine" / "latest").is_file()
 
     # The final save gathers the full weights into a normal model folder.
     final, _ = load_model(run / "final")
@@ -105,7 +112,7 @@ def test_deepspeed_matches_one_process_and_resumes_exactly(stage, make_config, e
     # This run also writes only the trained tensors as its final save.
     resumed = tmp_path / "resumed"
     shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
-    launch(f"deepspeed_zero{stage}.yaml", tmp_path / "run.yaml", "--resume",
+    launch(ENGINES[engine], tmp_path / "run.yaml", "--resume",
            "--checkpoint.output_dir", str(resumed), "--checkpoint.final_save", "adapters")
     again = losses(resumed)
     assert sorted(again) == [4, 5, 6]
@@ -117,13 +124,15 @@ def test_deepspeed_matches_one_process_and_resumes_exactly(stage, make_config, e
     assert trained and all(torch.equal(trained[n], full[n]) for n in trained)
 
 
-def test_unfreezing_stages_are_refused_under_deepspeed(make_config, engine_sections, tmp_path):
+@pytest.mark.parametrize("engine", ["deepspeed-zero2", "fsdp2"])
+def test_unfreezing_stages_are_refused_under_sharding_engines(engine, make_config, engine_sections, tmp_path):
     sections = {**engine_sections, "policy": {"preset": "monkey", "unfreeze": [{"start_step": 2, "rules": ["train: vision.blocks.*"]}]}}
     cfg = make_config("stages", **sections)
     cfg.save(tmp_path / "run.yaml")
     # Each rank exits with 2 and the message; the launcher itself reports the failure as 1.
-    proc = launch("deepspeed_zero2.yaml", tmp_path / "run.yaml", expect=1)
-    assert "policy.unfreeze stages need a single-process or DDP run: deepspeed-zero2 fixes" in proc.stderr
+    proc = launch(ENGINES[engine], tmp_path / "run.yaml", expect=1)
+    assert f"policy.unfreeze stages need a single-process or DDP run: {engine} fixes" in proc.stderr
+    assert not (Path(cfg.checkpoint.output_dir) / "checkpoints").exists()
 
 
 def test_two_machines_match_one_machine(make_config, engine_sections, single_process, tmp_path):

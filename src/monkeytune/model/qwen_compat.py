@@ -28,9 +28,10 @@ copied or patched:
   log-n from the query and key lengths it is given, and calls the base implementation (``sdpa``
   by default). The model selects it with ``set_attn_implementation``.
 
-Under bf16/fp16 the KV cache therefore keeps keys in float32 (values stay in the compute dtype):
-the keys are rounded when attention reads them, which is what the official code computes, at
-the cost of 1.5x the key/value cache memory during generation.
+Under bf16/fp16 the KV cache therefore keeps keys in float32 (and values too in transformers
+releases whose cache takes the first key's dtype): they are rounded to the compute dtype when
+attention reads them, which is what the official code computes, at the cost of up to 2x the
+key/value cache memory during generation.
 """
 
 from __future__ import annotations
@@ -135,13 +136,25 @@ class QwenRotaryEmbedding(nn.Module):
         return emb.cos(), emb.sin()
 
 
+def _compute_dtype(module: nn.Module, value: torch.Tensor) -> torch.dtype:
+    """The dtype the attention computes in: autocast's when it is on, else the output projection's."""
+    device = value.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    weight = getattr(module.o_proj, "weight", None)
+    return weight.dtype if weight is not None and weight.is_floating_point() else value.dtype
+
+
 def _compat_attention(base: str):
     """An attention function for ``AttentionInterface``: official rounding and log-n, then ``base``."""
     inner = AttentionInterface()[base]
 
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
-        # q and k come out of the float32 rotary in float32; the official code rounds them back.
-        query, key = query.to(value.dtype), key.to(value.dtype)
+        # q and k come out of the float32 rotary in float32; the official code rounds them back
+        # to the compute dtype. Cached keys (and, in some transformers releases, values) were
+        # stored at the float32 key's dtype, so all three are rounded.
+        dtype = _compute_dtype(module, value)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         settings = module.config.qwen_compat
         if settings["use_logn_attn"] and not module.training:
             # Queries are the last query-length entries of the key sequence (cache included).

@@ -6,9 +6,17 @@ each process; :func:`requested_engine` reads that, :func:`make_accelerator` buil
 ``accelerate.Accelerator``, and the run stops before anything else is built when the engine
 that came up is not the one asked for (accelerate would otherwise quietly fall back to DDP).
 
+* ``single``, ``ddp``, ``deepspeed-*``: ``accelerate`` wraps the model and keeps the engine
+  state (``prepare``, ``save_state``).
+* ``fsdp2``: PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``) shards each LLM decoder
+  layer, each ViT block and the rest, on GPUs and CPUs (gloo) alike; accelerate only forms the
+  process group and accumulates. (accelerate sets FSDP up for GPUs only, so it would have run
+  DDP on a CPU.) Sharded checkpoints go through ``torch.distributed.checkpoint``.
+
 :class:`Engine` is the step's only view of the engine: ``backward``, ``clip_grad_norm``,
-``optimizer_step`` and ``zero_grad``. DDP's gradient sync, DeepSpeed's update-in-backward and
-the fp16 loss scaler all live behind them.
+``optimizer_step`` and ``zero_grad``; checkpoints use its ``save_sharded`` / ``load_sharded``.
+DDP's gradient sync, DeepSpeed's update-in-backward, FSDP2's sharded gradients and the fp16
+loss scaler all live behind them.
 """
 
 from __future__ import annotations
@@ -62,9 +70,20 @@ def requested_engine(env: dict[str, str] | None = None) -> str:
     return "ddp" if launched else "single"
 
 
+def _check_fsdp_settings() -> None:
+    """The fsdp_config settings monkeytune's FSDP2 wrapping does not honour are refused by name."""
+    unsupported = {"FSDP_OFFLOAD_PARAMS": "fsdp_offload_params", "FSDP_ACTIVATION_CHECKPOINTING":
+                   "fsdp_activation_checkpointing (use train.gradient_checkpointing)"}
+    for var, name in unsupported.items():
+        if _flag(dict(os.environ), var):
+            raise EngineError(f"{name} is not supported by monkeytune's FSDP2 engine: set it to false")
+
+
 def engine_of(accelerator) -> str:
-    """The engine an ``Accelerator`` actually set up."""
+    """The engine an ``Accelerator`` actually set up (``fsdp2`` when monkeytune shards itself)."""
     kind = accelerator.distributed_type.value
+    if os.environ.get("MONKEYTUNE_ENGINE") == "fsdp2" and kind.startswith("MULTI_"):
+        return "fsdp2"
     if kind == "DEEPSPEED":
         return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
     if kind == "FSDP":
@@ -87,11 +106,16 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     wanted = requested_engine()
-    if wanted == "fsdp2" and not torch.cuda.is_available():
-        # accelerate builds FSDP only for accelerator devices; on a CPU it sets up MULTI_CPU
-        # (DDP) instead. Refuse rather than train another engine than the one asked for.
-        raise EngineError("the launcher asked for FSDP2, which accelerate sets up only on GPUs; on this machine it "
-                          "would train plain DDP. Use a DeepSpeed config (ZeRO-2/3 run on CPUs) or ddp.yaml")
+    os.environ.pop("MONKEYTUNE_ENGINE", None)
+    if wanted == "fsdp2":
+        if cfg.train.precision == "fp16":
+            raise EngineError("fsdp2 runs in bf16 or fp32 (its sharded gradients have no fp16 loss scaler here): "
+                              "set train.precision bf16")
+        _check_fsdp_settings()
+        # monkeytune shards with FSDP2 itself (see the module docstring): accelerate is asked for
+        # plain data parallelism, and the request is kept for engine_of.
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
+        os.environ["MONKEYTUNE_ENGINE"] = "fsdp2"
     # accelerate keeps precision and accumulation settings process-wide and refuses different
     # ones later; a process may run several trainings (tests, notebooks), so start afresh. The
     # process group itself (PartialState) is kept.
@@ -105,7 +129,7 @@ def make_accelerator(cfg: TrainConfig):
     ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
     acc = Accelerator(
         # A multi-process CPU group (gloo) forms only when accelerate is told to use the CPU.
-        cpu=cpu and wanted == "ddp",
+        cpu=cpu and wanted in ("ddp", "fsdp2"),
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
@@ -138,8 +162,27 @@ def configure_engine(accelerator, cfg: TrainConfig) -> None:
 
 
 def is_sharded(accelerator) -> bool:
-    """Whether model/optimizer state is sharded by the engine (FSDP, DeepSpeed)."""
-    return accelerator.distributed_type.value in ("FSDP", "DEEPSPEED")
+    """Whether model/optimizer state is sharded by the engine (FSDP2, DeepSpeed)."""
+    return engine_of(accelerator) in ("fsdp2", "fsdp1", "deepspeed-zero2", "deepspeed-zero3")
+
+
+def shard_fsdp2(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+    """Shard the training module with FSDP2: each LLM decoder layer, each ViT block, then the rest.
+
+    Call before the optimizer is built: FSDP2 replaces the parameters with sharded ones (the
+    names and ``requires_grad`` stay). bf16 runs compute in bf16 and reduce gradients in fp32.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = module.model
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if precision == "bf16" else MixedPrecisionPolicy()
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("1", "true", "yes")
+    units = list(model.llm.get_decoder().layers) + list(model.vision.blocks)
+    for unit in units:
+        fully_shard(unit, mp_policy=mixed, reshard_after_forward=reshard)
+    fully_shard(module, mp_policy=mixed, reshard_after_forward=reshard)
+    return module
 
 
 def write_run_record(run_dir: Path, accelerator, cfg: TrainConfig) -> dict[str, Any]:
@@ -196,9 +239,11 @@ class Engine:
 
     def clip_grad_norm(self, max_norm: float) -> float:
         """Clip the gradients to ``max_norm`` (``inf``: measure only); returns the total norm."""
-        params = list(self.module.parameters()) if self.name == "fsdp2" else self.params
-        norm = self.accelerator.clip_grad_norm_(params, max_norm)
-        return float(norm) if norm is not None else float("nan")
+        norm = self.accelerator.clip_grad_norm_(self.params, max_norm)
+        if norm is None:
+            return float("nan")
+        # Under FSDP2 the norm of sharded gradients is a DTensor; its full value is the same on every rank.
+        return float(norm.full_tensor()) if hasattr(norm, "full_tensor") else float(norm)
 
     def optimizer_step(self, apply: bool) -> str | None:
         """Update the weights when ``apply``; returns why the engine skipped an update, else None.
@@ -218,3 +263,41 @@ class Engine:
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
+
+    def save_sharded(self, folder: Path) -> None:
+        """Write the sharded model and optimizer state (every rank takes part)."""
+        if self.name != "fsdp2":
+            self.accelerator.save_state(str(folder))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, _inner(self.optimizer))
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+
+    def load_sharded(self, folder: Path) -> None:
+        """Read what :meth:`save_sharded` wrote into the wrapped model and optimizer."""
+        if self.name != "fsdp2":
+            self.accelerator.load_state(str(folder))
+            return
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(self.module, _inner(self.optimizer))
+        state = {"model": model_state, "optimizer": optim_state}
+        dcp.load(state, checkpoint_id=str(folder))
+        set_state_dict(self.module, _inner(self.optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The unsharded state of the training module, on the main process (every rank takes part)."""
+        if self.name != "fsdp2":
+            return self.accelerator.get_state_dict(self.module)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(self.module, options=options)
+
+
+def _inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)

@@ -22,6 +22,7 @@ from monkeytune.train.engine import (
     engine_of,
     is_sharded,
     make_accelerator,
+    shard_fsdp2,
     write_run_record,
 )
 from monkeytune.train.fingerprint import run_fingerprint
@@ -145,6 +146,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         # stage before its first step, exactly as the uninterrupted run did).
         stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
         apply_plan(model, stage.plan)
+        module = TrainingModule(model)
+        if engine_of(acc) == "fsdp2":
+            module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
         steps_total = total_steps(cfg, sampler.batches_per_epoch)
@@ -158,14 +162,17 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             position = _map_position(saved, acc.num_processes)
         set_seed(cfg.train.seed)
         configure_engine(acc, cfg)
-        module, optimizer = acc.prepare(TrainingModule(model), optimizer)
+        if engine_of(acc) == "fsdp2":
+            optimizer = acc.prepare(optimizer)  # the module is sharded already
+        else:
+            module, optimizer = acc.prepare(module, optimizer)
         check_engine(acc, cfg)
+        engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
         if saved:
-            load_engine_state(resume_dir, acc, sharded)
+            load_engine_state(resume_dir, engine, sharded)
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
                         position.epoch, position.batch)
 
-        engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
         ctx = StepContext(
             cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
             sharded=sharded, metrics=MetricsLog(run_dir, main, cfg.log.tensorboard,
@@ -243,7 +250,7 @@ def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path)
         if ctx.sharded:
             # Under FSDP / ZeRO-3 the bare model holds only this process's shards: gather the
             # full state (every process takes part) and rebuild an unsharded model from it.
-            state = acc.get_state_dict(ctx.engine.module)
+            state = ctx.engine.full_state_dict()
             if acc.is_main_process:
                 bare = {k.removeprefix("model."): v for k, v in state.items()}
                 # Sharded runs have no unfreezing stages, so the base plan is the one in force.

@@ -85,12 +85,13 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
 
 
 def write_checkpoint(
-    folder: Path, *, accelerator, cfg: TrainConfig, model: nn.Module, optimizer, scheduler,
+    folder: Path, *, engine, cfg: TrainConfig, model: nn.Module, optimizer, scheduler,
     names: list[str], state: dict[str, Any], sharded: bool, fingerprint: dict[str, Any],
 ) -> None:
     """Fill ``folder`` (every rank calls this; rank 0 writes the shared files)."""
+    accelerator = engine.accelerator
     if sharded:
-        accelerator.save_state(str(folder / "engine"))
+        engine.save_sharded(folder / "engine")
     if accelerator.is_main_process:
         if not sharded:
             save_weights(model, names, folder / WEIGHTS_FILE)
@@ -112,10 +113,11 @@ def load_model_state(folder: Path, model: nn.Module, optimizer, scheduler, shard
     scheduler.load_state_dict(load_torch(folder / "scheduler.pt"))
 
 
-def load_engine_state(folder: Path, accelerator, sharded: bool) -> None:
+def load_engine_state(folder: Path, engine, sharded: bool) -> None:
     """After ``accelerator.prepare``: sharded engine state, loss scaler, then this rank's RNGs."""
+    accelerator = engine.accelerator
     if sharded:
-        accelerator.load_state(str(folder / "engine"))
+        engine.load_sharded(folder / "engine")
     scaler_file = folder / "scaler.pt"
     if accelerator.scaler is not None and scaler_file.is_file():
         accelerator.scaler.load_state_dict(load_torch(scaler_file))

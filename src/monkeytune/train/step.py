@@ -165,5 +165,5 @@ def save_checkpoint(ctx: StepContext, state: dict[str, Any]) -> Path:
     assert_finite(ctx.model, f"checkpoint at step {step}")
     names = ever_trained_names(ctx.model, ctx.schedule, step) if not ctx.sharded else []
     return ctx.checkpoints.save(step, lambda folder: write_checkpoint(
-        folder, accelerator=ctx.engine.accelerator, cfg=ctx.cfg, model=ctx.model, optimizer=ctx.inner_optimizer,
+        folder, engine=ctx.engine, cfg=ctx.cfg, model=ctx.model, optimizer=ctx.inner_optimizer,
         scheduler=ctx.scheduler, names=names, state=state, sharded=ctx.sharded, fingerprint=ctx.fingerprint))
