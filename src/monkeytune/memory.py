@@ -6,27 +6,27 @@ tensors of individual kernels; expect real peaks 10-30% above it.
 
 **Model states** (P = all parameters, T = trainable parameters, N = GPUs, AdamW):
 
-=========  ==========================  ==============  ======================================
-precision  weights                     gradients       optimizer states
-=========  ==========================  ==============  ======================================
-bf16/fp16  2 B x P (half copy)         2 B x T         12 B x T (fp32 master, m and v)
-fp32       4 B x P                     4 B x T         8 B x T (m and v)
-=========  ==========================  ==============  ======================================
+===============  ===================================  ==============  ==================================
+precision        weights                              gradients       optimizer states
+===============  ===================================  ==============  ==================================
+bf16/fp16 DDP,   2 B x (P - T) frozen in half,        4 B x T         8 B x T (m and v)
+FSDP2            4 B x T trained (fp32 masters)
+bf16/fp16 ZeRO   2 B x P (half copy)                  2 B x T         12 B x T (fp32 master, m and v)
+fp32             4 B x P                              4 B x T         8 B x T (m and v)
+===============  ===================================  ==============  ==================================
 
-The bf16/fp16 row is DeepSpeed's mixed precision (half-precision module, fp32 master copy in the
-optimizer), which the ``zero*`` strategies use.
+Frozen weights follow the compute dtype under every engine (the trainer casts the parameters no
+unfreezing stage trains; DeepSpeed casts the whole module), and trained ones keep fp32 masters.
 
 * ``ddp``: nothing sharded (gradient buckets assumed to be views, ``gradient_as_bucket_view``).
-  Mixed precision under DDP is autocast (accelerate's ``mixed_precision``): the model keeps
-  fp32 weights and gradients, frozen ones included, so every precision costs the fp32 row;
-  only activations shrink.
+  Mixed precision under DDP is autocast, so activations are in half precision.
 * ``zero1``: optimizer states / N. ``zero2``: optimizer states and gradients / N.
 * ``zero3``: weights, gradients and optimizer states / N, plus the gathered half-precision
   weights of the root unit (everything outside the transformer blocks: embeddings, LM head,
   patch embedding, resampler) and of two blocks (the one computing and the one prefetched).
-* ``fsdp`` (FULL_SHARD with a ``MixedPrecision`` policy): the sharded parameters stay fp32, so
-  weights 4 B x P / N, gradients 4 B x T / N, optimizer 8 B x T / N, plus the same gathered
-  half-precision units as ``zero3``. With fp32 it equals ``zero3``.
+* ``fsdp`` (FSDP2 with a ``MixedPrecisionPolicy``): the DDP row's weights, gradients and
+  optimizer states / N, plus the same gathered half-precision units as ``zero3``. With fp32 it
+  equals ``zero3``.
 
 **Activations** (per GPU, per micro-batch of ``batch_size`` sequences of ``seq_len`` tokens and
 ``images_per_sample`` images each; ``a`` = activation bytes, 2 for bf16/fp16, 4 for fp32).
@@ -41,8 +41,8 @@ SDPA / flash attention stores no ``seq x seq`` score matrix):
   ``10w + 2m + 2 r_attn + r_mlp`` - LayerNorms, qkv, attention output, MLP hidden and GELU
   output, and the inputs and low-rank intermediates of the three per-window adapters. The patch
   embedding adds ``3w`` per vision token, the resampler ``5 d`` (``d`` = output width).
-* The loss: the LM head runs on at most 1024 supervised positions at a time, keeping fp32
-  logits, log-probabilities and their gradient: ``min(tokens, 1024) x vocab x 12`` bytes.
+* The loss: the LM head runs on at most ``LOSS_CHUNK`` (128) supervised positions at a time,
+  keeping fp32 logits, log-probabilities and their gradient: ``min(tokens, 128) x vocab x 12`` bytes.
 
 Only the parts that backward must traverse are stored: the ViT from its first trainable block
 (nothing if no vision parameter trains), the resampler if it or the ViT trains, and the LLM
@@ -59,12 +59,12 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from monkeytune.config import ModelConfig
+from monkeytune.model.loss import LOSS_CHUNK
 from monkeytune.policy.components import canonical_name
 from monkeytune.policy.plan import Decision
 
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
-LOSS_CHUNK = 1024
 GIB = 1024**3
 
 _BLOCK = re.compile(r"^(vision\.blocks\.(\d+)|llm\.model\.layers\.(\d+))\.")
@@ -178,12 +178,17 @@ def model_state_bytes(s: ParamSummary, precision: str, strategy: str, gpus: int)
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     half = precision != "fp32"
-    w_b, g_b, o_b = (2, 2, 12) if half else (4, 4, 8)
-    if strategy in ("ddp", "fsdp") and half:
-        # Autocast (DDP) and FSDP's MixedPrecision policy keep fp32 parameters and gradients.
-        w_b, g_b, o_b = 4, 4, 8
+    frozen = s.total - s.trainable
+    if not half:
+        weights, grads, optim = 4 * s.total, 4 * s.trainable, 8 * s.trainable
+    elif strategy in ("ddp", "fsdp"):
+        # Frozen weights are held in the compute dtype; trained ones stay fp32 masters with fp32
+        # gradients (autocast under DDP, FSDP2's MixedPrecisionPolicy computes in half).
+        weights, grads, optim = 2 * frozen + 4 * s.trainable, 4 * s.trainable, 8 * s.trainable
+    else:
+        # DeepSpeed: the module in half precision, fp32 masters and moments in the optimizer.
+        weights, grads, optim = 2 * s.total, 2 * s.trainable, 12 * s.trainable
     n = gpus
-    weights, grads, optim = w_b * s.total, g_b * s.trainable, o_b * s.trainable
     if strategy in ("zero1", "zero2", "zero3", "fsdp"):
         optim = -(-optim // n)
     if strategy in ("zero2", "zero3", "fsdp"):

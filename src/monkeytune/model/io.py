@@ -123,6 +123,7 @@ def save_model(
     metadata: dict[str, Any] | None = None,
     base_model: str | Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    dtype: torch.dtype | None = None,
 ) -> Path:
     """Write a monkeytune model folder.
 
@@ -136,6 +137,8 @@ def save_model(
             ``model.metadata``, e.g. ``{"chat_format": "chatml"}``).
         base_model: Recorded with ``trainable_only`` so loading can find the base by itself.
         max_shard_bytes: Shard size limit for the safetensors files.
+        dtype: Write floating-point tensors in this dtype (e.g. a bf16 run's trained fp32
+            tensors beside its bf16 frozen ones: a folder holds one dtype). None: as they are.
 
     Returns:
         The folder path.
@@ -147,6 +150,8 @@ def save_model(
     tensors, tied = unique_state_dict(model, trainable_only=trainable_only)
     if trainable_only and not tensors:
         raise ValueError("trainable_only=True but the model has no trainable parameters")
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() else t for k, t in tensors.items()}
     meta = dict(getattr(model, "metadata", {}) or {})
     meta.update(metadata or {})
     compat = get_compat(model)

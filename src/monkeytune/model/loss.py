@@ -15,6 +15,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
+# Supervised positions per LM-head chunk. With a 152k vocabulary a chunk holds 128 x 152k fp32
+# logits, log-probabilities and their gradient (~0.2 GiB); still a large enough matmul for a GPU.
+LOSS_CHUNK = 128
 
 
 def _ce_sum(logits: torch.Tensor, targets: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -33,7 +36,7 @@ def supervised_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     lm_head: nn.Module,
-    chunk_size: int = 1024,
+    chunk_size: int = LOSS_CHUNK,
     weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over supervised positions, and their count.

@@ -22,7 +22,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from monkeytune.config import LLMConfig, ModelConfig
-from monkeytune.model.loss import supervised_loss
+from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
 from monkeytune.vision.resampler import Resampler
 from monkeytune.vision.vit import VisionTower
 
@@ -173,7 +173,7 @@ class MonkeyForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         view_slots: torch.Tensor | None = None,
-        loss_chunk_size: int = 1024,
+        loss_chunk_size: int = LOSS_CHUNK,
         token_weights: torch.Tensor | None = None,
     ) -> MonkeyOutput:
         """Run the model.

@@ -144,6 +144,13 @@ def make_accelerator(cfg: TrainConfig):
     return acc
 
 
+def compute_precision(accelerator, cfg: TrainConfig) -> str:
+    """The precision the run really computes in: fp16 without a loss scaler (no GPU) is fp32."""
+    if cfg.train.precision == "fp16" and accelerator.scaler is None and not engine_of(accelerator).startswith("deepspeed"):
+        return "fp32"
+    return cfg.train.precision
+
+
 def configure_engine(accelerator, cfg: TrainConfig) -> None:
     """Give DeepSpeed what it would otherwise read from a prepared DataLoader or a JSON file.
 

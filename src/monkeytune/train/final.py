@@ -87,6 +87,7 @@ def save_final(
     merge_llm_lora: bool = False,
     base_model: str | None = None,
     metadata: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Path | None:
     """Write the run's final model.
 
@@ -101,6 +102,8 @@ def save_final(
         merge_llm_lora: Merge LLM LoRA into the LLM weights of the model folder.
         base_model: The ``model.from`` folder, recorded in adapter-only saves.
         metadata: Extra facts for ``config.json``.
+        dtype: The dtype the folder's weights are written in (the run's compute dtype under
+            bf16/fp16, where frozen weights are held in it already); None keeps them as they are.
 
     Returns:
         The folder, or None for ``mode == "none"``.
@@ -120,7 +123,7 @@ def save_final(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_final(model, tokenizer, tmp, mode, merge_llm_lora, base_model, metadata)
+        _write_final(model, tokenizer, tmp, mode, merge_llm_lora, base_model, metadata, dtype)
         publish_folder(tmp, out_dir)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +135,8 @@ def save_final(
     return out_dir
 
 
-def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: bool, base_model, metadata) -> None:
+def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: bool, base_model, metadata,
+                 dtype: torch.dtype | None) -> None:
     """Fill ``out_dir`` (see :func:`save_final`)."""
     from monkeytune.model.io import save_model
     from monkeytune.policy.presets import has_llm_lora
@@ -149,6 +153,7 @@ def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: boo
         if not any(p.requires_grad for p in model.parameters()):
             logger.info("no trainable parameters outside the LLM LoRA; the adapters are in llm_lora/")
             return
-        save_model(model, out_dir, tokenizer=tokenizer, trainable_only=True, metadata=meta, base_model=base_model)
+        save_model(model, out_dir, tokenizer=tokenizer, trainable_only=True, metadata=meta, base_model=base_model,
+                   dtype=dtype)
         return
-    save_model(model, out_dir, tokenizer=tokenizer, metadata=meta)
+    save_model(model, out_dir, tokenizer=tokenizer, metadata=meta, dtype=dtype)

@@ -18,6 +18,7 @@ from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_le
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.engine import (
     Engine,
+    compute_precision,
     configure_engine,
     engine_of,
     is_sharded,
@@ -33,12 +34,14 @@ from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losse
 from monkeytune.train.optim import build_optimizer, build_scheduler
 from monkeytune.train.sampler import Position, micro_batches
 from monkeytune.train.setup import (
+    COMPUTE_DTYPES,
     SetupError,
     build_data,
     build_schedule,
     check_engine,
     check_environment,
     ensure_synthetic_data,
+    hold_frozen_in_compute_dtype,
     load_model_and_tokenizer,
     tokenizer_dir,
     total_steps,
@@ -146,6 +149,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         # stage before its first step, exactly as the uninterrupted run did).
         stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
         apply_plan(model, stage.plan)
+        precision = compute_precision(acc, cfg)
+        saved_bytes = hold_frozen_in_compute_dtype(model, schedule, precision)
+        if saved_bytes:
+            logger.info("frozen weights held in %s: %.2f GiB less", precision, saved_bytes / 2**30)
         module = TrainingModule(model)
         if engine_of(acc) == "fsdp2":
             module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
@@ -260,6 +267,7 @@ def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path)
                 model, tokenizer, run_dir / "final", cfg.checkpoint.final_save,
                 merge_llm_lora=cfg.checkpoint.merge_llm_lora, base_model=cfg.model.from_dir,
                 metadata={"chat_format": cfg.data.template},
+                dtype=COMPUTE_DTYPES.get(compute_precision(acc, cfg)),
             )
             logger.info("final model written to %s", final_dir)
     if acc.is_main_process and cfg.log.plot:
