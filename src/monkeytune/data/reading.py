@@ -132,8 +132,10 @@ def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str) -> I
         start_line, end_line = line_at(pos), line_at(end)
         broken = [bad[ln] for ln in range(start_line, end_line + 1) if ln in bad]
         if broken:
-            obj = broken[0]
-            obj.index = index
+            # Named at the line the record starts on, like every record error; the reason
+            # gives the line of the bad byte.
+            first = broken[0]
+            obj = DataError(first.kind, f"line {first.line}: {first.reason}", path, start_line, index)
         yield index, start_line, obj
         index += 1
         pos = skip_ws(end)

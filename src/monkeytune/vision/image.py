@@ -29,6 +29,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -182,7 +183,11 @@ def load_image(source: str | os.PathLike | Image.Image, max_pixels: int) -> Imag
         raise ImageLoadError(f"cannot load image {name}: empty file (0 bytes)")
 
     try:
-        with Image.open(source) as image:
+        with warnings.catch_warnings():
+            # Pillow warns from the header at its own threshold; the guard below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        with image:
             # Image.open reads only the header, so the size check runs before decoding.
             _check_pixels(image.size[0], image.size[1], max_pixels, name)
             return _finish(image)
