@@ -190,3 +190,17 @@ class SkipBadSamples(Dataset):
             # One short append per line; O_APPEND keeps lines from several workers whole.
             with open(self.report_path, "a", encoding="utf-8") as f:
                 f.write(line + "\n")
+
+
+def run_summary(dataset: Any) -> str | None:
+    """The skip summary of a training dataset at the end of a run (``None`` when not skipping).
+
+    Read from the report file when there is one, so it counts what every DataLoader worker
+    skipped; ``dataset`` may be packed around the skip wrapper.
+    """
+    inner = getattr(dataset, "base", dataset)
+    if not isinstance(inner, SkipBadSamples):
+        return None
+    if inner.report_path:
+        return summarize_report(inner.report_path, inner.total) + f" (listed in {inner.report_path})"
+    return inner.summary()

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import torch
 
+from monkeytune.data.skipping import run_summary
 from monkeytune.train.checkpoint import CheckpointManager, read_state
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.final import assert_finite, rebuild_from_state, save_final
@@ -216,6 +217,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
                 on_step(row)
         progress.close()
         metrics.close()
+        skipped = run_summary(dataset) if main else None
+        if skipped:
+            logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()
         result.final_dir = _finish(cfg, acc, loop, model, tokenizer, run_dir)
         result.model = model
