@@ -295,3 +295,16 @@ def test_eval_records_in_every_format(files, images, h):
     assert oa[0]["answer"] == "Red." and oa[0]["question"] == "What colour is the bus?"
     assert oa[0]["image"] == str(images / "coco/train2017/000000033471.jpg")
     assert json.dumps(oa[1]["answer"]) == '"Hello"'
+
+
+@pytest.mark.parametrize("name,fmt", [("monkey.jsonl", "monkey"), ("llava.json", "llava"),
+                                      ("mllm_demo.json", "sharegpt"), ("openai.jsonl", "openai")])
+def test_shipped_examples_pass_the_check(name, fmt, capsys):
+    from pathlib import Path
+
+    from monkeytune.cli import main
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "data" / name
+    assert main(["data", "check", str(path), "--config", "tiny", "--template", "chatml"]) == 0
+    out = capsys.readouterr().out
+    assert f"format:   {fmt}" in out and "3 references" in out
