@@ -83,3 +83,18 @@ def test_max_skip_fraction_is_validated(make_config, tmp_path, capsys, value):
     make_config("v").save(path)
     assert main(["train", str(path), "--data.max_skip_fraction", value, "--print-config"]) == 2
     assert "data.max_skip_fraction must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_error_mode_names_a_bad_sample_before_the_first_step(make_config, synthetic, tmp_path, capsys):
+    train_file, _ = synthetic
+    lines = train_file.read_text().splitlines()
+    lines[5] = lines[5].replace("images/", "nowhere/")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    (tmp_path / "images").symlink_to(train_file.parent / "images")
+    path = tmp_path / "run.yaml"
+    make_config("err", data={"train": str(bad)}, train={"max_steps": 1, "epochs": 0}).save(path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}:6 (record 5): conversations[0].value: image file not found" in err
+    assert "Traceback" not in err and not (tmp_path / "err" / "metrics.jsonl").exists()

@@ -287,6 +287,17 @@ class ConversationDataset(Dataset):
                 errors.append(s.error(problem[0], problem[1], ref.field))
         return errors
 
+    def scan(self, i: int) -> None:
+        """The chain run dry on sample ``i`` as training starts: render (cached) and ``stat``
+        every image, without decoding.
+
+        Raises:
+            DataError: the first problem found.
+        """
+        self.prepare(i)
+        for err in self.image_errors(i, decode=False)[:1]:
+            raise err
+
     # -- step 3: load the views --------------------------------------------------------------
 
     @property

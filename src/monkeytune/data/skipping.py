@@ -96,9 +96,7 @@ class SkipBadSamples(Dataset):
         if scan:
             for i in range(len(dataset)):
                 try:
-                    dataset.prepare(i)
-                    for err in dataset.image_errors(i, decode=False)[:1]:
-                        raise err
+                    dataset.scan(i)
                 except DataError as e:
                     self._mark_bad(i, e)
             logger.log(logging.WARNING if self.num_skipped else logging.INFO, "%s", self.summary())

@@ -166,6 +166,11 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")
         dataset = SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)
+    else:
+        # Fail before the first step, not hours in; the renderings are cached and DataLoader
+        # workers inherit them.
+        for i in range(len(dataset)):
+            dataset.scan(i)
     if d.packing:
         dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
     pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
