@@ -169,3 +169,31 @@ def test_packing_leaves_out_bad_samples(tmp_path, h, tok, cfg):
     assert ds.num_skipped == 3 and ds.summary() == (
         "skipped 3 of 4 samples (75.0%): too_long 1 (25.0%), missing_image 1 (25.0%), unreadable_image 1 (25.0%)"
     )
+
+
+def test_packing_tokenizes_each_sample_once(tmp_path, h, tok, cfg):
+    """The plan's rendering is cached: loading the rows calls the tokenizer no more."""
+
+    class Counting(type(tok)):
+        calls = 0
+
+        def encode(self, text):
+            Counting.calls += 1
+            return super().encode(text)
+
+    h.make_image(tmp_path / "a.png")
+    recs = [h.conv(("<img>a.png</img>What?", "Red."), ("More?", "No.")), h.conv(("Hi", "Hello"))] * 3
+    path = h.write_jsonl(tmp_path / "d.jsonl", recs)
+    counting = Counting()
+    ds = ConversationDataset(path, counting, cfg, max_length=200)
+    packed = PackedDataset(ds, shuffle=False)
+    after_plan = Counting.calls
+    assert after_plan == 3 * (4 + 2)  # one call per text piece, once
+    rows = [packed[j] for j in range(len(packed))]
+    assert Counting.calls == after_plan
+    # The cached rendering expands to exactly what a fresh rendering gives.
+    fresh = ConversationDataset(path, tok, cfg, max_length=200)
+    for row, members in zip(rows, packed.rows):
+        singles = [fresh.render(i).encoded for i in members]
+        assert row["input_ids"].tolist() == [t for e in singles for t in e.input_ids]
+        assert row["labels"].tolist() == [t for e in singles for t in e.labels]

@@ -250,18 +250,20 @@ class ConversationDataset(Dataset):
         Rendered once and cached compactly (image blocks stored as one id), so packing's
         length pass and the later item build tokenize each sample once.
         """
+        c = self._compact(i)
+        ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
+        return ids, labels, self.samples[i].images[: c.n_images], c.dropped
+
+    def _compact(self, i: int) -> _Compact:
         c = self._cache.get(i)
         if c is None:
             p = self.render(i)
             c = self._cache[i] = _Compact(p.encoded, self.tokenizer.image_pad_id, p.truncated_exchanges)
-        ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
-        return ids, labels, self.samples[i].images[: c.n_images], c.dropped
+        return c
 
     def length(self, i: int) -> int:
         """Token count of sample ``i`` (rendered once, cached)."""
-        if i not in self._cache:
-            self.prepare(i)
-        c = self._cache[i]
+        c = self._compact(i)
         return int(len(c.ids) + c.n_images * (self.tokens_per_image - 1))
 
     def lengths(self) -> list[int | None]:
@@ -294,7 +296,7 @@ class ConversationDataset(Dataset):
         Raises:
             DataError: the first problem found.
         """
-        self.prepare(i)
+        self._compact(i)
         for err in self.image_errors(i, decode=False)[:1]:
             raise err
 
