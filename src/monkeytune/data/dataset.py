@@ -64,25 +64,37 @@ class Prepared:
     truncated_exchanges: int
 
 
-def fit_to_length(enc: Encoded, max_length: int, truncate_turns: bool) -> tuple[Encoded, int] | str:
+def fit_to_length(
+    enc: Encoded, max_length: int, truncate_turns: bool, extra_per_image: int = 0
+) -> tuple[Encoded, int] | str:
     """Return ``(encoded, dropped_exchanges)`` fitting ``max_length``, or the reason it cannot.
 
     Only whole trailing exchanges without images are dropped, and at least one always remains.
+    ``extra_per_image`` counts tokens each image block will gain when ``enc`` was rendered with
+    fewer placeholders per image than the model takes (the compact cache renders one).
     """
-    if len(enc) <= max_length:
+    cum = [0]
+    for n_img in enc.exchange_images:
+        cum.append(cum[-1] + n_img)
+
+    def end(k: int) -> int:  # true length of exchanges 0..k-1
+        return enc.exchange_ends[k - 1] + extra_per_image * cum[k]
+
+    total = len(enc) + extra_per_image * len(enc.images)
+    if total <= max_length:
         return enc, 0
     n = len(enc.exchange_ends)
     if truncate_turns:
         keep = n
         while keep > 1 and enc.exchange_images[keep - 1] == 0:
             keep -= 1
-            if enc.exchange_ends[keep - 1] <= max_length:
+            if end(keep) <= max_length:
                 return enc.keep_exchanges(keep), n - keep
         return (
-            f"{len(enc)} tokens > max_length {max_length}, and dropping trailing text-only "
-            f"exchanges cannot make it fit (first exchange alone: {enc.exchange_ends[0]} tokens)"
+            f"{total} tokens > max_length {max_length}, and dropping trailing text-only "
+            f"exchanges cannot make it fit (first exchange alone: {end(1)} tokens)"
         )
-    return f"{len(enc)} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
+    return f"{total} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
 
 
 def size_problem(sample: Sample, max_length: int) -> DataError | None:
@@ -104,21 +116,19 @@ def size_problem(sample: Sample, max_length: int) -> DataError | None:
 
 
 class _Compact:
-    """A rendered sample stored small: image blocks keep one pad id, labels one bit per token."""
+    """A sample rendered with one placeholder per image, stored small: ids as int32, labels as
+    one supervised bit per token. :meth:`expand` gives the model-ready form."""
 
     __slots__ = ("ids", "supervised", "n_images", "dropped")
 
-    def __init__(self, enc: Encoded, pad_id: int, dropped: int):
-        ids = np.asarray(enc.input_ids, dtype=np.int64)
-        sup = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
-        is_pad = ids == pad_id
-        keep = ~(is_pad & np.concatenate([[False], is_pad[:-1]]))  # first pad of each block
-        self.ids = ids[keep].astype(np.int32)
-        self.supervised = sup[keep]
+    def __init__(self, enc: Encoded, dropped: int):
+        self.ids = np.asarray(enc.input_ids, dtype=np.int32)
+        self.supervised = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
         self.n_images = len(enc.images)
         self.dropped = dropped
 
     def expand(self, pad_id: int, tokens_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids [L], labels [L])`` int64 with every image block at full size."""
         repeats = np.where(self.ids == pad_id, tokens_per_image, 1)
         ids = np.repeat(self.ids.astype(np.int64), repeats)
         labels = np.where(np.repeat(self.supervised, repeats), ids, IGNORE_INDEX)
@@ -211,8 +221,13 @@ class ConversationDataset(Dataset):
 
     # -- step 2: render (text only) ----------------------------------------------------------
 
-    def render(self, i: int) -> Prepared:
-        """Render sample ``i`` and fit it to ``max_length`` without caching (no image is opened).
+    def render(self, i: int, compact: bool = False) -> Prepared:
+        """Render sample ``i`` and fit it to ``max_length``, without caching (no image is opened).
+
+        Args:
+            i: Sample index.
+            compact: Render one placeholder per image (the cached form) instead of
+                ``tokens_per_image``; lengths are still judged at the full size.
 
         Raises:
             DataError: ``template`` (a system turn with ``monkey``) or ``too_long``.
@@ -225,8 +240,9 @@ class ConversationDataset(Dataset):
         too_big = size_problem(s, self.max_length)
         if too_big is not None:
             raise too_big
-        enc = render(self.template, s.system, s.turns, self.tokenizer, self.tokens_per_image)
-        fitted = fit_to_length(enc, self.max_length, self.truncate_turns)
+        tpi = 1 if compact else self.tokens_per_image
+        enc = render(self.template, s.system, s.turns, self.tokenizer, tpi)
+        fitted = fit_to_length(enc, self.max_length, self.truncate_turns, self.tokens_per_image - tpi)
         if isinstance(fitted, str):
             raise s.error(TOO_LONG, fitted)
         enc, dropped = fitted
@@ -247,7 +263,7 @@ class ConversationDataset(Dataset):
     def prepare(self, i: int) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int]:
         """``(input_ids [L], labels [L], images, truncated_exchanges)`` of sample ``i``.
 
-        Rendered once and cached compactly (image blocks stored as one id), so packing's
+        Rendered once and cached compactly (each image block holds one pad id), so packing's
         length pass and the later item build tokenize each sample once.
         """
         c = self._compact(i)
@@ -257,8 +273,10 @@ class ConversationDataset(Dataset):
     def _compact(self, i: int) -> _Compact:
         c = self._cache.get(i)
         if c is None:
-            p = self.render(i)
-            c = self._cache[i] = _Compact(p.encoded, self.tokenizer.image_pad_id, p.truncated_exchanges)
+            # Rendered with one placeholder per image: no list of tokens_per_image pads is built
+            # only to be compressed again (1280 per image for Monkey).
+            p = self.render(i, compact=True)
+            c = self._cache[i] = _Compact(p.encoded, p.truncated_exchanges)
         return c
 
     def length(self, i: int) -> int:
