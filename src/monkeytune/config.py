@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from monkeytune.vision.image import DEFAULT_MAX_PIXELS
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -89,7 +91,8 @@ class ImageConfig:
             shorter side and centre-crop) or ``pad`` (letterbox on the mean colour).
         mean: Per-channel normalisation mean.
         std: Per-channel normalisation std.
-        max_pixels: Images with more pixels are refused (decompression-bomb guard).
+        max_pixels: Images with more pixels are refused from the header, before decoding
+            (decompression-bomb guard; default Pillow's warning threshold, about 89.5M).
     """
 
     grid: list[int] = field(default_factory=lambda: [2, 2])
@@ -98,7 +101,7 @@ class ImageConfig:
     resize_mode: str = "stretch"
     mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
-    max_pixels: int = 16384 * 16384
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     @property
     def num_windows(self) -> int:

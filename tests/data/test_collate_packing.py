@@ -30,8 +30,9 @@ def test_dynamic_padding_positions_and_counts():
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]
     assert batch["seq_lens"].tolist() == [[3], [5]]
-    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 10] and batch["max_seqlen"] == 5
-    assert batch["num_supervised_tokens"].item() == 5 and batch["num_samples"] == 2
+    assert batch["num_images"] == 1 and batch["num_samples"] == 2
+    # Nothing reads flash-attention boundaries or a supervised count: batches do not carry them.
+    assert not {"cu_seqlens", "max_seqlen", "num_supervised_tokens"} & set(batch)
     assert batch["pixel_values"].shape == (5, 3, 4, 4) and batch["ids"] == ["a", "b"]
     assert set(model_inputs(batch)) == {"input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "view_slots"}
 
@@ -84,9 +85,8 @@ def test_packed_rows_position_ids_and_seq_lens():
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [1, 2, 3, 4, 0]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 0]]
     assert batch["seq_lens"].tolist() == [[3, 2], [4, 0]]
-    assert batch["cu_seqlens"].tolist() == [0, 3, 5, 9, 10]
     assert batch["num_samples"] == 3 and batch["ids"] == ["a", "b", "c"]
-    assert batch["num_supervised_tokens"].item() == 5
+    assert batch["num_images"] == 3
     # Views stay in row order, each row's in sample order.
     assert batch["pixel_values"][:, 0, 0, 0].tolist() == [3.0] * 5 + [4.0] * 10
 
@@ -145,16 +145,55 @@ def test_packed_loss_equals_sum_of_unpacked_losses(dataset, tok, cfg):
         # The same samples one per row, right-padded, attention-masked.
         plain = Collator(tok.pad_id)([dataset[i] for i in range(len(dataset))])
         ref = model(**model_inputs(plain))
-    assert int(out.num_tokens) == int(ref.num_tokens) == batch["num_supervised_tokens"].item()
+    assert int(out.num_tokens) == int(ref.num_tokens) == int((batch["labels"][:, 1:] != -100).sum())
     assert out.loss_sum.item() == pytest.approx(ref.loss_sum.item(), rel=1e-4)
 
 
 def test_packing_leaves_out_bad_samples(tmp_path, h, tok, cfg):
-    h.make_image(tmp_path / "a.png")
-    recs = [h.conv(("q", "a"), id="ok"), h.conv(("x" * 200, "a"), id="long"), h.conv(("<img>gone.png</img>q", "a"), id="gone")]
+    from monkeytune.data.skipping import SkipBadSamples
+
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    recs = [
+        h.conv(("q", "a"), id="ok"),
+        h.conv(("x" * 200, "a"), id="long"),
+        h.conv(("<img>broken.png</img>q", "a"), id="broken"),
+        h.conv(("<img>gone.png</img>q", "a"), id="gone"),
+    ]
     path = h.write_jsonl(tmp_path / "d.jsonl", recs)
-    ds = ConversationDataset(path, tok, cfg, max_length=64, on_bad_sample="skip", report_path=tmp_path / "r.jsonl")
+    base = ConversationDataset(path, tok, cfg, max_length=64, strict=False)
+    ds = SkipBadSamples(base, tmp_path / "r.jsonl", max_skip_fraction=1.0)
+    assert ds.num_skipped == 2  # too long and missing: found by the scan, before any row is planned
     packed = PackedDataset(ds, shuffle=False)
-    assert packed.rows == [[0, 2]]  # the too-long sample is known from lengths alone
-    assert packed[0]["ids"] == ["ok"]  # the missing image shows when loading
-    assert ds.num_skipped == 2
+    assert packed.rows == [[0, 2]]
+    assert packed[0]["ids"] == ["ok"]  # the undecodable image shows when loading
+    assert ds.num_skipped == 3 and ds.summary() == (
+        "skipped 3 of 4 samples (75.0%): too_long 1 (25.0%), missing_image 1 (25.0%), unreadable_image 1 (25.0%)"
+    )
+
+
+def test_packing_tokenizes_each_sample_once(tmp_path, h, tok, cfg):
+    """The plan's rendering is cached: loading the rows calls the tokenizer no more."""
+
+    class Counting(type(tok)):
+        calls = 0
+
+        def encode(self, text):
+            Counting.calls += 1
+            return super().encode(text)
+
+    h.make_image(tmp_path / "a.png")
+    recs = [h.conv(("<img>a.png</img>What?", "Red."), ("More?", "No.")), h.conv(("Hi", "Hello"))] * 3
+    path = h.write_jsonl(tmp_path / "d.jsonl", recs)
+    counting = Counting()
+    ds = ConversationDataset(path, counting, cfg, max_length=200)
+    packed = PackedDataset(ds, shuffle=False)
+    after_plan = Counting.calls
+    assert after_plan == 3 * (4 + 2)  # one call per text piece, once
+    rows = [packed[j] for j in range(len(packed))]
+    assert Counting.calls == after_plan
+    # The cached rendering expands to exactly what a fresh rendering gives.
+    fresh = ConversationDataset(path, tok, cfg, max_length=200)
+    for row, members in zip(rows, packed.rows):
+        singles = [fresh.render(i).encoded for i in members]
+        assert row["input_ids"].tolist() == [t for e in singles for t in e.input_ids]
+        assert row["labels"].tolist() == [t for e in singles for t in e.labels]

@@ -7,6 +7,7 @@ import torch
 
 from monkeytune.data.dataset import ConversationDataset
 from monkeytune.data.records import DataError
+from monkeytune.data.skipping import SkipBadSamples, summarize_report
 
 TPI = 20  # tokens per image of the test config: 5 views x 4 queries
 
@@ -78,8 +79,11 @@ def test_skip_mode_counts_logs_reports_and_replaces(tmp_path, h, tok, cfg, caplo
         f.write("{oops\n")  # line 5: undecodable, reported at construction
     report = tmp_path / "skipped.jsonl"
     with caplog.at_level(logging.WARNING):
-        ds = ConversationDataset(path, tok, cfg, max_length=64, on_bad_sample="skip", report_path=report)
-        assert len(ds) == 4 and ds.num_skipped == 1
+        base = ConversationDataset(path, tok, cfg, max_length=64, strict=False)
+        ds = SkipBadSamples(base, report, max_skip_fraction=1.0)
+        # The scan finds what needs no decoding: the bad line, the missing file, the long sample.
+        assert len(ds) == 4 and ds.num_skipped == 3
+        assert "skipped 3 of 5 samples (60.0%)" in caplog.text
         items = [ds[i] for i in range(len(ds))]
     # Every bad item is replaced by the next good one (wrapping around).
     assert [it["id"] for it in items] == ["good", "good", "good", "good"]
@@ -88,14 +92,29 @@ def test_skip_mode_counts_logs_reports_and_replaces(tmp_path, h, tok, cfg, caplo
     assert [(x["id"], x["line"], x["kind"]) for x in lines] == [
         (None, 5, "malformed_json"),
         ("missing", 2, "missing_image"),
-        ("broken", 3, "unreadable_image"),
         ("long", 4, "too_long"),
+        ("broken", 3, "unreadable_image"),
     ]
     assert all(x["file"] == str(path) and x["reason"] for x in lines)
     assert sum("skipping bad sample" in r.message for r in caplog.records) == 4
     # Known-bad samples are not reported again.
     ds[1]
     assert ds.num_skipped == 4 and len(report.read_text().splitlines()) == 4
+    assert summarize_report(report, ds.total) == ds.summary() == (
+        "skipped 4 of 5 samples (80.0%): malformed_json 1 (20.0%), missing_image 1 (20.0%), "
+        "too_long 1 (20.0%), unreadable_image 1 (20.0%)"
+    )
+
+
+def test_skip_mode_stops_above_max_skip_fraction(tmp_path, h, tok, cfg):
+    recs = [h.conv(("q", "a"), id=str(k)) for k in range(10)] + [h.conv(("q", ""), id="empty")]
+    path = h.write_jsonl(tmp_path / "d.jsonl", recs)
+    base = ConversationDataset(path, tok, cfg, strict=False)
+    SkipBadSamples(base, max_skip_fraction=0.1)  # 1 of 11 is within 10%
+    with pytest.raises(DataError) as info:
+        SkipBadSamples(ConversationDataset(path, tok, cfg, strict=False), max_skip_fraction=0.05)
+    assert info.value.kind == "too_many_skipped"
+    assert "skipped 1 of 11 samples (9.1%): empty_answer 1 (9.1%), more than data.max_skip_fraction = 0.05" in str(info.value)
 
 
 def test_over_long_samples_are_never_cut(tmp_path, h, tok, cfg):

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from monkeytune.data.records import DataError, load_samples
+from monkeytune.data import DataError, load_samples
 
 
 def test_role_names_and_formats_give_the_same_samples(tmp_path, h):
@@ -30,7 +30,7 @@ def test_image_paths_resolve_relative_to_the_data_file(tmp_path, h):
     absolute = str(tmp_path / "elsewhere" / "x.png")
     rec = h.conv((f"<img>img/a.png</img> and <img>{absolute}</img>", "two"))
     (s,) = load_samples(h.write_jsonl(sub / "d.jsonl", [rec]))
-    assert s.images == [os.path.join(str(sub), "img", "a.png"), absolute]
+    assert [r.source for r in s.images] == [os.path.join(str(sub), "img", "a.png"), absolute]
     assert s.id == "d.jsonl:0"  # records without an id get one naming file and index
 
 

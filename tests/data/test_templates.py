@@ -13,10 +13,10 @@ def T(text):
 
 
 TURNS = [
-    Turn("user", "<img>a.png</img>Hi?"),
-    Turn("assistant", "Yo"),
-    Turn("user", "Ok?"),
-    Turn("assistant", "No"),
+    Turn.from_text("user", "<img>a.png</img>Hi?"),
+    Turn.from_text("assistant", "Yo"),
+    Turn.from_text("user", "Ok?"),
+    Turn.from_text("assistant", "No"),
 ]
 
 

@@ -1,7 +1,9 @@
-"""``monkeytune data check``: validate conversation files before training.
+"""``monkeytune data check`` validates conversation files before training; ``monkeytune data
+convert`` rewrites any supported format as Monkey's ``<img>path</img>`` records for inspection.
 
-Exit status: 0 when no error was found, 1 when the data has errors, 2 when the command itself
-cannot run (bad config, missing tokenizer, unknown template).
+Exit status of ``check``: 0 when no error was found, 1 when the data has errors, 2 when the
+command itself cannot run (bad config, missing tokenizer, unknown template or format).
+``convert``: 0 on success, 2 when the input has errors (each one listed) or cannot be read.
 """
 
 from __future__ import annotations
@@ -45,7 +47,41 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-decode", action="store_true", help="only check that image files exist (faster)"
     )
     c.add_argument("--max-listed", type=int, default=20, help="errors/warnings listed in full (default: 20)")
+    _format_options(c)
     c.set_defaults(func=run_check)
+
+    v = data_sub.add_parser(
+        "convert",
+        help="write any supported format as Monkey <img>path</img> JSON Lines, for inspection",
+        description="Read IN in any supported format (monkey, llava, sharegpt, openai) and write OUT "
+        "as Monkey-format JSON Lines with absolute image paths; inline base64 images are written "
+        "as files into OUT's folder (OUT-stem_images/).",
+    )
+    v.add_argument("input", metavar="IN", help="data file")
+    v.add_argument("output", metavar="OUT", help="JSON Lines file to write")
+    _format_options(v)
+    v.set_defaults(func=run_convert)
+
+
+def _format_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--format",
+        default=None,
+        choices=["auto", "monkey", "llava", "sharegpt", "openai"],
+        help="record layout (default: auto, detected per file; see docs/data.md)",
+    )
+    p.add_argument(
+        "--image-root",
+        default=None,
+        metavar="DIR",
+        help="folder relative image paths resolve against (default: each data file's folder)",
+    )
+    p.add_argument(
+        "--allow-empty-answers",
+        action="store_true",
+        default=None,
+        help="accept assistant turns without text (an error by default)",
+    )
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -72,9 +108,32 @@ def run_check(args: argparse.Namespace) -> int:
             template=pick(args.template, settings.template, "monkey"),
             truncate_turns=bool(pick(args.truncate_turns, settings.truncate_turns, False)),
             decode_images=not args.no_decode,
+            format=pick(args.format, settings.format, "auto"),
+            image_root=pick(args.image_root, settings.image_root, None),
+            allow_empty_answers=bool(pick(args.allow_empty_answers, settings.allow_empty_answers, False)),
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
     print(report.format(max_listed=args.max_listed))
     return 0 if report.ok else 1
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from monkeytune.data.convert import convert_file
+    from monkeytune.data.records import DataError
+
+    errors: list[DataError] = []
+    try:
+        written, fmt = convert_file(
+            args.input, args.output, errors, format=args.format or "auto",
+            image_root=args.image_root, allow_empty_answers=bool(args.allow_empty_answers),
+        )
+    except (ValueError, OSError) as e:
+        print(f"error: {e}")
+        return 2
+    for e in errors:
+        print(f"error: {e.describe()}")
+    print(f"{args.input}: read as {fmt}; wrote {written} records to {args.output}"
+          + (f"; {len(errors)} records with errors not written" if errors else ""))
+    return 2 if errors else 0

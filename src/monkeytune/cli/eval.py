@@ -18,11 +18,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate on a JSONL file of questions (or score existing predictions)",
         description="Each line of --data holds image, question, answer (string or list) and "
-        "question_id; image paths are relative to the data file. Writes predictions.jsonl and "
+        "question_id; image paths are relative to the data file. Conversation records in any "
+        "training format (monkey, llava, sharegpt, openai) work too: the first user turn is the "
+        "question, the first answer the reference. Writes predictions.jsonl and "
         "metrics.json to --out and prints the metrics.",
     )
     p.add_argument("--model", default=None, metavar="DIR", help="model folder (not needed with --predictions)")
-    p.add_argument("--data", default=None, metavar="FILE.jsonl", help="questions to answer")
+    p.add_argument("--data", default=None, metavar="FILE", help="questions to answer (JSONL, or conversations in any training format)")
     p.add_argument("--predictions", default=None, metavar="FILE",
                    help="score this predictions JSONL (prediction + answer, or the official answer + annotation)")
     p.add_argument("--metric", action="append", default=None, metavar="NAME",

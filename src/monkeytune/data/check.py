@@ -1,8 +1,9 @@
 """Validate a data set before training: every problem found at once, with file, line and field.
 
-:func:`check_dataset` reads every record, renders it with the training template, measures it
-and opens every image, exactly as training would, and returns a :class:`Report`. It never stops
-at the first problem.
+:func:`check_dataset` runs the training chain dry: the same dataset class parses every record
+(any supported format), renders it with the training template and fits it to ``max_length``,
+and every image goes through the training loader's checks; it returns a :class:`Report` and
+never stops at the first problem.
 
 Token counts need the tokenizer the model will train with. Without one, text length is
 estimated at one token per 3 UTF-8 bytes (byte-level BPE vocabularies such as Qwen's average
@@ -13,6 +14,7 @@ count is only an estimate.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -23,16 +25,9 @@ from typing import Sequence
 import yaml
 
 from monkeytune.config import PRESETS, ModelConfig, config_from_section, get_config
-from monkeytune.data.dataset import fit_to_length
-from monkeytune.data.records import (
-    MISSING_IMAGE,
-    TEMPLATE,
-    TOO_LONG,
-    UNREADABLE_IMAGE,
-    DataError,
-    load_samples,
-)
-from monkeytune.data.templates import IM_END, IM_START, TEMPLATES, encode_conversation
+from monkeytune.data.dataset import ConversationDataset
+from monkeytune.data.records import TOO_LONG, DataError
+from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, TEMPLATES
 from monkeytune.tokenizer.base import Tokenizer
 
 BYTES_PER_TOKEN_ESTIMATE = 3
@@ -79,6 +74,7 @@ class Report:
         errors: Every problem, in file order.
         warnings: Problems that do not fail the check (estimated over-length, config notes).
         estimated: Whether lengths are estimates (no tokenizer given).
+        formats: The format each file was read as.
     """
 
     files: list[str]
@@ -94,6 +90,7 @@ class Report:
     supervised: list[int] = field(default_factory=list)
     errors: list[DataError] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -106,6 +103,8 @@ class Report:
     def format(self, max_listed: int = 20) -> str:
         """A human-readable summary; lists at most ``max_listed`` errors and warnings each."""
         out = [f"data check: {', '.join(self.files)}"]
+        if self.formats:
+            out.append("  format:   " + ", ".join(f"{fmt} ({Path(f).name})" for f, fmt in self.formats.items()))
         bad = self.num_records - self.num_valid
         out.append(f"  records:  {self.num_records} ({self.num_valid} valid, {bad} with errors)")
         out.append(f"  images:   {self.image_refs} references to {self.image_files} files")
@@ -141,21 +140,6 @@ class Report:
         return "\n".join(out)
 
 
-def _image_problem(path: str, max_pixels: int, decode: bool) -> tuple[str, str] | None:
-    """``(kind, reason)`` if the image cannot be used, else ``None``."""
-    if not os.path.isfile(path):
-        return MISSING_IMAGE, f"image file not found: {path}"
-    if not decode:
-        return None
-    from monkeytune.vision.image import load_image
-
-    try:
-        load_image(path, max_pixels)
-    except (ValueError, OSError) as e:
-        return UNREADABLE_IMAGE, str(e)
-    return None
-
-
 def check_dataset(
     path: str | os.PathLike | Sequence[str | os.PathLike],
     model_cfg: ModelConfig,
@@ -164,8 +148,15 @@ def check_dataset(
     template: str = "monkey",
     truncate_turns: bool = False,
     decode_images: bool = True,
+    format: str = "auto",
+    image_root: str | None = None,
+    allow_empty_answers: bool = False,
 ) -> Report:
-    """Check a data set as training would see it.
+    """Check a data set as training would see it: the training chain, run dry.
+
+    The records go through the very :class:`~monkeytune.data.dataset.ConversationDataset`
+    training builds (parse, size check, render, fit), and every image through the training
+    loader's checks and decompression-bomb guard, without building a batch.
 
     Args:
         path: One data file or several.
@@ -176,7 +167,10 @@ def check_dataset(
         truncate_turns: Count a sample as fitting if dropping trailing text-only exchanges
             makes it fit, as training with ``truncate_turns=True`` would.
         decode_images: Fully decode every image (slow on big sets, but finds truncated
-            files); otherwise only check that the files exist.
+            files); otherwise only check that the files exist and are readable.
+        format: ``auto`` or a format name (see :mod:`monkeytune.data.formats`).
+        image_root: Folder relative image paths resolve against (default: each file's folder).
+        allow_empty_answers: Accept assistant turns without text.
 
     Returns:
         A :class:`Report`; ``report.ok`` is false when any error was found.
@@ -195,42 +189,40 @@ def check_dataset(
                     f"tokenizer.{name} ({getattr(tokenizer, name)}) differs from the model "
                     f"config's {name} ({getattr(model_cfg, name)}); training refuses this pair"
                 )
+    # The chain needs the tokenizer's image ids in the config; only tokens_per_image matters here.
+    ids = {n: getattr(tok, n) for n in ("image_start_id", "image_end_id", "image_pad_id")}
+    ds = ConversationDataset(
+        paths, tok, dataclasses.replace(model_cfg, **ids), max_length=max_length, template=template,
+        truncate_turns=truncate_turns, format=format, image_root=image_root,
+        allow_empty_answers=allow_empty_answers, strict=False,
+    )
+    report.formats = dict(ds.formats)
+    report.errors.extend(ds.parse_errors)
+    report.num_records = ds.num_records
 
-    parse_errors: list[DataError] = []
-    samples = load_samples(paths, parse_errors)
-    report.errors.extend(parse_errors)
-    report.num_records = len(samples) + sum(1 for e in parse_errors if e.index is not None)
-
-    image_status: dict[str, tuple[str, str] | None] = {}
-    for s in samples:
+    memo: dict[str, tuple[str, str] | None] = {}
+    for i, s in enumerate(ds.samples):
         before = len(report.errors)
         report.image_refs += len(s.images)
-        for path_, fld in zip(s.images, s.image_fields):
-            if path_ not in image_status:
-                image_status[path_] = _image_problem(path_, model_cfg.image.max_pixels, decode_images)
-            problem = image_status[path_]
-            if problem is not None:
-                report.errors.append(s.error(problem[0], problem[1], fld))
-        if s.system is not None and template == "monkey":
-            report.errors.append(
-                s.error(TEMPLATE, "the monkey template has no system prompt (use chatml)", "conversations[0].from")
-            )
-        else:
-            enc = encode_conversation(template, s.turns, tok, tpi, s.system)
-            fitted = fit_to_length(enc, max_length, truncate_turns)
-            if isinstance(fitted, str):
-                if estimated:
-                    report.warnings.append(s.error(TOO_LONG, "estimated " + fitted).describe())
-                else:
-                    report.errors.append(s.error(TOO_LONG, fitted))
+        report.errors.extend(ds.image_errors(i, decode_images, memo))
+        try:
+            ids_, labels, _, _ = ds.prepare(i)
+            report.lengths.append(len(ids_))
+            report.supervised.append(int((labels != IGNORE_INDEX).sum()))
+        except DataError as e:
+            if e.kind == TOO_LONG and estimated:
+                report.warnings.append(s.error(TOO_LONG, "estimated " + e.reason, e.field).describe())
             else:
-                enc = fitted[0]
-            report.lengths.append(len(enc))
-            report.supervised.append(enc.num_supervised)
+                report.errors.append(e)
+            enc = ds.unfitted(i) if e.kind == TOO_LONG else None
+            if enc is not None:
+                report.lengths.append(len(enc))
+                report.supervised.append(enc.num_supervised)
         if len(report.errors) == before:
             report.num_valid += 1
-    report.image_files = len(image_status)
-    report.errors.sort(key=lambda e: (report.files.index(e.file) if e.file in report.files else 0, e.index or 0))
+    report.image_files = len({ref.source for s in ds.samples for ref in s.images})
+    order = {f: k for k, f in enumerate(report.files)}
+    report.errors.sort(key=lambda e: (order.get(e.file, 0), e.index if e.index is not None else -1))
     return report
 
 
@@ -249,6 +241,9 @@ class CheckSettings:
     max_length: int | None = None
     truncate_turns: bool | None = None
     fixed_ids: bool = False
+    format: str | None = None
+    image_root: str | None = None
+    allow_empty_answers: bool | None = None
 
     def for_tokenizer(self, tokenizer: Tokenizer | None) -> ModelConfig:
         """The model config training would use with ``tokenizer``."""
@@ -274,8 +269,9 @@ def resolve_check_settings(spec: str | None) -> CheckSettings:
     * a model folder (monkeytune or official): its config, and its tokenizer if it holds one;
     * a YAML file holding a model config mapping;
     * a training config YAML: ``model: {preset: ...}``, ``{config: {...}}`` or
-      ``{from: folder}`` (plus ``tokenizer``), and ``data:`` ``template``, ``max_length`` and
-      ``truncate_turns``, used unless given on the command line.
+      ``{from: folder}`` (plus ``tokenizer``), and ``data:`` ``template``, ``max_length``,
+      ``truncate_turns``, ``format``, ``image_root`` and ``allow_empty_answers``, used unless
+      given on the command line.
 
     Raises:
         ValueError: unknown preset, unreadable file or invalid config, naming the file.
@@ -312,6 +308,9 @@ def resolve_check_settings(spec: str | None) -> CheckSettings:
             settings.template = section.get("template")
             settings.max_length = section.get("max_length")
             settings.truncate_turns = section.get("truncate_turns")
+            settings.format = section.get("format")
+            settings.image_root = section.get("image_root")
+            settings.allow_empty_answers = section.get("allow_empty_answers")
         return settings
     except (TypeError, ValueError) as e:
         raise ValueError(f"config {p}: {e}") from e

@@ -17,19 +17,15 @@ Model inputs (:data:`MODEL_KEYS`, pass them as keyword arguments):
     images, row 0's images first, each row's in order of appearance, which is the order in
     which the model fills the ``image_pad_id`` positions of the flattened batch.
 
-Packing metadata (present in every batch, for an attention kernel that wants it):
+Packing metadata:
     ``seq_lens`` ``[B, K]`` int32: lengths of the samples in each row, zero-filled on the right
     (``K`` = most samples in a row; ``K = 1`` when not packed). Padding is not included.
-    ``cu_seqlens`` ``[M + 1]`` int32 and ``max_seqlen`` int: cumulative boundaries over the
-    flattened ``B * T`` tokens, where every sample and every non-empty padding tail is one
-    segment (so the segments tile ``B * T`` exactly), as ``flash_attn_varlen_func`` expects.
-    An SDPA or eager kernel can use :func:`packed_attention_mask` instead.
+    :func:`packed_attention_mask` turns it into a block-diagonal mask for SDPA or eager
+    attention. (The model derives packed attention from ``position_ids``; nothing reads
+    flash-attention ``cu_seqlens``, so batches do not carry them.)
 
-Loss bookkeeping (not model inputs):
-    ``num_supervised_tokens`` int64 scalar: targets in the batch after the model's shift, i.e.
-    ``(labels[:, 1:] != -100).sum()`` (the first label of every sample is always ``-100``).
-    To average over a gradient-accumulation window or data-parallel ranks, sum the loss sums
-    and divide by the sum of these counts rather than averaging per-batch means.
+Bookkeeping (not model inputs):
+    ``num_images`` int: images in the batch (``pixel_values`` holds ``views`` per image).
     ``num_samples`` int: samples in the batch (packed samples counted one by one).
     ``ids`` list of the record ids, row by row.
 """
@@ -115,14 +111,8 @@ class Collator:
 
         k = max(len(s) for s in row_seq_lens)
         seq_lens = torch.zeros((b, k), dtype=torch.int32)
-        segments: list[int] = []
-        for r, (s, n) in enumerate(zip(row_seq_lens, lens)):
+        for r, s in enumerate(row_seq_lens):
             seq_lens[r, : len(s)] = torch.tensor(s, dtype=torch.int32)
-            segments.extend(s)
-            if width > n:
-                segments.append(width - n)
-        cu_seqlens = torch.zeros(len(segments) + 1, dtype=torch.int32)
-        cu_seqlens[1:] = torch.cumsum(torch.tensor(segments, dtype=torch.int64), 0).to(torch.int32)
 
         batch: dict[str, Any] = {
             "input_ids": input_ids,
@@ -131,9 +121,7 @@ class Collator:
             "pixel_values": torch.cat([it["pixel_values"] for it in items]),
             "view_slots": torch.cat([it["view_slots"] for it in items]).to(torch.int64),
             "seq_lens": seq_lens,
-            "cu_seqlens": cu_seqlens,
-            "max_seqlen": max(segments),
-            "num_supervised_tokens": (labels[:, 1:] != IGNORE_INDEX).sum(),
+            "num_images": sum(int(it["num_images"]) for it in items),
             "num_samples": sum(len(s) for s in row_seq_lens),
             "ids": [i for it in items for i in (it["ids"] if packed_batch else [it["id"]])],
         }

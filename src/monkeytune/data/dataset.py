@@ -1,17 +1,17 @@
-"""The training dataset: records in, token ids, labels and image views out.
+"""The training dataset: one transform chain from records to model-ready samples.
 
-Records are parsed and validated when the dataset is built (cheap: JSON only). Tokenization
-happens lazily, per item, and images are decoded in ``__getitem__``, so DataLoader workers do
-the decoding in parallel and the model never sees a file path.
+The chain, shared by training and ``monkeytune data check`` (which runs it dry):
 
-Bad samples are never dropped silently. With ``on_bad_sample="error"`` the first one raises a
-:class:`~monkeytune.data.records.DataError` naming the file, line and field. With ``"skip"``
-each one is logged (``logging.warning``), counted in :attr:`ConversationDataset.num_skipped` and
-appended to ``report_path`` as one JSON line (``id``, ``file``, ``line``, ``index``, ``kind``,
-``field``, ``reason``); ``__getitem__`` then returns the next good sample instead, so batch
-sizes stay fixed. Counts are per process: with several DataLoader workers the report file is
-the complete record (one line per discovery, so a sample met again in a later epoch by a fresh
-worker is listed again).
+1. **parse** (at construction, JSON only): every record, whatever its format, becomes a
+   :class:`~monkeytune.data.records.Sample` whose images sit where their placeholders were;
+2. **render** (:meth:`ConversationDataset.prepare`, cached): a cheap size check on the raw text,
+   then :func:`~monkeytune.data.templates.render` to ids and labels, then the fit to
+   ``max_length``; no image is opened;
+3. **load views** (:meth:`ConversationDataset.load`): decode each image into its views.
+
+This dataset raises a :class:`~monkeytune.data.records.DataError` for a bad sample; the
+bad-sample policy (skip, count, report, threshold) wraps it: see
+:class:`~monkeytune.data.skipping.SkipBadSamples`.
 
 A sample longer than ``max_length`` is never cut (a cut could fall inside an image span or
 leave an answer without its end token): it is an error, or, with ``truncate_turns=True``,
@@ -20,90 +20,144 @@ trailing whole exchanges that carry no image are dropped until it fits, keeping 
 
 from __future__ import annotations
 
-import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from monkeytune.config import ModelConfig
+from monkeytune.data.images import image_problem, open_image
+from monkeytune.data.reading import load_samples
 from monkeytune.data.records import (
     MISSING_IMAGE,
     TEMPLATE,
     TOO_LONG,
     UNREADABLE_IMAGE,
     DataError,
+    ImageRef,
     Sample,
-    load_samples,
 )
-from monkeytune.data.templates import (
-    IGNORE_INDEX,
-    IM_END,
-    IM_START,
-    TEMPLATES,
-    Encoded,
-    encode_conversation,
-)
+from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, TEMPLATES, Encoded, render
 from monkeytune.tokenizer.base import Tokenizer
+from monkeytune.vision.image import ImageLoadError
 
-logger = logging.getLogger(__name__)
-
-BAD_SAMPLE_POLICIES = ("error", "skip")
+# No tokenizer in use puts more than this many characters into one token of real text, so a
+# text longer than max_length x this cannot fit and is refused before it is tokenized (a 10 MB
+# field would otherwise cost a minute and gigabytes). Qwen's longest tokens are runs of
+# whitespace well under 64 characters.
+MAX_CHARS_PER_TOKEN = 64
 
 
 @dataclass
-class TextSample:
-    """A tokenized sample before its images are decoded."""
+class Prepared:
+    """A rendered sample before its images are decoded.
+
+    Attributes:
+        encoded: Ids, labels and images after the fit to ``max_length``.
+        truncated_exchanges: Trailing exchanges dropped by ``truncate_turns``.
+    """
 
     encoded: Encoded
-    images: list[str]  # resolved paths, in order of appearance
-    truncated_exchanges: int  # trailing exchanges dropped by truncate_turns
+    truncated_exchanges: int
 
 
-def fit_to_length(enc: Encoded, max_length: int, truncate_turns: bool) -> tuple[Encoded, int] | str:
+def fit_to_length(
+    enc: Encoded, max_length: int, truncate_turns: bool, extra_per_image: int = 0
+) -> tuple[Encoded, int] | str:
     """Return ``(encoded, dropped_exchanges)`` fitting ``max_length``, or the reason it cannot.
 
     Only whole trailing exchanges without images are dropped, and at least one always remains.
+    ``extra_per_image`` counts tokens each image block will gain when ``enc`` was rendered with
+    fewer placeholders per image than the model takes (the compact cache renders one).
     """
-    if len(enc) <= max_length:
+    cum = [0]
+    for n_img in enc.exchange_images:
+        cum.append(cum[-1] + n_img)
+
+    def end(k: int) -> int:  # true length of exchanges 0..k-1
+        return enc.exchange_ends[k - 1] + extra_per_image * cum[k]
+
+    total = len(enc) + extra_per_image * len(enc.images)
+    if total <= max_length:
         return enc, 0
     n = len(enc.exchange_ends)
     if truncate_turns:
         keep = n
         while keep > 1 and enc.exchange_images[keep - 1] == 0:
             keep -= 1
-            if enc.exchange_ends[keep - 1] <= max_length:
+            if end(keep) <= max_length:
                 return enc.keep_exchanges(keep), n - keep
         return (
-            f"{len(enc)} tokens > max_length {max_length}, and dropping trailing text-only "
-            f"exchanges cannot make it fit (first exchange alone: {enc.exchange_ends[0]} tokens)"
+            f"{total} tokens > max_length {max_length}, and dropping trailing text-only "
+            f"exchanges cannot make it fit (first exchange alone: {end(1)} tokens)"
         )
-    return f"{len(enc)} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
+    return f"{total} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
+
+
+def size_problem(sample: Sample, max_length: int) -> DataError | None:
+    """A ``too_long`` error when the text alone cannot fit ``max_length`` tokens, checked
+    from character counts before any tokenization (see :data:`MAX_CHARS_PER_TOKEN`)."""
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    sizes = [(len(p), t.field) for t in sample.turns for p in t.parts if isinstance(p, str)]
+    total = sum(n for n, _ in sizes) + len(sample.system or "")
+    if total <= limit:
+        return None
+    n, fld = max(sizes, default=(0, ""))
+    return sample.error(
+        TOO_LONG,
+        f"{total} characters of text cannot fit in max_length {max_length} tokens "
+        f"(at most {MAX_CHARS_PER_TOKEN} characters per token; the longest field has {n}); "
+        "refused before tokenizing",
+        fld,
+    )
+
+
+class _Compact:
+    """A sample rendered with one placeholder per image, stored small: ids as int32, labels as
+    one supervised bit per token. :meth:`expand` gives the model-ready form."""
+
+    __slots__ = ("ids", "supervised", "n_images", "dropped")
+
+    def __init__(self, enc: Encoded, dropped: int):
+        self.ids = np.asarray(enc.input_ids, dtype=np.int32)
+        self.supervised = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
+        self.n_images = len(enc.images)
+        self.dropped = dropped
+
+    def expand(self, pad_id: int, tokens_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids [L], labels [L])`` int64 with every image block at full size."""
+        repeats = np.where(self.ids == pad_id, tokens_per_image, 1)
+        ids = np.repeat(self.ids.astype(np.int64), repeats)
+        labels = np.where(np.repeat(self.supervised, repeats), ids, IGNORE_INDEX)
+        return ids, labels
 
 
 class ConversationDataset(Dataset):
-    """Conversation records -> model-ready samples.
+    """Conversation records of any supported format -> model-ready samples.
 
     Args:
         paths: One data file (JSON list or JSON Lines) or several.
         tokenizer: Any tokenizer; its image token ids must equal the model config's.
-        model_cfg: Gives ``tokens_per_image`` and the image layout.
+        model_cfg: Gives ``tokens_per_image``, the image layout and ``image.max_pixels``.
         max_length: Longest accepted sample in tokens (images included).
         template: ``monkey`` (official) or ``chatml``.
-        on_bad_sample: ``"error"`` (raise) or ``"skip"`` (log, count, report, replace).
-        report_path: JSON Lines file skipped samples are appended to (``skip`` only).
         truncate_turns: Drop trailing text-only exchanges of over-long samples.
-        image_processor: Object with ``__call__(path) -> ProcessedImage``; by default an
+        image_processor: Object with ``__call__(image) -> ProcessedImage``; by default an
             :class:`~monkeytune.vision.processor.ImageProcessor` for ``model_cfg.image``.
+        format: ``auto`` (detected per file) or ``monkey``, ``llava``, ``sharegpt``, ``openai``.
+        image_root: Folder relative image paths resolve against (default: each file's folder).
+        allow_empty_answers: Accept assistant turns without text.
+        strict: Raise the first record that cannot be parsed; otherwise such records are kept
+            in :attr:`parse_errors` (the skip policy reports them).
 
     Items are dicts:
         ``input_ids`` ``[L]`` int64, ``labels`` ``[L]`` int64 (``-100`` unsupervised),
         ``pixel_values`` ``[V, 3, S, S]`` float32 (all views of the sample's images in order,
         ``V = images x views``; ``V = 0`` for text-only samples), ``view_slots`` ``[V]`` int64,
-        ``num_images`` int, ``id`` (the record id) and ``index`` (the item actually returned).
+        ``num_images`` int, ``id`` (the record id) and ``index``.
     """
 
     def __init__(
@@ -113,15 +167,15 @@ class ConversationDataset(Dataset):
         model_cfg: ModelConfig,
         max_length: int = 2048,
         template: str = "monkey",
-        on_bad_sample: str = "error",
-        report_path: str | os.PathLike | None = None,
         truncate_turns: bool = False,
         image_processor: Any = None,
+        format: str = "auto",
+        image_root: str | None = None,
+        allow_empty_answers: bool = False,
+        strict: bool = True,
     ):
         if template not in TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
-        if on_bad_sample not in BAD_SAMPLE_POLICIES:
-            raise ValueError(f"on_bad_sample must be one of {BAD_SAMPLE_POLICIES}, got {on_bad_sample!r}")
         for name in ("image_start_id", "image_end_id", "image_pad_id"):
             if getattr(tokenizer, name) != getattr(model_cfg, name):
                 raise ValueError(
@@ -140,42 +194,55 @@ class ConversationDataset(Dataset):
         self.tokens_per_image = model_cfg.tokens_per_image
         self.max_length = int(max_length)
         self.template = template
-        self.on_bad_sample = on_bad_sample
-        self.report_path = str(report_path) if report_path is not None else None
         self.truncate_turns = truncate_turns
         self._processor = image_processor
-        self.num_skipped = 0
-        self.num_truncated = 0
-        self._bad: dict[int, DataError] = {}
-        self._lengths: list[int | None] | None = None
-
-        errors: list[DataError] | None = [] if on_bad_sample == "skip" else None
+        self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        self.parse_errors: list[DataError] = []
+        self.formats: dict[str, str] = {}
         self.samples: list[Sample] = load_samples(
-            [paths] if isinstance(paths, (str, os.PathLike)) else list(paths), errors
+            self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
         )
-        for err in errors or []:
-            self._record_skip(err)
-        if not self.samples:
-            raise ValueError(f"no usable samples in {paths}")
+        self._cache: dict[int, _Compact] = {}
+        if not self.samples and strict:
+            raise ValueError(f"no usable samples in {', '.join(self.paths)}")
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    # -- text side (no image decoding) --------------------------------------------------------
+    @property
+    def num_records(self) -> int:
+        """Records read: parsed samples plus records that failed to parse."""
+        return len(self.samples) + sum(1 for e in self.parse_errors if e.index is not None)
 
-    def encode(self, i: int) -> TextSample:
-        """Tokenize sample ``i`` and fit it to ``max_length`` (no image is opened).
+    @property
+    def num_truncated(self) -> int:
+        """Samples rendered so far that ``truncate_turns`` shortened."""
+        return sum(1 for c in self._cache.values() if c.dropped)
+
+    # -- step 2: render (text only) ----------------------------------------------------------
+
+    def render(self, i: int, compact: bool = False) -> Prepared:
+        """Render sample ``i`` and fit it to ``max_length``, without caching (no image is opened).
+
+        Args:
+            i: Sample index.
+            compact: Render one placeholder per image (the cached form) instead of
+                ``tokens_per_image``; lengths are still judged at the full size.
 
         Raises:
             DataError: ``template`` (a system turn with ``monkey``) or ``too_long``.
         """
         s = self.samples[i]
         if s.system is not None and self.template == "monkey":
-            raise s.error(
-                TEMPLATE, "the monkey template has no system prompt (use chatml)", "conversations[0].from"
-            )
-        enc = encode_conversation(self.template, s.turns, self.tokenizer, self.tokens_per_image, s.system)
-        fitted = fit_to_length(enc, self.max_length, self.truncate_turns)
+            first = s.turns[0].field.split("[")[0]  # conversations or messages
+            role_key = "from" if s.turns[0].field.endswith(".value") else "role"
+            raise s.error(TEMPLATE, "the monkey template has no system prompt (use chatml)", f"{first}[0].{role_key}")
+        too_big = size_problem(s, self.max_length)
+        if too_big is not None:
+            raise too_big
+        tpi = 1 if compact else self.tokens_per_image
+        enc = render(self.template, s.system, s.turns, self.tokenizer, tpi)
+        fitted = fit_to_length(enc, self.max_length, self.truncate_turns, self.tokens_per_image - tpi)
         if isinstance(fitted, str):
             raise s.error(TOO_LONG, fitted)
         enc, dropped = fitted
@@ -183,32 +250,75 @@ class ConversationDataset(Dataset):
         # sample's last one; templates already leave it unsupervised, this makes it certain.
         if enc.labels:
             enc.labels[0] = IGNORE_INDEX
-        return TextSample(enc, s.images[: len(enc.image_paths)], dropped)
+        return Prepared(enc, dropped)
 
-    def length(self, i: int) -> int | None:
-        """Token count of sample ``i`` (cached), or ``None`` if it is bad and skipped."""
-        if self._lengths is None:
-            self._lengths = [None] * len(self.samples)
-        cached = self._lengths[i]
-        if cached is not None:
-            return cached
-        if i in self._bad:
+    def unfitted(self, i: int) -> Encoded | None:
+        """Sample ``i`` rendered without the fit to ``max_length`` (for reports on over-long
+        samples), or ``None`` when the size check refuses to tokenize it."""
+        s = self.samples[i]
+        if size_problem(s, self.max_length) is not None:
             return None
-        try:
-            n = len(self.encode(i).encoded)
-        except DataError as e:
-            if self.on_bad_sample == "error":
-                raise
-            self._mark_bad(i, e)
-            return None
-        self._lengths[i] = n
-        return n
+        return render(self.template, s.system, s.turns, self.tokenizer, self.tokens_per_image)
+
+    def prepare(self, i: int) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int]:
+        """``(input_ids [L], labels [L], images, truncated_exchanges)`` of sample ``i``.
+
+        Rendered once and cached compactly (each image block holds one pad id), so packing's
+        length pass and the later item build tokenize each sample once.
+        """
+        c = self._compact(i)
+        ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
+        return ids, labels, self.samples[i].images[: c.n_images], c.dropped
+
+    def _compact(self, i: int) -> _Compact:
+        c = self._cache.get(i)
+        if c is None:
+            # Rendered with one placeholder per image: no list of tokens_per_image pads is built
+            # only to be compressed again (1280 per image for Monkey).
+            p = self.render(i, compact=True)
+            c = self._cache[i] = _Compact(p.encoded, p.truncated_exchanges)
+        return c
+
+    def length(self, i: int) -> int:
+        """Token count of sample ``i`` (rendered once, cached)."""
+        c = self._compact(i)
+        return int(len(c.ids) + c.n_images * (self.tokens_per_image - 1))
 
     def lengths(self) -> list[int | None]:
-        """Token counts of all samples (tokenizes text only; images are counted, not opened)."""
+        """Token counts of all samples (renders text only; images are counted, not opened)."""
         return [self.length(i) for i in range(len(self.samples))]
 
-    # -- full samples --------------------------------------------------------------------------
+    def image_errors(self, i: int, decode: bool, memo: dict[str, tuple[str, str] | None] | None = None) -> list[DataError]:
+        """Dry-run image check of sample ``i``: the file system only, or a full decode.
+
+        Returns:
+            One ``missing_image`` or ``unreadable_image`` error per bad image, naming its field.
+        """
+        s = self.samples[i]
+        errors = []
+        for ref in s.images:
+            if memo is not None and ref.source in memo:
+                problem = memo[ref.source]
+            else:
+                problem = image_problem(ref, self.model_cfg.image.max_pixels, decode)
+                if memo is not None:
+                    memo[ref.source] = problem
+            if problem is not None:
+                errors.append(s.error(problem[0], problem[1], ref.field))
+        return errors
+
+    def scan(self, i: int) -> None:
+        """The chain run dry on sample ``i`` as training starts: render (cached) and ``stat``
+        every image, without decoding.
+
+        Raises:
+            DataError: the first problem found.
+        """
+        self._compact(i)
+        for err in self.image_errors(i, decode=False)[:1]:
+            raise err
+
+    # -- step 3: load the views --------------------------------------------------------------
 
     @property
     def image_processor(self):
@@ -225,20 +335,20 @@ class ConversationDataset(Dataset):
             DataError: any problem with the sample (``missing_image``, ``unreadable_image``,
                 ``too_long`` ...), never silently fixed.
         """
-        text = self.encode(i)
+        ids, labels, images, _ = self.prepare(i)
         sample = self.samples[i]
         views, slots = [], []
-        for path, fld in zip(text.images, sample.image_fields):
-            if not os.path.isfile(path):
-                raise sample.error(MISSING_IMAGE, f"image file not found: {path}", fld)
+        for ref in images:
             try:
-                processed = self.image_processor(path)
+                processed = self.image_processor(open_image(ref, self.model_cfg.image.max_pixels))
+            except ImageLoadError as e:
+                raise sample.error(MISSING_IMAGE if e.missing else UNREADABLE_IMAGE, str(e), ref.field) from None
             except (ValueError, OSError) as e:
-                raise sample.error(UNREADABLE_IMAGE, str(e), fld) from e
+                raise sample.error(UNREADABLE_IMAGE, f"{ref.display()}: {e}", ref.field) from None
             v = processed.views
             if v.shape[0] * self.model_cfg.vision.n_queries != self.tokens_per_image:
                 raise ValueError(
-                    f"the image processor gave {v.shape[0]} views for {path}, but the prompt "
+                    f"the image processor gave {v.shape[0]} views for {ref.display()}, but the prompt "
                     f"reserves {self.tokens_per_image} tokens per image"
                 )
             views.append(v)
@@ -250,61 +360,22 @@ class ConversationDataset(Dataset):
             size = self.model_cfg.image.window_size
             pixel_values = torch.empty(0, 3, size, size)
             view_slots = torch.empty(0, dtype=torch.int64)
-        if text.truncated_exchanges:
-            self.num_truncated += 1
-        enc = text.encoded
         return {
-            "input_ids": torch.tensor(enc.input_ids, dtype=torch.int64),
-            "labels": torch.tensor(enc.labels, dtype=torch.int64),
+            "input_ids": torch.from_numpy(ids),
+            "labels": torch.from_numpy(labels),
             "pixel_values": pixel_values,
             "view_slots": view_slots,
-            "num_images": len(text.images),
+            "num_images": len(images),
             "id": sample.id,
             "index": i,
         }
 
     def try_load(self, i: int) -> dict[str, Any] | None:
-        """:meth:`load`, or ``None`` after recording the problem when skipping bad samples."""
-        if i in self._bad:
-            return None
-        try:
-            return self.load(i)
-        except DataError as e:
-            if self.on_bad_sample == "error":
-                raise
-            self._mark_bad(i, e)
-            return None
+        """:meth:`load`; this dataset has no skip policy, so a bad sample raises."""
+        return self.load(i)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.samples)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
-        i %= n
-        # In skip mode a bad sample is replaced by the next good one, so batches keep their size.
-        for step in range(n):
-            item = self.try_load((i + step) % n)
-            if item is not None:
-                return item
-        raise RuntimeError(f"every sample of the dataset is bad; see {self.report_path or 'the log'}")
-
-    # -- bookkeeping ----------------------------------------------------------------------------
-
-    def _mark_bad(self, i: int, err: DataError) -> None:
-        self._bad[i] = err
-        if self._lengths is not None:
-            self._lengths[i] = None
-        self._record_skip(err)
-
-    def _record_skip(self, err: DataError) -> None:
-        self.num_skipped += 1
-        logger.warning("skipping bad sample: %s", err.describe())
-        if self.report_path:
-            line = json.dumps(err.to_dict(), ensure_ascii=False, default=str)
-            # One short append per line; O_APPEND keeps lines from several workers whole.
-            with open(self.report_path, "a", encoding="utf-8") as f:
-                f.write(line + "\n")
-
-    @property
-    def skipped(self) -> dict[int, DataError]:
-        """Samples found bad so far in this process, by index."""
-        return dict(self._bad)
+        return self.load(i % n)

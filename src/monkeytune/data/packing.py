@@ -1,7 +1,8 @@
 """Sequence packing: several samples share one row of ``max_length`` tokens.
 
-Packing plans are made from token counts alone (:meth:`ConversationDataset.lengths` tokenizes
-text and counts image placeholders without opening an image), with greedy first-fit: each sample
+Packing plans are made from token counts alone (:meth:`ConversationDataset.lengths` renders
+text and counts image placeholders without opening an image; the rendering is cached, so each
+sample is tokenized once for the plan and the row), with greedy first-fit: each sample
 goes into the first row that still has room, else opens a new row. A packed row concatenates
 its samples; ``position_ids`` restart at 0 for every sample and ``seq_lens`` lists the sample
 lengths, so the model can keep attention inside each sample (a block-diagonal causal mask; see
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from monkeytune.data.dataset import ConversationDataset
+from monkeytune.data.skipping import SkipBadSamples
 
 
 def first_fit_pack(
@@ -93,12 +95,12 @@ def pack_items(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class PackedDataset(Dataset):
-    """Rows of packed samples over a :class:`ConversationDataset`.
+    """Rows of packed samples over a :class:`ConversationDataset` (or its skip wrapper).
 
     The plan is computed once at construction (and again by :meth:`set_epoch`) from token
     counts; items decode their images lazily like the base dataset. A sample that turns out
-    bad only when loaded (a missing image) is left out of its row, after the base dataset has
-    recorded it; in ``error`` mode it raises.
+    bad only when loaded (an image that fails to decode) is left out of its row after the skip
+    wrapper has recorded it; without the wrapper it raises.
 
     Args:
         base: The dataset to pack; its ``max_length`` bounds every sample.
@@ -111,7 +113,7 @@ class PackedDataset(Dataset):
 
     def __init__(
         self,
-        base: ConversationDataset,
+        base: ConversationDataset | SkipBadSamples,
         max_length: int | None = None,
         shuffle: bool = True,
         seed: int = 0,

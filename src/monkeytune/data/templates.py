@@ -20,8 +20,10 @@ Two templates, used identically for training (:func:`encode_conversation`) and f
     ``<|im_end|>``, so nothing after it needs learning). Role names, the newline and the text
     are tokenized separately, matching Qwen's own training and inference code.
 
-In both, image tags expand to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>`` and
-every image token has label ``IGNORE_INDEX``.
+In both, every image of a turn (an :class:`~monkeytune.data.records.ImageRef` in its parts, in
+place of its placeholder) expands to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>``
+and every image token has label ``IGNORE_INDEX``. :func:`render` is one pure function of the
+parsed turns: the dataset, ``data check`` and inference all call it.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, Turn
-from monkeytune.tokenizer.base import Tokenizer, split_image_tags
+from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, ImageRef, Part, Turn
+from monkeytune.tokenizer.base import Tokenizer
 
 IGNORE_INDEX = -100
 TEMPLATES = ("monkey", "chatml")
@@ -46,7 +48,7 @@ class Encoded:
         input_ids: Token ids, length ``L``.
         labels: Same length; ``IGNORE_INDEX`` where nothing is learned, else the id itself
             (aligned with ``input_ids``: the model shifts them).
-        image_paths: Image paths in order of appearance, as written in the tags.
+        images: The images in order of appearance, one per ``<img>`` block.
         exchange_ends: ``exchange_ends[k]`` is the length of the prefix holding exchanges
             ``0..k`` (an exchange is a user turn plus its answer), so cutting there drops whole
             trailing exchanges and never an image span.
@@ -55,12 +57,16 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
-    image_paths: list[str]
+    images: list[ImageRef]
     exchange_ends: list[int] = field(default_factory=list)
     exchange_images: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def image_paths(self) -> list[str]:
+        return [ref.source for ref in self.images]
 
     @property
     def num_supervised(self) -> int:
@@ -73,7 +79,7 @@ class Encoded:
         return Encoded(
             self.input_ids[:end],
             self.labels[:end],
-            self.image_paths[:n_img],
+            self.images[:n_img],
             self.exchange_ends[:n],
             self.exchange_images[:n],
         )
@@ -81,6 +87,9 @@ class Encoded:
 
 def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]:
     """Accept :class:`Turn` objects or dicts (``role``/``content`` or ``from``/``value``).
+
+    Dict text is Monkey's inline syntax: ``<img>path</img>`` tags become images (paths kept as
+    written).
 
     Returns:
         ``(system, turns)`` where ``system`` comes from an optional first system message.
@@ -92,7 +101,7 @@ def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]
     turns: list[Turn] = []
     for i, m in enumerate(messages):
         if isinstance(m, Turn):
-            role, text = m.role, m.text
+            role, text = m.role, m
         elif isinstance(m, dict):
             role = m.get("role", m.get("from"))
             text = m.get("content", m.get("value"))
@@ -100,23 +109,24 @@ def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]
             raise ValueError(f"message {i}: expected a dict or Turn, got {type(m).__name__}")
         if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise ValueError(f"message {i}: unknown role {role!r}")
-        if not isinstance(text, str):
+        if not isinstance(text, (str, Turn)):
             raise ValueError(f"message {i}: content must be a string")
         role = ROLE_ALIASES[role.lower()]
+        turn = text if isinstance(text, Turn) else Turn.from_text(role, text, field=f"message {i}")
         if role == SYSTEM:
             if i != 0:
                 raise ValueError(f"message {i}: a system message is only allowed first")
-            system = text
+            system = turn.text
             continue
         expected = USER if len(turns) % 2 == 0 else ASSISTANT
         if role != expected:
             raise ValueError(f"message {i}: expected a {expected} message, got {role!r}")
-        turns.append(Turn(role, text))
+        turns.append(turn)
     return system, turns
 
 
 class _Builder:
-    """Accumulates ids and labels, expanding image tags."""
+    """Accumulates ids and labels, expanding images."""
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_image: int):
         self.tok = tokenizer
@@ -128,16 +138,16 @@ class _Builder:
         self.out.input_ids.extend(ids)
         self.out.labels.extend(ids if supervised else [IGNORE_INDEX] * len(ids))
 
-    def text(self, text: str, supervised: bool) -> None:
-        pieces, images = split_image_tags(text)
-        for i, piece in enumerate(pieces):
-            if piece:
-                self.ids(self.tok.encode(piece), supervised)
-            if i < len(images):
-                block = [self.tok.image_start_id] + [self.tok.image_pad_id] * self.tpi
-                self.ids(block + [self.tok.image_end_id], supervised=False)
-                self.out.image_paths.append(images[i].path)
-                self._images_in_exchange += 1
+    def parts(self, parts: Sequence[Part], supervised: bool) -> None:
+        for part in parts:
+            if isinstance(part, str):
+                if part:
+                    self.ids(self.tok.encode(part), supervised)
+                continue
+            block = [self.tok.image_start_id] + [self.tok.image_pad_id] * self.tpi
+            self.ids(block + [self.tok.image_end_id], supervised=False)
+            self.out.images.append(part)
+            self._images_in_exchange += 1
 
     def end_exchange(self) -> None:
         self.out.exchange_ends.append(len(self.out.input_ids))
@@ -152,14 +162,29 @@ def _special(tokenizer: Tokenizer, token: str) -> int:
         raise ValueError(f"the chatml template needs the special token {token} in the tokenizer") from None
 
 
-def _render(
+def render(
     template: str,
     system: str | None,
-    turns: list[Turn],
+    turns: Sequence[Turn],
     tokenizer: Tokenizer,
     tokens_per_image: int,
-    add_generation_prompt: bool,
+    add_generation_prompt: bool = False,
 ) -> Encoded:
+    """Token ids and labels of parsed turns: the one rendering of training and inference.
+
+    A pure function of its arguments; it never opens an image.
+
+    Args:
+        template: ``monkey`` or ``chatml``.
+        system: System prompt (``chatml`` only; ``None`` for the default).
+        turns: Parsed turns (images already in place as :class:`ImageRef` parts).
+        tokenizer: Any tokenizer.
+        tokens_per_image: Placeholders per image.
+        add_generation_prompt: End with the assistant header (``chatml``).
+
+    Returns:
+        :class:`Encoded`: ``input_ids`` and ``labels`` ``[L]``, images and exchange boundaries.
+    """
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
     b = _Builder(tokenizer, tokens_per_image)
@@ -168,9 +193,9 @@ def _render(
             raise ValueError("the monkey template has no system prompt; remove the system turn")
         for t in turns:
             if t.role == USER:
-                b.text(t.text, supervised=False)
+                b.parts(t.parts, supervised=False)
             else:
-                b.text(t.text, supervised=True)
+                b.parts(t.parts, supervised=True)
                 b.ids([tokenizer.eos_id], supervised=True)
                 b.end_exchange()
         # The generation prompt is empty: the answer follows the user text directly.
@@ -185,12 +210,12 @@ def _render(
         b.ids(nl, False)
 
     header("system")
-    b.text(DEFAULT_SYSTEM if system is None else system, supervised=False)
+    b.parts([DEFAULT_SYSTEM if system is None else system], supervised=False)
     b.ids([im_end], False)
     b.ids(nl, False)
     for t in turns:
         header(t.role)
-        b.text(t.text, supervised=t.role == ASSISTANT)
+        b.parts(t.parts, supervised=t.role == ASSISTANT)
         b.ids([im_end], supervised=t.role == ASSISTANT)
         b.ids(nl, False)
         if t.role == ASSISTANT:
@@ -220,10 +245,10 @@ def encode_conversation(
         :class:`Encoded` with ids, labels, image paths and exchange boundaries.
 
     Raises:
-        ValueError: unknown template, a system prompt with ``monkey``, unbalanced image tags,
-            or a tokenizer lacking the template's special tokens.
+        ValueError: unknown template, a system prompt with ``monkey``, or a tokenizer lacking
+            the template's special tokens.
     """
-    return _render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt=False)
+    return render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt=False)
 
 
 def build_prompt(
@@ -248,5 +273,5 @@ def build_prompt(
         ``(ids, image_paths)``: the prompt ids and the images in order of appearance.
     """
     system, turns = normalize_messages(messages)
-    enc = _render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt)
+    enc = render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt)
     return enc.input_ids, enc.image_paths

@@ -10,6 +10,10 @@ An evaluation file is JSON Lines, one question per line::
 ``question_id`` defaults to the line number. Predictions are generated greedily, several
 questions per batch (left-padded), and scored with :mod:`monkeytune.eval.metrics`.
 
+A file of conversation records in any training format (monkey, llava, sharegpt, openai; see
+:mod:`monkeytune.data.formats`) is read too: each record gives one question, its first user
+turn (text, and at most one image), and the reference answer is its first assistant turn.
+
 A predictions file (one JSON per line) can be scored without a model: each line holds
 ``prediction`` and ``answer`` (references), or the official scripts' output layout ``answer``
 (the prediction) and ``annotation`` (references).
@@ -18,6 +22,7 @@ A predictions file (one JSON per line) can be scored without a model: each line 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -60,8 +65,41 @@ def _check_refs(value: Any, where: str, field: str) -> None:
         raise EvalDataError(f"{where}: field {field!r} must be a string or a non-empty list of strings, got {value!r}")
 
 
+def _conversation_records(path: Path) -> list[dict[str, Any]]:
+    from monkeytune.data.reading import load_samples
+    from monkeytune.data.records import DataError
+
+    try:
+        samples = load_samples(path)
+    except DataError as e:
+        raise EvalDataError(e.describe()) from None
+    records = []
+    for s in samples:
+        user, answer = s.turns[0], s.turns[1]
+        images = user.images
+        if len(images) > 1:
+            raise EvalDataError(
+                f"{s.error('', '').location}: {user.field}: an evaluation question takes at most one "
+                f"image, this one has {len(images)}"
+            )
+        if images and images[0].inline:
+            raise EvalDataError(f"{s.error('', '').location}: {images[0].field}: inline images are not supported by eval")
+        if images and not Path(images[0].source).is_file():
+            raise EvalDataError(f"{s.error('', '').location}: {images[0].field}: file {images[0].source} not found")
+        records.append({
+            "question_id": s.extra.get("question_id", s.id),
+            "image": images[0].source if images else None,
+            "question": user.plain_text.strip(),
+            "answer": answer.plain_text.strip(),
+        })
+    if not records:
+        raise EvalDataError(f"{path}: no records")
+    return records
+
+
 def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read and validate an evaluation JSONL file.
+    """Read and validate an evaluation file: question records, or conversations in any
+    training format (see the module docstring).
 
     Returns:
         Records with ``question``, ``question_id``, ``answer`` (or None), and ``image`` resolved
@@ -71,6 +109,10 @@ def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
         EvalDataError: naming the file, line and field of the first bad record.
     """
     path = Path(path)
+    with open(path, "rb") if path.is_file() else open(os.devnull, "rb") as f:
+        head = f.read(65536).lstrip()
+    if head.startswith(b"[") or b'"conversations"' in head.split(b"\n", 1)[0] or b'"messages"' in head.split(b"\n", 1)[0]:
+        return _conversation_records(path)
     records = []
     for lineno, rec in _read_jsonl(path):
         where = f"{path}:{lineno}"

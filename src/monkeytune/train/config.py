@@ -66,12 +66,17 @@ class DataSection:
 
     Attributes:
         train: One data file (JSON list or JSON Lines) or a list of them.
+        format: ``auto`` (detected per file) or ``monkey``, ``llava``, ``sharegpt``, ``openai``
+            (see docs/data.md).
+        image_root: Folder relative image paths resolve against (default: each data file's folder).
+        allow_empty_answers: Train on assistant turns without text (an error by default).
         template: ``monkey`` (official) or ``chatml``.
         max_length: Longest sample in tokens, images included (also the packed row length).
         padding: ``dynamic`` (pad to the longest sample of the batch) or ``max_length``
             (always pad to ``max_length``, the official behaviour). Ignored when packing.
         packing: Concatenate the samples of a micro-batch into rows of ``max_length``.
         on_bad_sample: ``error`` or ``skip`` (skipped samples listed in ``report_file``).
+        max_skip_fraction: With ``skip``, stop when more than this share of records is bad.
         report_file: Where skipped samples are reported; default ``<output_dir>/bad_samples.jsonl``.
         truncate_turns: Drop trailing text-only exchanges of over-long samples.
         num_workers: DataLoader worker processes.
@@ -81,11 +86,15 @@ class DataSection:
     """
 
     train: list[str] = field(default_factory=list)
+    format: str = "auto"
+    image_root: str | None = None
+    allow_empty_answers: bool = False
     template: str = "monkey"
     max_length: int = 2048
     padding: str = "dynamic"
     packing: bool = False
     on_bad_sample: str = "error"
+    max_skip_fraction: float = 0.05
     report_file: str | None = None
     truncate_turns: bool = False
     num_workers: int = 0
@@ -303,6 +312,9 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     _choice(cfg.data.padding, PADDINGS, "data.padding", origin)
     _choice(cfg.data.on_bad_sample, ("error", "skip"), "data.on_bad_sample", origin)
     _choice(cfg.data.template, ("monkey", "chatml"), "data.template", origin)
+    _choice(cfg.data.format, ("auto", "monkey", "llava", "sharegpt", "openai"), "data.format", origin)
+    if not 0 <= cfg.data.max_skip_fraction <= 1:
+        raise ConfigError(f"{origin}: data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler", origin)
     _choice(cfg.train.precision, PRECISIONS, "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)

@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from monkeytune.data.skipping import run_summary
 from monkeytune.train.checkpoint import CheckpointManager, read_state, remove_leftovers
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.engine import (
@@ -201,6 +202,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         result.last_checkpoint = ctx.last_checkpoint
         ctx.progress.close()
         ctx.metrics.close()
+        skipped = run_summary(dataset) if main else None
+        if skipped:
+            logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()
         result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir)
         result.model = model

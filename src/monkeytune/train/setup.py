@@ -141,15 +141,23 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     With packing, rows are planned once from a seeded shuffle (the same rows every epoch,
     visited in a new order each epoch); the row count, hence the number of steps, is fixed.
     """
-    from monkeytune.data import Collator, ConversationDataset, PackedDataset
+    from monkeytune.data import Collator, ConversationDataset, PackedDataset, SkipBadSamples
 
     d = cfg.data
-    report = d.report_file or str(run_dir / "bad_samples.jsonl")
+    skip = d.on_bad_sample == "skip"
     dataset = ConversationDataset(
         d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
-        on_bad_sample=d.on_bad_sample, report_path=report if d.on_bad_sample == "skip" else None,
-        truncate_turns=d.truncate_turns,
+        truncate_turns=d.truncate_turns, format=d.format, image_root=d.image_root,
+        allow_empty_answers=d.allow_empty_answers, strict=not skip,
     )
+    if skip:
+        report = d.report_file or str(run_dir / "bad_samples.jsonl")
+        dataset = SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)
+    else:
+        # Fail before the first step, not hours in; the renderings are cached and DataLoader
+        # workers inherit them.
+        for i in range(len(dataset)):
+            dataset.scan(i)
     if d.packing:
         dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
     pad_to = d.max_length if d.padding == "max_length" and not d.packing else None

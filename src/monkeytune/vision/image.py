@@ -16,17 +16,30 @@ EXIF orientation is applied, so a portrait photo stored sideways comes out uprig
 
 Every failure (missing, empty, truncated or non-image file, too many pixels) raises
 :class:`ImageLoadError`, a ``ValueError`` whose message names the file and the reason, so a bad
-sample in a data set points straight at the offending file.
+sample in a data set points straight at the offending file. A path that is not a readable file
+says what it is instead (a directory, a symlink loop, a dangling symlink, a file without read
+permission): :func:`image_file_problem` is that one check, shared by training and ``data check``.
+
+The decompression-bomb guard (``max_pixels``) defaults to :data:`DEFAULT_MAX_PIXELS`, Pillow's
+own warning threshold, so no image Pillow would warn about is ever decoded.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
+import warnings
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["ImageLoadError", "load_image"]
+__all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_file_problem", "load_image"]
+
+# Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the guard stops at the
+# warning threshold (about 89.5M pixels, e.g. 9459x9459), well past any real page scan or photo
+# Monkey's 896-pixel canvas can use, and a header check costs nothing.
+DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # Modes that carry an alpha channel of their own.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
@@ -35,7 +48,42 @@ _WIDE_INT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 
 
 class ImageLoadError(ValueError):
-    """An image could not be loaded; the message names the file and the reason."""
+    """An image could not be loaded; the message names the file and the reason.
+
+    Attributes:
+        missing: True when nothing exists at the path (as opposed to something unusable there).
+    """
+
+    def __init__(self, message: str, missing: bool = False):
+        super().__init__(message)
+        self.missing = missing
+
+
+def image_file_problem(path: str | os.PathLike) -> ImageLoadError | None:
+    """Why ``path`` cannot be opened as an image file, or ``None`` if it is a readable file.
+
+    Only ``stat`` calls and an ``access`` check: no byte of the file is read.
+    """
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ImageLoadError(f"image path {name} is a symlink loop")
+        if os.path.islink(name):
+            return ImageLoadError(f"image path {name} is a symlink to a missing file ({os.readlink(name)})", True)
+        if isinstance(exc, FileNotFoundError):
+            return ImageLoadError(f"image file not found: {name}", missing=True)
+        if isinstance(exc, PermissionError):
+            return ImageLoadError(f"image file {name} cannot be reached: permission denied on a parent folder")
+        return ImageLoadError(f"image file {name} cannot be inspected: {exc.strerror or exc}")
+    if stat.S_ISDIR(st.st_mode):
+        return ImageLoadError(f"image path {name} is a directory, not an image file")
+    if not stat.S_ISREG(st.st_mode):
+        return ImageLoadError(f"image path {name} is not a regular file (a device, pipe or socket)")
+    if not os.access(name, os.R_OK):
+        return ImageLoadError(f"image file {name} is not readable (permission denied)")
+    return None
 
 
 def _describe(source: object) -> str:
@@ -127,16 +175,19 @@ def load_image(source: str | os.PathLike | Image.Image, max_pixels: int) -> Imag
         except Exception as exc:  # PIL plugins raise many types for corrupt data
             raise ImageLoadError(f"cannot load image {name}: {type(exc).__name__}: {exc}") from exc
 
-    try:
-        size = os.path.getsize(source)
-    except OSError as exc:
-        reason = "file not found" if isinstance(exc, FileNotFoundError) else str(exc)
-        raise ImageLoadError(f"cannot load image {name}: {reason}") from exc
+    problem = image_file_problem(source)
+    if problem is not None:
+        raise problem
+    size = os.path.getsize(source)
     if size == 0:
         raise ImageLoadError(f"cannot load image {name}: empty file (0 bytes)")
 
     try:
-        with Image.open(source) as image:
+        with warnings.catch_warnings():
+            # Pillow warns from the header at its own threshold; the guard below decides.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(source)
+        with image:
             # Image.open reads only the header, so the size check runs before decoding.
             _check_pixels(image.size[0], image.size[1], max_pixels, name)
             return _finish(image)

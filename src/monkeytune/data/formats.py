@@ -1,0 +1,341 @@
+"""The four record layouts monkeytune reads, how a file's layout is detected, and parsing.
+
+``monkey`` (Monkey / Qwen-VL)
+    ``{"conversations": [{"from": "user", "value": "<img>a.jpg</img> What?"}, {"from": "assistant", ...}]}``;
+    images inline as ``<img>path</img>``.
+``llava`` (LLaVA-1.5 ``llava_v1_5_mix665k.json``)
+    ``{"id", "image": "coco/train2017/x.jpg", "conversations": [{"from": "human", "value": "<image>\\nWhat?"},
+    {"from": "gpt", "value": "..."}]}``; ``image`` is a string or a list, and each ``<image>``
+    placeholder takes the next image.
+``sharegpt`` (LLaMA-Factory's ``mllm_demo.json``, ms-swift's multimodal data)
+    ``{"messages": [{"role": "user", "content": "<image>Who are they?"}, {"role": "assistant", ...}],
+    "images": ["mllm_demo_data/1.jpg"]}``; ``conversations`` with ``from``/``value`` turns is
+    accepted too, as LLaMA-Factory's sharegpt tags allow.
+``openai`` (OpenAI chat messages with content parts)
+    ``{"messages": [{"role": "user", "content": [{"type": "text", "text": "What?"},
+    {"type": "image_url", "image_url": {"url": "file:///data/x.png"}}]}, ...]}``; parts of type
+    ``text``, ``image`` (``"image": PATH``) and ``image_url`` (a path, ``file://`` URL or
+    ``data:image/...;base64`` URI, as a string or ``{"url": ...}``).
+
+Detection, per file, over all of its records (``data.format: auto``, the default):
+
+1. turns with ``role``/``content``: ``openai`` if any record has list-valued ``content``,
+   else ``sharegpt``;
+2. turns with ``from``/``value``: ``llava`` if any record has an ``image`` or ``images`` field
+   or an ``<image>`` placeholder, else ``monkey``;
+3. a file that mixes the two turn styles, or Monkey ``<img>`` tags with LLaVA images, is an
+   error that names a line of each: set ``data.format`` to say which one is meant.
+
+Roles are ``user``/``human``, ``assistant``/``gpt`` and an optional first ``system`` (any case).
+Text-only and multi-image records work in every format. A record of another layout than its
+file's is an error with a hint, never a silent text-only sample.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from monkeytune.data.images import resolve_image
+from monkeytune.data.records import (
+    ASSISTANT,
+    BAD_ROLES,
+    EMPTY_ANSWER,
+    IMAGE_MISMATCH,
+    MALFORMED_RECORD,
+    ROLE_ALIASES,
+    SYSTEM,
+    UNBALANCED_IMAGE_TAGS,
+    UNKNOWN_FORMAT,
+    USER,
+    DataError,
+    ImageRef,
+    Part,
+    Sample,
+    Turn,
+)
+
+FORMATS = ("monkey", "llava", "sharegpt", "openai")
+FORMAT_CHOICES = ("auto",) + FORMATS
+PLACEHOLDER = "<image>"
+
+
+def _turns(obj: Any) -> tuple[str, list] | None:
+    for key in ("messages", "conversations"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), list):
+            return key, obj[key]
+    return None
+
+
+def detect_format(records: Sequence[tuple[int, int, Any]], file: str) -> str:
+    """The format of one file's records (``(index, line, obj)``), by the rule in the module doc.
+
+    Raises:
+        DataError: ``unknown_format`` for a file mixing layouts.
+    """
+    first: dict[str, int] = {}
+    for _, line, obj in records:
+        found = _turns(obj)
+        if found is None:
+            continue
+        turns = [t for t in found[1] if isinstance(t, dict)]
+        if any("role" in t or "content" in t for t in turns):
+            first.setdefault("role/content", line)
+            if any(isinstance(t.get("content"), list) for t in turns):
+                first.setdefault("content parts", line)
+        elif turns:
+            first.setdefault("from/value", line)
+        values = [t.get("value") for t in turns if isinstance(t.get("value"), str)]
+        if "image" in obj or "images" in obj or any(PLACEHOLDER in v for v in values):
+            first.setdefault("llava", line)
+        if any("<img>" in v for v in values):
+            first.setdefault("<img> tags", line)
+
+    def mixed(a: str, b: str) -> DataError:
+        return DataError(
+            UNKNOWN_FORMAT,
+            f"the file mixes {a} records (line {first[a]}) and {b} records (line {first[b]}); "
+            f"set data.format (--format) to one of {', '.join(FORMATS)}",
+            file,
+        )
+
+    if "role/content" in first and "from/value" in first:
+        raise mixed("role/content", "from/value")
+    if "role/content" in first:
+        return "openai" if "content parts" in first else "sharegpt"
+    if "llava" in first and "<img> tags" in first:
+        raise DataError(
+            UNKNOWN_FORMAT,
+            f"the file mixes Monkey <img>path</img> tags (line {first['<img> tags']}) and LLaVA "
+            f"image fields or <image> placeholders (line {first['llava']}); set data.format "
+            "(--format) to monkey or llava",
+            file,
+        )
+    return "llava" if "llava" in first else "monkey"
+
+
+class _Parser:
+    """Parses one record of a known format; ``err`` builds located errors."""
+
+    def __init__(self, fmt: str, file: str, line: int, index: int, image_root: str | None, allow_empty: bool):
+        self.fmt, self.file, self.line, self.index = fmt, file, line, index
+        self.image_root, self.allow_empty = image_root, allow_empty
+        self.sid: Any = None
+
+    def err(self, kind: str, reason: str, fld: str = "") -> DataError:
+        return DataError(kind, reason, self.file, self.line, self.index, fld, self.sid)
+
+    def ref(self, written: Any, fld: str) -> ImageRef:
+        if not isinstance(written, str):
+            raise self.err(MALFORMED_RECORD, f"an image must be a path string, got {type(written).__name__}", fld)
+        try:
+            return ImageRef(resolve_image(written, self.file, self.image_root), fld)
+        except ValueError as e:
+            raise self.err(MALFORMED_RECORD, str(e), fld) from None
+
+    # -- record ------------------------------------------------------------------------------
+
+    def parse(self, obj: Any) -> Sample:
+        if not isinstance(obj, dict):
+            raise self.err(MALFORMED_RECORD, f"a record must be a JSON object, got {type(obj).__name__}")
+        self.sid = obj.get("id", f"{Path(self.file).name}:{self.index}")
+        key = "messages" if self.fmt == "openai" else "conversations"
+        if self.fmt == "sharegpt" and "messages" in obj:
+            key = "messages"
+        if key not in obj:
+            other = next((k for k in ("messages", "conversations") if k in obj), None)
+            hint = f" (the record has {other!r}: is data.format right?)" if other else ""
+            raise self.err(MALFORMED_RECORD, f"missing field; the {self.fmt} format keeps turns in {key!r}{hint}", key)
+        convs = obj[key]
+        if not isinstance(convs, list) or not convs:
+            raise self.err(MALFORMED_RECORD, "must be a non-empty list of turns", key)
+        images = self.listed_images(obj)
+        raw: list[tuple[str, str, list[Part], str]] = []  # role as written, role, parts, field
+        for i, turn in enumerate(convs):
+            where = f"{key}[{i}]"
+            role_raw, role, content, text_field = self.turn_fields(turn, where)
+            parts = self.parts(content, text_field, images)
+            raw.append((role_raw, role, parts, text_field))
+        if images is not None and images[1] < len(images[0]):
+            n_used, refs = images[1], images[0]
+            raise self.err(
+                IMAGE_MISMATCH,
+                f"{n_used} {PLACEHOLDER} placeholder{'s' if n_used != 1 else ''} but {len(refs)} images listed; "
+                f"put one {PLACEHOLDER} where each image belongs",
+                refs[n_used].field,
+            )
+        return self.build(obj, key, raw)
+
+    def listed_images(self, obj: dict) -> list | None:
+        """``[refs, used]`` for the formats that list images apart from the text, else ``None``."""
+        present = [k for k in ("image", "images") if k in obj and obj[k] is not None]
+        if self.fmt in ("monkey", "openai"):
+            if present:
+                how = ("<img>path</img> tags in the text" if self.fmt == "monkey"
+                       else "content parts of type image or image_url")
+                other = "llava or sharegpt" if self.fmt == "monkey" else "sharegpt"
+                raise self.err(
+                    MALFORMED_RECORD,
+                    f"the {self.fmt} format reads images only from {how}, so this field would be "
+                    f"ignored; the record looks like {other} (set data.format)",
+                    present[0],
+                )
+            return None
+        refs: list[ImageRef] = []
+        for k in present:
+            value = obj[k]
+            items = [value] if isinstance(value, (str, dict)) else value
+            if not isinstance(items, list):
+                raise self.err(MALFORMED_RECORD, "must be a path or a list of paths", k)
+            for j, item in enumerate(items):
+                fld = k if isinstance(value, (str, dict)) else f"{k}[{j}]"
+                if isinstance(item, dict):  # ms-swift also writes {"path": ...}
+                    item = item.get("path", item.get("url"))
+                refs.append(self.ref(item, fld))
+        return [refs, 0]
+
+    def turn_fields(self, turn: Any, where: str) -> tuple[str, str, Any, str]:
+        if not isinstance(turn, dict):
+            raise self.err(MALFORMED_RECORD, "a turn must be an object", where)
+        if self.fmt in ("monkey", "llava") or (self.fmt == "sharegpt" and "from" in turn):
+            role_key, text_key = "from", "value"
+        else:
+            role_key, text_key = "role", "content"
+        for k in (role_key, text_key):
+            if k not in turn:
+                raise self.err(MALFORMED_RECORD, "missing field", f"{where}.{k}")
+        role_raw = turn[role_key]
+        if not isinstance(role_raw, str) or role_raw.lower() not in ROLE_ALIASES:
+            raise self.err(
+                BAD_ROLES,
+                f"unknown role {role_raw!r}; use user/human, assistant/gpt or a first system turn",
+                f"{where}.{role_key}",
+            )
+        return role_raw, ROLE_ALIASES[role_raw.lower()], turn[text_key], f"{where}.{text_key}"
+
+    def parts(self, content: Any, fld: str, images: list | None) -> list[Part]:
+        if self.fmt == "openai" and isinstance(content, list):
+            return self.content_parts(content, fld)
+        if not isinstance(content, str):
+            raise self.err(MALFORMED_RECORD, f"must be a string, got {type(content).__name__}", fld)
+        if self.fmt == "monkey":
+            try:
+                return Turn.from_text("", content, lambda p: self.ref(p, fld).source, fld).parts
+            except ValueError as e:
+                raise self.err(UNBALANCED_IMAGE_TAGS, str(e), fld) from None
+        if images is None:  # openai: a plain string is plain text
+            return [content] if content else []
+        pieces = content.split(PLACEHOLDER)
+        out: list[Part] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                out.append(piece)
+            if k < len(pieces) - 1:
+                refs, used = images
+                if used >= len(refs):
+                    raise self.err(
+                        IMAGE_MISMATCH,
+                        f"{PLACEHOLDER} placeholder number {used + 1} has no image: the record lists {len(refs)}",
+                        fld,
+                    )
+                out.append(refs[used])
+                images[1] += 1
+        return out
+
+    def content_parts(self, content: list, fld: str) -> list[Part]:
+        out: list[Part] = []
+        for k, part in enumerate(content):
+            where = f"{fld}[{k}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise self.err(MALFORMED_RECORD, "a text part needs a string 'text'", f"{where}.text")
+                out.append(text)
+            elif kind == "image":
+                out.append(self.ref(part.get("image"), f"{where}.image"))
+            elif kind == "image_url":
+                url = part.get("image_url")
+                sub = f"{where}.image_url"
+                if isinstance(url, dict):
+                    url, sub = url.get("url"), f"{sub}.url"
+                out.append(self.ref(url, sub))
+            else:
+                raise self.err(
+                    MALFORMED_RECORD,
+                    f"unsupported content part {kind!r}; use text, image or image_url",
+                    f"{where}.type",
+                )
+        return out
+
+    # -- roles, order, answers -----------------------------------------------------------------
+
+    def build(self, obj: dict, key: str, raw: list[tuple[str, str, list[Part], str]]) -> Sample:
+        turns: list[Turn] = []
+        system: str | None = None
+        for i, (role_raw, role, parts, fld) in enumerate(raw):
+            role_field = fld.rsplit(".", 1)[0] + (".from" if fld.endswith(".value") else ".role")
+            if role == SYSTEM:
+                if i != 0:
+                    raise self.err(BAD_ROLES, "a system turn is only allowed first", role_field)
+                if any(isinstance(p, ImageRef) for p in parts):
+                    raise self.err(UNBALANCED_IMAGE_TAGS, "images are not allowed in the system turn", fld)
+                system = "".join(p for p in parts if isinstance(p, str))
+                continue
+            expected = USER if len(turns) % 2 == 0 else ASSISTANT
+            if role != expected:
+                raise self.err(
+                    BAD_ROLES,
+                    f"expected a {expected} turn here (turns must alternate user/assistant, starting "
+                    f"with user), got {role_raw!r}",
+                    role_field,
+                )
+            turn = Turn(role, parts, fld)
+            if role == ASSISTANT and not self.allow_empty and not turn.plain_text.strip() and not turn.images:
+                raise self.err(
+                    EMPTY_ANSWER,
+                    "empty answer: it would teach the model to stop at once "
+                    "(data.allow_empty_answers: true, or data check --allow-empty-answers, accepts it)",
+                    fld,
+                )
+            turns.append(turn)
+        if not turns:
+            raise self.err(MALFORMED_RECORD, "no user/assistant turns", key)
+        if turns[-1].role != ASSISTANT:
+            last = raw[-1][3]
+            raise self.err(
+                BAD_ROLES,
+                "the conversation ends with a user turn: nothing to learn from it",
+                last.rsplit(".", 1)[0] + (".from" if last.endswith(".value") else ".role"),
+            )
+        skip = {"id", key, "image", "images"}
+        extra = {k: v for k, v in obj.items() if k not in skip}
+        return Sample(self.sid, turns, system, self.file, self.line, self.index, self.fmt, extra)
+
+
+def parse_record(
+    obj: Any,
+    fmt: str,
+    file: str,
+    line: int,
+    index: int,
+    image_root: str | None = None,
+    allow_empty_answers: bool = False,
+) -> Sample:
+    """Validate one decoded record of format ``fmt`` and turn it into a :class:`Sample`.
+
+    Args:
+        obj: The decoded JSON value.
+        fmt: One of :data:`FORMATS`.
+        file, line, index: Where the record is, for errors and relative image paths.
+        image_root: Folder relative image paths resolve against (default: the file's folder).
+        allow_empty_answers: Accept assistant turns without text.
+
+    Raises:
+        DataError: ``malformed_record``, ``bad_roles``, ``unbalanced_image_tags``,
+            ``image_mismatch`` or ``empty_answer``, naming the field.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+    return _Parser(fmt, str(file), line, index, image_root, allow_empty_answers).parse(obj)
+
