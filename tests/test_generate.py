@@ -180,3 +180,13 @@ def test_export_command_round_trips_through_monkeytune(saved, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The tiny preset's 56-pixel windows cannot be expressed in the official layout.
     assert main(["export", "--model", str(root / "model"), "--to", "official", str(tmp_path / "off")]) == 2
+
+
+def test_infer_template_reads_the_layout_of_the_training_questions():
+    from monkeytune.prompts import infer_template, user_text
+
+    for name in ("vqa", "vqa-question-first", "caption"):
+        texts = [user_text(name, q, f"images/{i}.png") for i, q in enumerate(["What colour?", "Which pattern is it?"])]
+        assert infer_template(texts) == name
+    assert infer_template(["<img>a.png</img> describe it"]) == "raw"
+    assert infer_template(["anything"], "chatml") == "chatml"

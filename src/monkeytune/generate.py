@@ -29,8 +29,11 @@ def default_template(model: Any) -> str:
     ``prompt_template`` in the folder's metadata when it names a template (written by
     :func:`monkeytune.model.io.set_metadata`, e.g. by the demo), else ``chatml`` for chat
     checkpoints (``chat_format: chatml``), else ``vqa``.
+
+    Args:
+        model: A loaded model (its ``metadata``) or a folder's metadata dict itself.
     """
-    meta = getattr(model, "metadata", {}) or {}
+    meta = model if isinstance(model, dict) else (getattr(model, "metadata", {}) or {})
     if meta.get("prompt_template") in TEMPLATES:
         return meta["prompt_template"]
     return "chatml" if meta.get("chat_format") == "chatml" else "vqa"

@@ -13,6 +13,8 @@ can list them cheaply).
 
 from __future__ import annotations
 
+import re
+
 from monkeytune.tokenizer.base import split_image_tags
 
 TEMPLATES = ("vqa", "vqa-question-first", "caption", "chatml", "raw")
@@ -35,3 +37,26 @@ def user_text(template: str, text: str, image: str | None = None) -> str:
     if tag and not split_image_tags(text)[1]:
         return tag + text
     return text
+
+
+# How each layout's user turn looks, checked in this order; ``raw`` takes everything else.
+_LAYOUTS = (
+    ("caption", re.compile(r"^\s*<img>[^<]*</img>\s*" + re.escape(CAPTION_PROMPT) + r"\s*$", re.DOTALL)),
+    ("vqa", re.compile(r"^\s*<img>[^<]*</img>.*Answer:\s*$", re.DOTALL)),
+    ("vqa-question-first", re.compile(r"^.*\S.*<img>[^<]*</img>\s*Answer:\s*$", re.DOTALL)),
+)
+
+
+def infer_template(user_texts: list[str], conversation_template: str = "monkey") -> str:
+    """The prompt template a training set's first user turns were written in.
+
+    ``chatml`` conversations give ``chatml``. Otherwise the layout every given text matches
+    (``caption``, ``vqa`` or ``vqa-question-first``), else ``raw`` (text used as written), so
+    that chat, eval and serve prompt a trained model the way its data did.
+    """
+    if conversation_template == "chatml":
+        return "chatml"
+    for name, pattern in _LAYOUTS:
+        if user_texts and all(pattern.match(t) for t in user_texts):
+            return name
+    return "raw"

@@ -10,6 +10,7 @@ from monkeytune.eval.metrics import (
     monkey_anls,
     monkey_contains_accuracy,
     monkey_gqa_clean,
+    monkey_doc_contains_accuracy,
     monkey_gqa_contains_accuracy,
     monkey_relaxed_accuracy,
     monkey_vqa_score,
@@ -193,6 +194,7 @@ def test_registry_and_compute_metrics():
     assert set(METRICS) == {
         "vqa_score", "anls", "relaxed_accuracy", "exact_match", "monkey_vqa_score", "monkey_anls",
         "monkey_relaxed_accuracy", "monkey_contains_accuracy", "monkey_gqa_contains_accuracy",
+        "monkey_doc_contains_accuracy",
     }  # fmt: skip
     preds = ["95", "cat"]
     refs = ["100", ["cat", "kitten"]]
@@ -214,3 +216,17 @@ def test_validation_errors():
         vqa_score(["a", "b"], ["a", []])
     with pytest.raises(TypeError, match="sample 0: prediction"):
         exact_match([None], ["a"])
+
+
+def test_doc_contains_accuracy_deletes_grounding_spans_and_keeps_periods():
+    # The span and its content go (so a reference inside a box does not count) ...
+    assert monkey_doc_contains_accuracy(["Total: <box>(1,2),(3,4)</box> 35"], ["  35 "]) == 1.0
+    assert monkey_doc_contains_accuracy(["<point>(5,6)</point> nothing"], ["(5,6)"]) == 0.0
+    # ... non-greedily: text between two spans stays,
+    assert monkey_doc_contains_accuracy(["<box>a</box> Invoice <box>b</box>"], ["invoice"]) == 1.0
+    # but a span never runs across a line break.
+    assert monkey_doc_contains_accuracy(["<box>a\nINVOICE</box>"], ["invoice"]) == 1.0
+    # Periods are kept, unlike monkey_contains_accuracy.
+    assert monkey_doc_contains_accuracy(["3.5"], ["35"]) == 0.0
+    assert monkey_contains_accuracy(["3.5"], ["35"]) == 1.0
+    assert monkey_doc_contains_accuracy(["a", "Dr. Who"], [["x", "b"], "dr. who"]) == 0.5

@@ -31,7 +31,7 @@ def test_llm_lora_is_written_as_peft_folder_and_merges_to_the_same_model(make_co
     merged_model, tok = load_model(merged.final_dir)
     assert tok is not None
     meta = json.loads((merged.final_dir / "config.json").read_text())["metadata"]
-    assert meta["llm_lora"] == {"folder": "llm_lora", "merged": True}
+    assert meta["llm_lora"] == {"folder": "llm_lora", "merged": True, "base": "llm_base"}
 
     base, _ = load_model(plain.final_dir)  # the LLM without its adapters
     with_lora, _ = load_model(plain.final_dir)
@@ -39,6 +39,16 @@ def test_llm_lora_is_written_as_peft_folder_and_merges_to_the_same_model(make_co
     expected = logits(with_lora, ids)
     torch.testing.assert_close(logits(merged_model, ids), expected, rtol=1e-4, atol=1e-4)
     assert not torch.allclose(logits(base, ids), expected, atol=1e-4)  # the adapters did learn something
+
+    # Plain peft finds the adapter's base by itself: a plain Qwen2 folder recorded absolute.
+    from peft import AutoPeftModelForCausalLM
+
+    for run in (merged, plain):
+        adapter_cfg = json.loads((run.final_dir / "llm_lora" / "adapter_config.json").read_text())
+        assert adapter_cfg["base_model_name_or_path"] == str((run.final_dir / "llm_base").resolve())
+        peft_llm = AutoPeftModelForCausalLM.from_pretrained(str(run.final_dir / "llm_lora")).eval()
+        assert type(peft_llm.get_base_model()).__name__ == "Qwen2ForCausalLM"
+        torch.testing.assert_close(logits(peft_llm, ids), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_adapter_only_save_loads_on_its_base(make_config, tmp_path):

@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="prompt template (default: the one the model folder records, else chatml for chat "
                    "checkpoints, else vqa)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit (default: the longest reference's tokens + 4, at least 8)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop a batch whose answers take longer than this (default: no limit)")
     p.add_argument("--out", default=None, metavar="DIR", help="folder for predictions.jsonl and metrics.json")

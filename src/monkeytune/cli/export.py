@@ -1,4 +1,7 @@
-"""``monkeytune export --model DIR --to official|monkeytune OUT``: convert a model folder.
+"""``monkeytune export --model DIR --to official|monkeytune|hf-llm OUT``: convert a model folder.
+
+``hf-llm`` writes the LLM alone as a plain transformers ``Qwen2ForCausalLM`` folder with a
+``PreTrainedTokenizerFast`` (ChatML chat template); see :mod:`monkeytune.model.hf_export`.
 
 Exit status 2 when the folder cannot be read or the model cannot be expressed in the target layout.
 """
@@ -18,18 +21,22 @@ def register(sub: argparse._SubParsersAction) -> None:
         "official Python files next to them to run the official code.",
     )
     p.add_argument("--model", required=True, metavar="DIR", help="source folder")
-    p.add_argument("--to", required=True, choices=["official", "monkeytune"], help="target layout")
+    p.add_argument("--to", required=True, choices=["official", "monkeytune", "hf-llm"],
+                   help="target layout (hf-llm: the LLM alone as a plain transformers folder)")
     p.add_argument("out", metavar="OUT", help="output folder")
     p.add_argument("--model-type", choices=["monkey", "qwen"], default=None,
                    help="official model_type (default: the source's, or from the view layout)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype of the output (default: as stored)")
+    p.add_argument("--no-merge-lora", dest="merge_lora", action="store_false",
+                   help="hf-llm: write the base LLM and the peft adapter in OUT/llm_lora instead of merging it")
     p.add_argument("--bin", action="store_true", help="official: write pytorch_model.bin instead of safetensors")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from monkeytune.generate import DTYPES
+    from monkeytune.model.hf_export import export_hf_llm, unmerged_adapter
     from monkeytune.model.io import CheckpointError, load_model, save_model
     from monkeytune.model.official import export_official
 
@@ -38,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         if args.to == "official":
             export_official(model, args.out, model_type=args.model_type, tokenizer=tokenizer,
                             safe_serialization=not args.bin)
+        elif args.to == "hf-llm":
+            export_hf_llm(model, args.out, tokenizer=tokenizer, merge_lora=args.merge_lora,
+                          adapter=unmerged_adapter(args.model, model))
         else:
             save_model(model, args.out, tokenizer=tokenizer)
     except (CheckpointError, ValueError, FileNotFoundError) as e:

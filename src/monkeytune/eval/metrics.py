@@ -222,6 +222,17 @@ def _monkey_contains_sample(pred: str, refs: list[str]) -> float:
     return 1.0 if any(gt.strip().lower() in haystack for gt in refs) else 0.0
 
 
+# TextMonkey's document answers carry grounding spans; the official document scorer deletes them
+# (tag and content, shortest match, never across a line break) before looking for the reference.
+_DOC_GROUNDING = re.compile(r"<(point|box)>.*?</\1>")
+
+
+def _monkey_doc_contains_sample(pred: str, refs: list[str]) -> float:
+    # Unlike the Monkey rule, periods stay: "3.5" does not contain "35" here.
+    haystack = _DOC_GROUNDING.sub("", pred).lower()
+    return 1.0 if any(gt.strip().lower() in haystack for gt in refs) else 0.0
+
+
 def monkey_gqa_clean(response: str) -> str:
     """The official GQA answer clean-up, applied to a prediction before containment scoring."""
     r = response.strip().split(".")[0].split(",")[0].split("!")[0].lower()
@@ -311,6 +322,7 @@ SAMPLE_SCORERS: dict[str, SampleScorer] = {
     "monkey_relaxed_accuracy": _monkey_relaxed_sample,
     "monkey_contains_accuracy": _monkey_contains_sample,
     "monkey_gqa_contains_accuracy": _monkey_gqa_sample,
+    "monkey_doc_contains_accuracy": _monkey_doc_contains_sample,
 }
 
 
@@ -369,12 +381,18 @@ monkey_contains_accuracy = _metric(
 monkey_gqa_contains_accuracy = _metric(
     "monkey_gqa_contains_accuracy", "Official Monkey GQA clean-up, then containment."
 )
+monkey_doc_contains_accuracy = _metric(
+    "monkey_doc_contains_accuracy",
+    "TextMonkey's document scorer: <point>/<box> spans deleted, then case-insensitive containment "
+    "of any stripped reference, periods kept.",
+)
 
 METRICS: dict[str, Callable[[Sequence[str], Sequence[Reference]], float]] = {
     f.__name__: f
     for f in (
         vqa_score, anls, relaxed_accuracy, exact_match, monkey_vqa_score, monkey_anls,
         monkey_relaxed_accuracy, monkey_contains_accuracy, monkey_gqa_contains_accuracy,
+        monkey_doc_contains_accuracy,
     )
 }  # fmt: skip
 

@@ -159,6 +159,20 @@ def read_predictions(path: str | Path) -> tuple[list[str], list[Any]]:
     return preds, refs
 
 
+ANSWER_MARGIN = 4  # tokens past the longest reference: room for a stop token and small variations
+MIN_NEW_TOKENS = 8
+UNSCORED_NEW_TOKENS = 64  # records without answers give no length to go by
+
+
+def default_max_new_tokens(tokenizer: Any, records: Sequence[dict[str, Any]]) -> int:
+    """The answer length limit the references call for (see :func:`evaluate`)."""
+    lengths = [len(tokenizer.encode(a)) for r in records
+               for a in ([r["answer"]] if isinstance(r.get("answer"), str) else r.get("answer") or [])]
+    if not lengths:
+        return UNSCORED_NEW_TOKENS
+    return max(MIN_NEW_TOKENS, max(lengths) + ANSWER_MARGIN)
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -166,7 +180,7 @@ def evaluate(
     metrics: Sequence[str] = DEFAULT_METRICS,
     batch_size: int = 8,
     template: str = "vqa",
-    max_new_tokens: int = 32,
+    max_new_tokens: int | None = None,
     progress: Callable[[int, int], Any] | None = None,
     time_limit_s: float | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
@@ -179,7 +193,9 @@ def evaluate(
         metrics: Metric names; records without ``answer`` are predicted but not scored.
         batch_size: Questions generated together (left-padded).
         template: Prompt template (``vqa``, ``caption``, ``chatml``, ``raw``).
-        max_new_tokens: Answer length limit.
+        max_new_tokens: Answer length limit. None: from the references, the longest one's
+            tokens plus :data:`ANSWER_MARGIN` (at least :data:`MIN_NEW_TOKENS`), so one-word answers
+            are not generated 32 tokens long; 64 when no record has an answer.
         progress: Called with ``(done, total)`` after each batch.
         time_limit_s: Longest one batch's generation may take (None: no limit).
 
@@ -196,6 +212,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     model.eval()
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(tokenizer, records)
     tpi = model.config.tokens_per_image
     stops = stop_ids(tokenizer, template)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, time_limit_s=time_limit_s)

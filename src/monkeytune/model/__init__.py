@@ -1,6 +1,9 @@
 """Model assembly: :class:`MonkeyForCausalLM` and its builder."""
 
+from transformers import AutoConfig, AutoModelForCausalLM
+
 from monkeytune.config import ModelConfig, get_config
+from monkeytune.model.auto import MODEL_TYPE, MonkeyConfig
 from monkeytune.model.monkey import ImageTokenMismatch, MonkeyForCausalLM, MonkeyOutput, build_llm
 
 
@@ -14,4 +17,14 @@ def build_model(config: ModelConfig | str) -> MonkeyForCausalLM:
     return MonkeyForCausalLM(config)
 
 
-__all__ = ["ImageTokenMismatch", "MonkeyForCausalLM", "MonkeyOutput", "build_llm", "build_model"]
+def register_auto_classes() -> None:
+    """Map ``model_type: monkey`` to :class:`MonkeyConfig` and :class:`MonkeyForCausalLM` (idempotent).
+
+    Run by ``import monkeytune``; afterwards ``AutoConfig.from_pretrained(folder)`` and
+    ``AutoModelForCausalLM.from_pretrained(folder)`` read monkeytune and official Monkey folders.
+    """
+    AutoConfig.register(MODEL_TYPE, MonkeyConfig, exist_ok=True)
+    AutoModelForCausalLM.register(MonkeyConfig, MonkeyForCausalLM, exist_ok=True)
+
+
+__all__ = ["MonkeyConfig", "register_auto_classes", "ImageTokenMismatch", "MonkeyForCausalLM", "MonkeyOutput", "build_llm", "build_model"]

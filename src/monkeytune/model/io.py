@@ -2,7 +2,8 @@
 
 A monkeytune folder holds::
 
-    config.json                     {"format": "monkeytune", "version": 1, "model": ModelConfig,
+    config.json                     {"model_type": "monkey", "architectures": ["MonkeyForCausalLM"],
+                                     "format": "monkeytune", "version": 1, "model": ModelConfig,
                                      "complete": true, "metadata": {...}}
     model.safetensors               all weights (or model-0000k-of-0000n.safetensors shards plus
                                     model.safetensors.index.json when large)
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import ModelConfig
+from monkeytune.model.auto import ARCHITECTURE, MODEL_TYPE
 from monkeytune.model.weights import (  # noqa: F401  (re-exported: the public names of this module)
     DEFAULT_SHARD_BYTES,
     WEIGHTS_NAME,
@@ -158,6 +160,9 @@ def save_model(
     if compat is not None:
         meta["qwen_compat"] = compat.to_dict()
     info: dict[str, Any] = {
+        # transformers' keys first: AutoConfig reads model_type, tools read architectures.
+        "model_type": MODEL_TYPE,
+        "architectures": [ARCHITECTURE],
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "model": model.config.to_dict(),

@@ -16,12 +16,15 @@ The model takes tensors only; images are decoded and tiled by the data pipeline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from monkeytune.config import LLMConfig, ModelConfig
+from monkeytune.model.auto import MonkeyConfig
 from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
 from monkeytune.vision.resampler import Resampler
 from monkeytune.vision.vit import VisionTower
@@ -79,6 +82,38 @@ class ImageTokenMismatch(ValueError):
     """The prompt's image placeholders do not match the visual features supplied."""
 
 
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """``torch_dtype`` / ``dtype`` as transformers users pass it: a dtype, its name, ``"auto"`` or None."""
+    if dtype is None or dtype == "auto":
+        return None  # as stored
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype, its name or 'auto'")
+    return resolved
+
+
+def _resolve_device(device_map: Any) -> torch.device:
+    """One device from a transformers-style ``device_map``.
+
+    The model is small enough per device to sit on one: ``"auto"`` picks the first GPU when
+    there is one; ``{"": dev}`` and plain devices are taken as given. Splitting layers across
+    devices is refused rather than silently ignored.
+    """
+    if device_map is None:
+        return torch.device("cpu")
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, dict):
+        if set(device_map) != {""}:
+            raise ValueError("device_map: only a whole-model placement is supported ({'': device}, a device or 'auto')")
+        device_map = device_map[""]
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
 class MonkeyForCausalLM(nn.Module):
     """Monkey-style multimodal causal LM.
 
@@ -87,6 +122,10 @@ class MonkeyForCausalLM(nn.Module):
         llm: An existing causal LM to use instead of building one from ``config.llm`` (any
             transformers causal LM whose hidden size equals ``config.vision.output_dim``).
     """
+
+    #: For transformers' Auto classes (``AutoModelForCausalLM.register``); ``self.config`` is the
+    #: typed :class:`ModelConfig`.
+    config_class = MonkeyConfig
 
     def __init__(self, config: ModelConfig, llm: nn.Module | None = None):
         super().__init__()
@@ -98,6 +137,77 @@ class MonkeyForCausalLM(nn.Module):
         hidden = self.llm.get_input_embeddings().weight.shape[1]
         if hidden != config.vision.output_dim:
             raise ValueError(f"LLM hidden size {hidden} != vision.output_dim {config.vision.output_dim}")
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (as transformers models report it, for ``inputs.to(model.device)``)."""
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The LLM's weight dtype."""
+        return self.llm.get_input_embeddings().weight.dtype
+
+    # ------------------------------------------------------------------ folders
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        torch_dtype: Any = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        base: str | Path | None = None,
+        **ignored: Any,
+    ) -> "MonkeyForCausalLM":
+        """Load a monkeytune or official Monkey / Qwen-VL folder, as transformers models load.
+
+        Args:
+            pretrained_model_name_or_path: A local folder (nothing is downloaded).
+            torch_dtype, dtype: A torch dtype, its name, or ``"auto"``/None to keep the stored
+                dtypes (``dtype`` is transformers 5's name, ``torch_dtype`` the older one).
+            device_map: ``"auto"`` (first GPU if any), a device, or ``{"": device}``.
+            base: Base folder of a trainable-only folder (default: the one it records).
+            **ignored: transformers' Auto-class arguments (``config``, ``revision``,
+                ``trust_remote_code`` ...), which do not apply to a local folder.
+
+        Returns:
+            The model in eval mode; its tokenizer is :class:`monkeytune.MonkeyProcessor`'s
+            (or ``monkeytune.model.io.load_model``'s second value).
+
+        Raises:
+            CheckpointError: the folder cannot be read (named file and field).
+        """
+        # The loader builds this class, so it is imported when called, not at module import.
+        from monkeytune.model.io import load_model  # noqa: PLC0415
+
+        model, tokenizer = load_model(
+            pretrained_model_name_or_path,
+            dtype=_resolve_dtype(dtype if dtype is not None else torch_dtype),
+            device=_resolve_device(device_map),
+            base=base,
+        )
+        if tokenizer is not None:
+            # What transformers keeps in generation_config.json: generate() then stops at the
+            # end of an answer and pads with the tokenizer's id without being told.
+            gen = model.llm.generation_config
+            gen.eos_token_id = [tokenizer.eos_id]
+            try:
+                gen.eos_token_id.append(tokenizer.special_id("<|im_end|>"))
+            except KeyError:
+                pass
+            gen.pad_token_id = tokenizer.pad_id
+        return model
+
+    def save_pretrained(self, save_directory: str | Path, tokenizer: Any = None, **kwargs: Any) -> Path:
+        """Write a monkeytune folder (see :func:`monkeytune.model.io.save_model` for ``kwargs``).
+
+        The folder's ``config.json`` states ``model_type`` and ``architectures``, so
+        ``AutoModelForCausalLM.from_pretrained`` reads it after ``import monkeytune``.
+        """
+        from monkeytune.model.io import save_model  # noqa: PLC0415 - see from_pretrained
+
+        return save_model(self, save_directory, tokenizer=tokenizer, **kwargs)
 
     # ------------------------------------------------------------------ vision
     def encode_images(self, pixel_values: torch.Tensor, view_slots: torch.Tensor) -> torch.Tensor:
@@ -238,6 +348,13 @@ class MonkeyForCausalLM(nn.Module):
         Returns:
             ``[B, T_new]`` the generated ids only (without the prompt).
         """
+        # A processor's output (CPU, float32 views) works as is, as with transformers models.
+        device = self.device
+        input_ids = input_ids.to(device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(device)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=device, dtype=self.dtype)
         embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

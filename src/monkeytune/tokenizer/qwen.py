@@ -196,6 +196,11 @@ class QwenTokenizer:
         return write_tiktoken_ranks(directory / VOCAB_FILE, by_rank)
 
     @property
+    def ranks(self) -> dict[bytes, int]:
+        """The BPE ranks (token bytes -> id), without the control tokens."""
+        return dict(self._ranks)
+
+    @property
     def vocab_size(self) -> int:
         """Number of ids this tokenizer can produce: ranks plus special tokens."""
         return self._num_ranks + len(self._specials)

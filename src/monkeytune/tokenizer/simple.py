@@ -142,6 +142,10 @@ class SimpleTokenizer:
         except ValueError as e:
             raise ValueError(f"{directory}: {e}") from e
 
+    def to_tokenizers(self) -> HFTokenizer:
+        """A fresh copy of the ``tokenizers`` object (with the library's default special-token splitting)."""
+        return HFTokenizer.from_str(self._hf.to_str())
+
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and the marker into ``directory`` (created if needed)."""
         directory = Path(directory)

@@ -8,7 +8,9 @@
 
 With an LLM LoRA policy (``llm-lora``) the LLM adapters are also written as a standard peft
 adapter folder, ``final/llm_lora/`` (``adapter_config.json`` + ``adapter_model.safetensors``),
-loadable onto the LLM with ``peft.PeftModel.from_pretrained``. The model folder itself then holds
+whose ``base_model_name_or_path`` is ``final/llm_base/`` (absolute): the base LLM as a plain
+transformers ``Qwen2ForCausalLM`` folder, so ``peft.AutoPeftModelForCausalLM.from_pretrained``
+loads the adapter with its base and no monkeytune code (this costs the LLM's size on disk once more). The model folder itself then holds
 the LLM either with the adapters merged in (``merge_llm_lora: true``) or without them (the base
 LLM; apply ``llm_lora/`` on top). The per-window ViT adapters are part of the ViT's own
 parameters and stay separate from the LLM LoRA in either case.
@@ -25,10 +27,12 @@ import torch
 from safetensors import SafetensorError
 from torch import nn
 
+from monkeytune.model.hf_export import ADAPTER_FOLDER, save_base_llm, save_peft_adapter
 from monkeytune.model.weights import os_error_of
 from monkeytune.train.checkpoint import CheckpointError, publish_folder, write_error
 
 logger = logging.getLogger(__name__)
+BASE_FOLDER = "llm_base"  # the LLM LoRA's base as a plain transformers folder
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -123,7 +127,7 @@ def save_final(
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        _write_final(model, tokenizer, tmp, mode, merge_llm_lora, base_model, metadata, dtype)
+        _write_final(model, tokenizer, tmp, mode, merge_llm_lora, base_model, metadata, dtype, final_dir=out_dir)
         publish_folder(tmp, out_dir)
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,16 +140,19 @@ def save_final(
 
 
 def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: bool, base_model, metadata,
-                 dtype: torch.dtype | None) -> None:
+                 dtype: torch.dtype | None, final_dir: Path | None = None) -> None:
     """Fill ``out_dir`` (see :func:`save_final`)."""
     from monkeytune.model.io import save_model
     from monkeytune.policy.presets import has_llm_lora
 
     meta = dict(metadata or {})
     if has_llm_lora(model):
-        lora_dir = out_dir / "llm_lora"
-        model.llm.save_pretrained(str(lora_dir))
-        meta["llm_lora"] = {"folder": "llm_lora", "merged": bool(merge_llm_lora)}
+        lora_dir = out_dir / ADAPTER_FOLDER
+        # Recorded where the folder will be once renamed into place, not in the temporary one.
+        final_base = Path(final_dir or out_dir).resolve() / BASE_FOLDER
+        save_peft_adapter(model.llm, lora_dir, base_model=final_base)
+        save_base_llm(model.llm, out_dir / BASE_FOLDER)
+        meta["llm_lora"] = {"folder": ADAPTER_FOLDER, "merged": bool(merge_llm_lora), "base": BASE_FOLDER}
         # Trainable flags of the rest survive unloading; the LoRA tensors leave with the wrapper.
         model.llm = model.llm.merge_and_unload() if merge_llm_lora else model.llm.unload()
         logger.info("LLM LoRA adapters written to %s (%s)", lora_dir, "merged into the model" if merge_llm_lora else "not merged")
