@@ -99,6 +99,46 @@ class Position:
     batch: int = 0
 
 
+class _Failed:
+    """A data error met in a DataLoader worker, carried to the main process as a value.
+
+    Raised in the worker, it would come back as torch's ``RuntimeError`` whose message holds the
+    worker's traceback; as a value it is raised in the main process as the ``DataError`` it is.
+    """
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+class _Guarded(Dataset):
+    """``dataset`` whose data errors are returned as :class:`_Failed` instead of raised."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> Any:
+        from monkeytune.data.records import DataError
+
+        try:
+            return self.dataset[i]
+        except DataError as e:
+            return _Failed(e)
+
+
+class _GuardedCollate:
+    """``collate`` that passes a :class:`_Failed` item through as the whole batch."""
+
+    def __init__(self, collate: Callable[[list[Any]], dict[str, Any]]):
+        self.collate = collate
+
+    def __call__(self, items: list[Any]) -> Any:
+        failed = next((it for it in items if isinstance(it, _Failed)), None)
+        return failed if failed is not None else self.collate(items)
+
+
 def micro_batches(
     dataset: Dataset,
     sampler: EpochBatchSampler,
@@ -121,13 +161,15 @@ def micro_batches(
             continue
         sampler.set_epoch(epoch, index)
         loader = DataLoader(
-            dataset,
+            _Guarded(dataset) if num_workers else dataset,
             batch_sampler=sampler,
-            collate_fn=collate,
+            collate_fn=_GuardedCollate(collate) if num_workers else collate,
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(int(seed) * 7919 + epoch),
             persistent_workers=False,
         )
         for batch in loader:
+            if isinstance(batch, _Failed):
+                raise batch.error
             index += 1
             yield Position(epoch, index), batch
