@@ -121,7 +121,7 @@ def _train_step(model, opt, batch: dict, device: str, dtype, update: bool = True
     if update:
         opt.step()
     opt.zero_grad(set_to_none=True)
-    return float(out.loss)
+    return out.loss.detach().item()
 
 
 def child_padding(args) -> dict:
