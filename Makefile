@@ -62,10 +62,11 @@ $(UPSTREAM)/.installed: pyproject.toml $(LOCK)
 	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) pip
 	$(UPSTREAM)/bin/python -m pip install -q $(TORCH_SPEC)
 	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) -e ".[dev]"
-	$(UPSTREAM)/bin/python -m pip install -q --upgrade transformers peft accelerate
 	touch $@
 
 test-upstream: $(UPSTREAM)/.installed
+	# Every time, so a kept environment still meets the newest releases.
+	$(UPSTREAM)/bin/python -m pip install -q --upgrade transformers peft accelerate
 	$(UPSTREAM)/bin/python -m pip list 2>/dev/null | grep -E '^(transformers|peft|accelerate|torch) '
 	$(UPSTREAM)/bin/python -m pytest -q $(UPSTREAM_TESTS)
 

@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from monkeytune.model.qwen_compat import ntk_alpha
 from monkeytune.tokenizer.qwen import NUM_EXTRA, write_tiktoken_ranks
 
 MERGES = [b"an", b"in", b"th", b"he", b"the", b"at", b"ca", b"cat"]
@@ -220,6 +219,11 @@ def ref_embeds(sd, cfg, ids, views):
     a, b = ids.index(IMG_START), ids.index(IMG_START + 1)
     x[0, a + 1 : b] = feats
     return x
+
+
+def ntk_alpha(length, seq_length):
+    """The official dynamic-NTK factor, restated here rather than taken from the code under test."""
+    return float(max(2 ** math.ceil(math.log2(length / seq_length) + 1) - 1, 1))
 
 
 def ref_greedy(sd, cfg, rows, steps, pad_id=0):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -44,11 +45,24 @@ def launch_command(config_file: str, run_yaml: Path, *overrides: str, port: int,
             *launcher_args, "-m", "monkeytune.cli.train", str(run_yaml), *overrides]
 
 
+def communicate(procs: list[subprocess.Popen], timeout: float = 400) -> list[tuple[str, str]]:
+    """Wait for launchers started in their own sessions; on a timeout kill them with their ranks."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+
+
 def launch(config_file: str, run_yaml: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
     cmd = launch_command(config_file, run_yaml, *overrides, port=free_port())
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    ((stdout, stderr),) = communicate([proc])
+    assert proc.returncode == expect, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -143,10 +157,10 @@ def test_two_machines_match_one_machine(make_config, engine_sections, single_pro
     procs = [
         subprocess.Popen(launch_command("multi_node.yaml", tmp_path / "run.yaml", port=port,
                                         launcher_args=("--num_machines", "2", "--machine_rank", str(rank))),
-                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         for rank in (0, 1)
     ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    outputs = [out for out, _ in communicate(procs)]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     run = Path(cfg.checkpoint.output_dir)
     record = json.loads((run / "run.json").read_text())

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 ENGINES = ("single", "ddp", "fsdp2", "deepspeed-zero2", "deepspeed-zero3")
 MIXED_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 RUN_FILE = "run.json"
+# Set in the environment when monkeytune takes accelerate's FSDP request over (see make_accelerator).
+FSDP2_MARK = "MONKEYTUNE_ENGINE"
 
 
 class EngineError(ValueError):
@@ -55,6 +57,8 @@ def requested_engine(env: dict[str, str] | None = None) -> str:
         EngineError: for engines monkeytune does not run (ZeRO-0/1, FSDP1).
     """
     env = dict(os.environ) if env is None else env
+    if env.get(FSDP2_MARK) == "fsdp2":  # an earlier run in this process took the FSDP request over
+        return "fsdp2"
     if _flag(env, "ACCELERATE_USE_DEEPSPEED"):
         stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "")
         if stage not in ("2", "3"):
@@ -82,7 +86,7 @@ def _check_fsdp_settings() -> None:
 def engine_of(accelerator) -> str:
     """The engine an ``Accelerator`` actually set up (``fsdp2`` when monkeytune shards itself)."""
     kind = accelerator.distributed_type.value
-    if os.environ.get("MONKEYTUNE_ENGINE") == "fsdp2" and kind.startswith("MULTI_"):
+    if os.environ.get(FSDP2_MARK) == "fsdp2" and kind.startswith("MULTI_"):
         return "fsdp2"
     if kind == "DEEPSPEED":
         return f"deepspeed-zero{accelerator.state.deepspeed_plugin.zero_stage}"
@@ -106,16 +110,16 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate.utils import DistributedDataParallelKwargs
 
     wanted = requested_engine()
-    os.environ.pop("MONKEYTUNE_ENGINE", None)
     if wanted == "fsdp2":
         if cfg.train.precision == "fp16":
             raise EngineError("fsdp2 runs in bf16 or fp32 (its sharded gradients have no fp16 loss scaler here): "
                               "set train.precision bf16")
         _check_fsdp_settings()
         # monkeytune shards with FSDP2 itself (see the module docstring): accelerate is asked for
-        # plain data parallelism, and the request is kept for engine_of.
+        # plain data parallelism, and the request is kept (for engine_of, and for later runs in
+        # this process, which must not then take the changed variable for a DDP request).
         os.environ["ACCELERATE_USE_FSDP"] = "false"
-        os.environ["MONKEYTUNE_ENGINE"] = "fsdp2"
+        os.environ[FSDP2_MARK] = "fsdp2"
     # accelerate keeps precision and accumulation settings process-wide and refuses different
     # ones later; a process may run several trainings (tests, notebooks), so start afresh. The
     # process group itself (PartialState) is kept.
@@ -188,7 +192,11 @@ def shard_fsdp2(module: torch.nn.Module, precision: str) -> torch.nn.Module:
     units = list(model.llm.get_decoder().layers) + list(model.vision.blocks)
     for unit in units:
         fully_shard(unit, mp_policy=mixed, reshard_after_forward=reshard)
-    fully_shard(module, mp_policy=mixed, reshard_after_forward=reshard)
+    # The root's inputs keep their dtype: the per-sample loss weights must stay fp32 (the model
+    # casts pixel values to its own dtype itself).
+    root = MixedPrecisionPolicy(param_dtype=mixed.param_dtype, reduce_dtype=mixed.reduce_dtype,
+                                cast_forward_inputs=False)
+    fully_shard(module, mp_policy=root, reshard_after_forward=reshard)
     return module
 
 
@@ -206,7 +214,7 @@ def write_run_record(run_dir: Path, accelerator, cfg: TrainConfig) -> dict[str, 
         "engine": engine_of(accelerator),
         "world_size": accelerator.num_processes,
         "num_machines": int(os.environ.get("GROUP_WORLD_SIZE", "1")),  # torchrun's node count
-        "precision": cfg.train.precision,
+        "precision": compute_precision(accelerator, cfg),
         "device": str(accelerator.device),
         "python": platform.python_version(),
         "versions": versions,
@@ -255,16 +263,26 @@ class Engine:
     def optimizer_step(self, apply: bool) -> str | None:
         """Update the weights when ``apply``; returns why the engine skipped an update, else None.
 
-        The fp16 loss scaler must see every step (it skips non-finite updates itself and lowers
-        the scale); DeepSpeed has already updated inside backward, its wrapper's step is a no-op.
+        The fp16 loss scaler sees every step (it lowers the scale after non-finite gradients);
+        DeepSpeed has already updated inside backward (its wrapper's step is a no-op) and reports
+        whether it skipped the update (its own fp16 overflow check).
         """
         acc = self.accelerator
         if acc.scaler is not None:
+            if not apply:
+                acc.scaler.update()  # lowers the scale after inf/NaN gradients; no update is made
+                return None
             self.optimizer.step()
             if acc.optimizer_step_was_skipped:
                 return f"fp16 overflow (loss scale now {acc.scaler.get_scale():g})"
             return None
-        if apply or self.updates_in_backward:
+        if self.updates_in_backward:
+            self.optimizer.step()
+            was_applied = getattr(self.module, "was_step_applied", None)
+            if was_applied is not None and not was_applied():
+                return "DeepSpeed skipped the update (gradient overflow)"
+            return None
+        if apply:
             self.optimizer.step()
         return None
 
@@ -280,7 +298,10 @@ class Engine:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_state, optim_state = get_state_dict(self.module, _inner(self.optimizer))
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+        try:
+            dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(folder))
+        except dcp.api.CheckpointException as e:
+            raise _os_error(e, folder) from None
 
     def load_sharded(self, folder: Path) -> None:
         """Read what :meth:`save_sharded` wrote into the wrapped model and optimizer."""
@@ -292,7 +313,10 @@ class Engine:
 
         model_state, optim_state = get_state_dict(self.module, _inner(self.optimizer))
         state = {"model": model_state, "optimizer": optim_state}
-        dcp.load(state, checkpoint_id=str(folder))
+        try:
+            dcp.load(state, checkpoint_id=str(folder))
+        except dcp.api.CheckpointException as e:
+            raise _os_error(e, folder) from None
         set_state_dict(self.module, _inner(self.optimizer), model_state_dict=state["model"],
                        optim_state_dict=state["optimizer"])
 
@@ -308,3 +332,16 @@ class Engine:
 
 def _inner(optimizer):
     return getattr(optimizer, "optimizer", optimizer)
+
+
+def _os_error(error: BaseException, folder: Path) -> OSError:
+    """The first ``OSError`` behind a failed ``torch.distributed.checkpoint`` call (e.g. a full disk).
+
+    The checkpoint code reports an ``OSError`` in one line with the path; the distributed
+    checkpoint's own exception would otherwise reach the user as a traceback.
+    """
+    for failure in getattr(error, "failures", {}).values():
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        if isinstance(cause, OSError):
+            return cause
+    return OSError(f"{folder}: the distributed checkpoint failed: {str(error).splitlines()[0]}")

@@ -36,13 +36,24 @@ BASE_FOLDER = "llm_base"  # the LLM LoRA's base as a plain transformers folder
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """This process's shard of a sharded (DTensor) parameter, else the tensor itself."""
-    return t.to_local() if hasattr(t, "to_local") else t
+    """This process's part of a parameter: an FSDP2 (DTensor) shard, a ZeRO-3 partition, or the tensor."""
+    if hasattr(t, "to_local"):
+        return t.to_local()
+    return getattr(t, "ds_tensor", t)  # ZeRO-3 leaves an empty placeholder in the module
 
 
-def assert_finite(model: nn.Module, where: str) -> None:
-    """Refuse to write weights holding NaN or inf (names the first offenders)."""
+def assert_finite(model: nn.Module, where: str, accelerator=None) -> None:
+    """Refuse to write weights holding NaN or inf (names the first offenders).
+
+    With ``accelerator``, the verdict is agreed over all processes first: with sharded
+    parameters one rank may hold the bad values while the others would go on into a collective
+    save and wait forever.
+    """
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(_local(p.detach())).all()]
+    if accelerator is not None and accelerator.num_processes > 1:
+        flag = torch.tensor([float(len(bad))], device=accelerator.device)
+        if float(accelerator.reduce(flag, reduction="sum")) and not bad:
+            bad = ["(parameters of another process)"]
     if bad:
         raise FloatingPointError(f"not saving {where}: non-finite values in {', '.join(bad[:5])}")
 

@@ -116,10 +116,17 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
 
     # Step (unless the step is bad or empty; the engine may skip it too) and schedule.
     lr = max(g["lr"] for g in ctx.inner_optimizer.param_groups)  # the rate this step uses
+    if bad and engine.updates_in_backward:
+        # DeepSpeed has already applied this update inside backward: it cannot be skipped, and
+        # the weights may now hold NaN. Stop with the last checkpoint intact.
+        raise TrainingError(f"step {step}: {reason} under {engine.name}, which applies the update inside "
+                            "backward, so the step cannot be skipped; stopping. Resume from the last checkpoint "
+                            "with a lower optim.lr, or check the data.")
     skipped_by_engine = engine.optimizer_step(apply=reason is None)
     if skipped_by_engine:
         reason, bad = reason or skipped_by_engine, True
-    applied = reason is None
+    # Under DeepSpeed a step without supervised tokens still updated (momentum, weight decay).
+    applied = reason is None or (engine.updates_in_backward and not skipped_by_engine)
     if applied:
         ctx.scheduler.step()
     engine.zero_grad()
@@ -162,7 +169,7 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
 def save_checkpoint(ctx: StepContext, state: dict[str, Any]) -> Path:
     """Write checkpoint ``state["step"]`` (refusing non-finite weights)."""
     step = state["step"]
-    assert_finite(ctx.model, f"checkpoint at step {step}")
+    assert_finite(ctx.model, f"checkpoint at step {step}", ctx.engine.accelerator)
     names = ever_trained_names(ctx.model, ctx.schedule, step) if not ctx.sharded else []
     return ctx.checkpoints.save(step, lambda folder: write_checkpoint(
         folder, engine=ctx.engine, cfg=ctx.cfg, model=ctx.model, optimizer=ctx.inner_optimizer,
