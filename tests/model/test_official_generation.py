@@ -154,3 +154,12 @@ def test_chat_raw_reproduces_official_greedy_tokens(off, tmp_path, monkey_ckpt, 
     code = main(["chat", "--model", str(folder), "--raw", "--image", str(image), "--max-new-tokens", "8", question])
     assert code == 0
     assert capsys.readouterr().out.strip() == expected
+
+
+def test_preallocated_caches_and_chunked_prefill_are_refused(off, monkey_ckpt):
+    model, _ = load_model(monkey_ckpt[0])
+    ids = torch.tensor([off.prompt_with_image(off.official_config("monkey", seq_length=23))])
+    views, slots = off.random_views(5), torch.tensor([0, 1, 2, 3, -1])
+    for kwargs in ({"cache_implementation": "static"}, {"prefill_chunk_size": 16}):
+        with pytest.raises(ValueError, match="dynamic KV cache and the whole prompt at once"):
+            model.generate(ids, pixel_values=views, view_slots=slots, max_new_tokens=2, **kwargs)

@@ -26,6 +26,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from monkeytune.config import LLMConfig, ModelConfig
 from monkeytune.model.auto import MonkeyConfig
 from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
+from monkeytune.model.qwen_compat import get_compat
 from monkeytune.vision.resampler import Resampler
 from monkeytune.vision.vit import VisionTower
 
@@ -355,6 +356,14 @@ class MonkeyForCausalLM(nn.Module):
             attention_mask = attention_mask.to(device)
         if pixel_values is not None:
             pixel_values = pixel_values.to(device=device, dtype=self.dtype)
+        if get_compat(self) is not None:
+            cache = generate_kwargs.get("cache_implementation")
+            if cache not in (None, "dynamic") or generate_kwargs.get("prefill_chunk_size"):
+                # The official log-n index and NTK alpha are read from what one forward sees:
+                # a preallocated cache or a prompt fed in chunks would give wrong ones.
+                raise ValueError("models from official checkpoints generate with the dynamic KV cache and the whole "
+                                 f"prompt at once; got cache_implementation={cache!r}, prefill_chunk_size="
+                                 f"{generate_kwargs.get('prefill_chunk_size')!r}")
         embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)

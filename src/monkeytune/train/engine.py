@@ -139,6 +139,10 @@ def make_accelerator(cfg: TrainConfig):
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[ddp],
     )
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher and launcher != MIXED_PRECISION[cfg.train.precision]:
+        logger.warning("the launcher's mixed_precision %s is not used: train.precision %s decides",
+                       launcher, cfg.train.precision)
     got = engine_of(acc)
     if got != wanted:
         raise EngineError(f"the launcher asked for {wanted} but accelerate set up {got}; "
