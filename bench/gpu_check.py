@@ -95,13 +95,8 @@ def check_policy(policy: str, args, device: str) -> dict:
     plan = TrainPlan(policy)
     apply_plan(model, plan)
 
-    class NoStages:  # every parameter keeps the plan's decision for the whole run
-        stages = ()
-
-        def stage_at(self, step):
-            return type("Stage", (), {"plan": plan})()
-
-    hold_frozen_in_compute_dtype(model, NoStages(), precision)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    hold_frozen_in_compute_dtype(model, trained, precision)
     attention = "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") else "sdpa"
     if attention != "sdpa":
         model.llm.set_attn_implementation(attention)

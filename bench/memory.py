@@ -65,13 +65,8 @@ def child(args) -> dict:
         enable_llm_checkpointing(model.llm)
         model.vision.gradient_checkpointing = True
 
-    class NoStages:  # hold_frozen_in_compute_dtype asks which parameters any stage trains
-        stages = ()
-
-        def stage_at(self, step):
-            return type("S", (), {"plan": plan})()
-
-    hold_frozen_in_compute_dtype(model, NoStages(), args.precision)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    hold_frozen_in_compute_dtype(model, trained, args.precision)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     _train_step(model, opt, batch, device, dtype)  # the first step creates the optimizer states
     _trim()

@@ -47,7 +47,7 @@ from monkeytune.train.setup import (
     tokenizer_dir,
     total_steps,
 )
-from monkeytune.train.state import check_same_run, load_engine_state, load_model_state
+from monkeytune.train.state import check_same_run, ever_trained_names, load_engine_state, load_model_state
 from monkeytune.train.step import StepContext, TrainingError, run_step
 
 __all__ = ["TrainResult", "TrainingError", "train"]
@@ -151,7 +151,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
         apply_plan(model, stage.plan)
         precision = compute_precision(acc, cfg)
-        saved_bytes = hold_frozen_in_compute_dtype(model, schedule, precision)
+        # Every stage's start is counted: a parameter a later stage trains keeps its fp32 master.
+        ever_trained = set(ever_trained_names(model, schedule, step=2**62))
+        saved_bytes = hold_frozen_in_compute_dtype(model, ever_trained, precision)
         if saved_bytes:
             logger.info("frozen weights held in %s: %.2f GiB less", precision, saved_bytes / 2**30)
         module = TrainingModule(model)

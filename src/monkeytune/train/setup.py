@@ -24,26 +24,24 @@ class SetupError(ValueError):
     """A run that cannot start; the message says which setting to change."""
 
 
-def hold_frozen_in_compute_dtype(model: nn.Module, schedule: Any, precision: str) -> int:
-    """Under bf16/fp16, store the parameters no stage ever trains in that dtype.
+def hold_frozen_in_compute_dtype(model: nn.Module, trained: set[str], precision: str) -> int:
+    """Under bf16/fp16, store the parameters outside ``trained`` in that dtype.
 
     They only feed the forward, where autocast (or the engine's mixed precision) computes in
     that dtype anyway, so an fp32 copy is memory for nothing: a 7B frozen LLM is 14 GiB in bf16
-    instead of 28 GiB. Parameters that train now or in a later unfreezing stage stay fp32, the
-    optimizer's masters. Call after the plan is applied and before the engine wraps the model.
+    instead of 28 GiB. ``trained`` names every parameter that trains now or in a later
+    unfreezing stage; those stay fp32, the optimizer's masters. Call after the plan is applied
+    and before the engine wraps the model.
 
     Returns:
         Bytes saved.
     """
-    from monkeytune.train.state import ever_trained_names
-
     dtype = COMPUTE_DTYPES.get(precision)
     if dtype is None:
         return 0
-    trains = set(ever_trained_names(model, schedule, step=2**62))
     saved = 0
     for name, param in model.named_parameters():
-        if name not in trains and param.is_floating_point() and param.dtype != dtype:
+        if name not in trained and param.is_floating_point() and param.dtype != dtype:
             saved += param.numel() * (param.element_size() - dtype.itemsize)
             param.data = param.data.to(dtype)
     return saved
