@@ -7,7 +7,7 @@ comma := ,
 VENV := .venv
 PY := $(VENV)/bin/python
 LOCK := requirements/lock.txt
-EXTRAS := dev,serve,deepspeed
+EXTRAS := dev,serve,deepspeed,demo,quant,track
 # The torch line of the lock; for a CUDA build keep the version and add an index, e.g.
 # make install TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= $(shell grep -m1 '^torch==' $(LOCK))
