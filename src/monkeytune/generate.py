@@ -289,16 +289,16 @@ def load_for_inference(model_dir: str | Path, dtype: str = "auto", device: str |
         device: Default: ``cuda`` when available, else ``cpu``.
 
     Raises:
-        monkeytune.model.io.CheckpointError: the folder cannot be loaded or has no tokenizer.
+        monkeytune.model.io.ModelFolderError: the folder cannot be loaded or has no tokenizer.
     """
-    from monkeytune.model.io import CheckpointError, load_model
+    from monkeytune.model.io import ModelFolderError, load_model
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model(model_dir, dtype=DTYPES[dtype], device=device)
     if tokenizer is None:
-        raise CheckpointError(f"{model_dir} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
+        raise ModelFolderError(f"{model_dir} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
     model.config.check_tokenizer(tokenizer)
     return model, tokenizer
 

@@ -32,7 +32,7 @@ from transformers import BatchFeature
 
 from monkeytune.config import ModelConfig
 from monkeytune.generate import default_template, prompt_ids, resolve_image
-from monkeytune.model.io import CheckpointError, folder_config, folder_kind, load_tokenizer_if_any, read_config
+from monkeytune.model.io import ModelFolderError, folder_config, folder_kind, load_tokenizer_if_any, read_config
 from monkeytune.tokenizer.base import encode_with_images
 from monkeytune.vision.processor import ImageProcessor
 
@@ -64,12 +64,12 @@ class MonkeyProcessor:
         """The processor of a monkeytune or official model folder (tokenizer, view layout, template).
 
         Raises:
-            CheckpointError: no model folder, or one without tokenizer files.
+            ModelFolderError: no model folder, or one without tokenizer files.
         """
         config = folder_config(directory)
         tokenizer = load_tokenizer_if_any(directory)
         if tokenizer is None:
-            raise CheckpointError(f"{directory} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
+            raise ModelFolderError(f"{directory} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
         meta = dict(read_config(directory).get("metadata") or {}) if folder_kind(directory) == "monkeytune" else {}
         return cls(tokenizer, config, template=default_template(meta))
 

@@ -12,7 +12,7 @@ from monkeytune.cli import main
 from monkeytune.config import get_config
 from monkeytune.memory import estimate_parameters
 from monkeytune.model import build_model
-from monkeytune.model.io import CheckpointError, load_model, save_model
+from monkeytune.model.io import ModelFolderError, load_model, save_model
 from monkeytune.model.weights import read_tensors
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
@@ -47,7 +47,7 @@ def test_a_truncated_or_corrupt_safetensors_file_is_named(damaged, capsys, damag
     path = damaged / "model.safetensors"
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x10" + b"\0" * 7 + b"{not json")
-    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file, truncated or corrupt"):
+    with pytest.raises(ModelFolderError, match=r"model\.safetensors: not a readable safetensors file, truncated or corrupt"):
         load_model(damaged)
     assert "not a readable safetensors file" in chat_says(damaged, capsys)
 
@@ -65,7 +65,7 @@ def test_negative_or_absurd_sizes_in_config_json_are_refused_before_building(dam
     info = json.loads(path.read_text())
     info["model"][section][key] = value
     path.write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match=rf"config\.json: .*{message}"):
+    with pytest.raises(ModelFolderError, match=rf"config\.json: .*{message}"):
         load_model(damaged)
     chat_says(damaged, capsys)
 
@@ -80,7 +80,7 @@ def test_the_parameter_estimate_matches_the_built_model():
 
 def test_the_pickle_refusal_is_plain_text(tmp_path):
     torch.save({"w": torch.zeros(1), "x": fractions.Fraction(1, 3)}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(ModelFolderError) as info:
         read_tensors(tmp_path)
     message = str(info.value)
     assert "\x1b" not in message and "\n" not in message

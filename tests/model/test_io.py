@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 from monkeytune.config import get_config
 from monkeytune.model import build_model
 from monkeytune.model.io import (
-    CheckpointError,
+    ModelFolderError,
     load_adapters,
     load_model,
     save_adapters,
@@ -119,7 +119,7 @@ def test_trainable_only_folder_loads_over_its_base(model, tmp_path):
     # Without a recorded base the folder explains what it needs.
     info.pop("base_model")
     (part / "config.json").write_text(json.dumps(info))
-    with pytest.raises(CheckpointError, match="only trainable weights"):
+    with pytest.raises(ModelFolderError, match="only trainable weights"):
         load_model(part)
 
 
@@ -132,7 +132,7 @@ def test_adapters_round_trip_and_errors(model, tmp_path):
     for n in names:
         assert torch.equal(dict(other.named_parameters())[n], dict(model.named_parameters())[n])
     save_file({"vision.nope": torch.zeros(2), "vision.pos_embed": torch.zeros(3)}, str(tmp_path / "bad.safetensors"))
-    with pytest.raises(CheckpointError, match=r"vision\.nope.*shape mismatches: vision\.pos_embed"):
+    with pytest.raises(ModelFolderError, match=r"vision\.nope.*shape mismatches: vision\.pos_embed"):
         load_adapters(other, tmp_path / "bad.safetensors")
 
 
@@ -141,18 +141,18 @@ def test_missing_and_unexpected_keys_are_named(model, tmp_path):
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "resampler.query"}
     sd["llm.extra.weight"] = torch.zeros(1)
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"missing keys: resampler\.query.*unexpected keys: llm\.extra\.weight"):
+    with pytest.raises(ModelFolderError, match=r"missing keys: resampler\.query.*unexpected keys: llm\.extra\.weight"):
         load_model(tmp_path)
 
 
 def test_bad_folders_are_explained(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ModelFolderError, match="does not exist"):
         load_model(tmp_path / "nothing")
-    with pytest.raises(CheckpointError, match="no config.json"):
+    with pytest.raises(ModelFolderError, match="no config.json"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text('{"format": "monkeytune",\n "model": ')
-    with pytest.raises(CheckpointError, match="line 2"):
+    with pytest.raises(ModelFolderError, match="line 2"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(CheckpointError, match="unknown checkpoint layout"):
+    with pytest.raises(ModelFolderError, match="unknown checkpoint layout"):
         load_model(tmp_path)

@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 
-from monkeytune.model.io import CheckpointError, load_model, read_tensors, save_model
+from monkeytune.model.io import ModelFolderError, load_model, read_tensors, save_model
 from monkeytune.model.official import export_official
 from monkeytune.model.qwen_compat import ntk_alpha
 
@@ -75,7 +75,7 @@ def test_missing_and_unexpected_official_keys_are_named(off, tmp_path):
     del sd["transformer.h.1.mlp.w2.weight"], sd["transformer.visual.transformer.resblocks.0.mlp_lora.3.lora_scale"]
     sd["transformer.visual.extra_thing"] = torch.zeros(2)
     off.write_official(tmp_path, cfg, sd)
-    with pytest.raises(CheckpointError) as err:
+    with pytest.raises(ModelFolderError) as err:
         load_model(tmp_path)
     msg = str(err.value)
     assert "transformer.h.1.mlp.w2.weight" in msg and "resblocks.0.mlp_lora.3.lora_scale" in msg
@@ -86,11 +86,11 @@ def test_bad_official_config_is_explained(off, tmp_path):
     cfg = off.official_config("monkey")
     cfg["visual"]["image_size"] = 900
     off.write_official(tmp_path, cfg, off.official_state(off.official_config("monkey")))
-    with pytest.raises(CheckpointError, match="image_size 900 is not a multiple"):
+    with pytest.raises(ModelFolderError, match="image_size 900 is not a multiple"):
         load_model(tmp_path)
     del cfg["hidden_size"]
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="missing field 'hidden_size'"):
+    with pytest.raises(ModelFolderError, match="missing field 'hidden_size'"):
         load_model(tmp_path)
 
 
@@ -103,7 +103,7 @@ def test_pickle_that_runs_code_is_refused(off, tmp_path):
     cfg = off.official_config("monkey")
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     torch.save({"transformer.wte.weight": torch.zeros(2), "trap": RunsCode()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(CheckpointError, match="refusing to load"):
+    with pytest.raises(ModelFolderError, match="refusing to load"):
         load_model(tmp_path)
 
 

@@ -82,12 +82,12 @@ def test_a_kill_during_the_final_save_leaves_the_old_final_or_none_and_resume_fi
     # The run dies by SIGKILL right after the final weights are written, before config.json.
     code = textwrap.dedent(f"""
         import os, signal, sys
-        from monkeytune.model import io
-        real = io.write_tensors
+        from monkeytune.model import native
+        real = native.write_tensors
         def write_then_die(*a, **k):
             real(*a, **k)
             os.kill(os.getpid(), signal.SIGKILL)
-        io.write_tensors = write_then_die
+        native.write_tensors = write_then_die
         from monkeytune.cli import main
         sys.exit(main(["train", {str(path)!r}]))
     """)

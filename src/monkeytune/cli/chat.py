@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from monkeytune.generate import ChatSession, GenerationSettings, load_for_inference, run_interactive
     from monkeytune.limits import GenerationTimeout
-    from monkeytune.model.io import CheckpointError
+    from monkeytune.model.io import ModelFolderError
     from monkeytune.vision.image import ImageLoadError
 
     template = "raw" if args.raw else args.template
@@ -65,6 +65,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")  # after the text streamed so far
         print(f"monkeytune chat: {e}", file=sys.stderr)
         return 2
-    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+    except (ModelFolderError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune chat: {e}", file=sys.stderr)
         return 2

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         write_results,
     )
     from monkeytune.limits import GenerationTimeout
-    from monkeytune.model.io import CheckpointError
+    from monkeytune.model.io import ModelFolderError
     from monkeytune.vision.image import ImageLoadError
 
     metrics = args.metric or list(DEFAULT_METRICS)
@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             template = args.template or default_template(model)
             predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, template,
                                            args.max_new_tokens, progress=progress, time_limit_s=args.time_limit)
-    except (EvalDataError, CheckpointError, ImageLoadError, ValueError, FileNotFoundError, GenerationTimeout) as e:
+    except (EvalDataError, ModelFolderError, ImageLoadError, ValueError, FileNotFoundError, GenerationTimeout) as e:
         print(f"monkeytune eval: {e}", file=sys.stderr)
         return 2
     if args.out:

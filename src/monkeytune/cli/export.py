@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from monkeytune.generate import DTYPES
     from monkeytune.model.hf_export import export_hf_llm, unmerged_adapter
-    from monkeytune.model.io import CheckpointError, load_model, save_model
+    from monkeytune.model.io import ModelFolderError, load_model, save_model
     from monkeytune.model.official import export_official
 
     try:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                           adapter=unmerged_adapter(args.model, model))
         else:
             save_model(model, args.out, tokenizer=tokenizer)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (ModelFolderError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune export: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.to} folder {args.out}")

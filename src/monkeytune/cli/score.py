@@ -33,13 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from monkeytune.generate import load_for_inference, score_answer
-    from monkeytune.model.io import CheckpointError
+    from monkeytune.model.io import ModelFolderError
     from monkeytune.vision.image import ImageLoadError
 
     try:
         model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
         result = score_answer(model, tokenizer, args.prompt, args.answer, args.image, args.template)
-    except (CheckpointError, ImageLoadError, ValueError, FileNotFoundError) as e:
+    except (ModelFolderError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune score: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from monkeytune.data.records import DataError
-    from monkeytune.model.io import CheckpointError as ModelFolderError
+    from monkeytune.model.io import ModelFolderError
     from monkeytune.policy import PlanError
     from monkeytune.train.checkpoint import CheckpointError
     from monkeytune.train.engine import EngineError

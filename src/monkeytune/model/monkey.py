@@ -177,7 +177,7 @@ class MonkeyForCausalLM(nn.Module):
             (or ``monkeytune.model.io.load_model``'s second value).
 
         Raises:
-            CheckpointError: the folder cannot be read (named file and field).
+            ModelFolderError: the folder cannot be read (named file and field).
         """
         # The loader builds this class, so it is imported when called, not at module import.
         from monkeytune.model.io import load_model  # noqa: PLC0415

@@ -30,10 +30,11 @@ import torch
 from torch import nn
 
 from monkeytune.config import CLIP_MEAN, CLIP_STD, ImageConfig, LLMConfig, ModelConfig, VisionConfig
-from monkeytune.model.io import CONFIG_FILE, check_size, finish_model, load_tokenizer_if_any, read_json_object
+from monkeytune.model.assembly import build_on_meta, check_size, finish_model
+from monkeytune.model.folder import MODEL_CONFIG_FILE, load_tokenizer_if_any, read_json_object
 from monkeytune.model.weights import (
     DEFAULT_SHARD_BYTES,
-    CheckpointError,
+    ModelFolderError,
     assign_state_dict,
     iter_tensors,
     unique_state_dict,
@@ -74,10 +75,10 @@ VISUAL_REQUIRED = ("image_size", "width", "layers", "heads", "mlp_ratio", "patch
 
 def _field(cfg: dict, key: str, where: str, kind=(int, float)):
     if key not in cfg:
-        raise CheckpointError(f"{where}: missing field {key!r}")
+        raise ModelFolderError(f"{where}: missing field {key!r}")
     value = cfg[key]
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise CheckpointError(f"{where}: field {key!r} has the wrong type ({value!r})")
+        raise ModelFolderError(f"{where}: field {key!r} has the wrong type ({value!r})")
     return value
 
 
@@ -92,7 +93,7 @@ def config_from_official(
         tensors: The checkpoint's tensors, to read adapter ranks and the position-table size.
 
     Raises:
-        CheckpointError: a missing or ill-typed field, or a feature Qwen2 cannot express.
+        ModelFolderError: a missing or ill-typed field, or a feature Qwen2 cannot express.
     """
     tensors = tensors or {}
     g = {**OFFICIAL_DEFAULTS, **cfg}
@@ -100,31 +101,31 @@ def config_from_official(
         _field(g, key, where, int)
     visual = cfg.get("visual")
     if not isinstance(visual, dict):
-        raise CheckpointError(f"{where}: missing field 'visual' (the vision tower's settings)")
+        raise ModelFolderError(f"{where}: missing field 'visual' (the vision tower's settings)")
     for key in VISUAL_REQUIRED:
         _field(visual, key, f"{where} (visual)", (int, float, list) if key == "image_size" else (int, float))
     hidden, heads = g["hidden_size"], g["num_attention_heads"]
     if g["kv_channels"] * heads != hidden:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{where}: kv_channels ({g['kv_channels']}) x num_attention_heads ({heads}) != hidden_size ({hidden})"
         )
     if float(g["rotary_pct"]) != 1.0:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{where}: rotary_pct {g['rotary_pct']} is not supported (only 1.0, rotary on the whole head)"
         )
     if not g["no_bias"]:
-        raise CheckpointError(f"{where}: no_bias=false (biases on c_proj/w1/w2) is not supported by the Qwen2 layout")
+        raise ModelFolderError(f"{where}: no_bias=false (biases on c_proj/w1/w2) is not supported by the Qwen2 layout")
     if g["intermediate_size"] % 2:
-        raise CheckpointError(f"{where}: intermediate_size {g['intermediate_size']} must be even (it holds w1 + w2)")
+        raise ModelFolderError(f"{where}: intermediate_size {g['intermediate_size']} must be even (it holds w1 + w2)")
 
     model_type = cfg.get("model_type") or ("monkey" if "lora_repeat_num" in visual else "qwen")
     size = visual["image_size"]
     side = size if isinstance(size, (int, float)) else size[0]
     if isinstance(size, list) and (len(size) != 2 or size[0] != size[1]):
-        raise CheckpointError(f"{where}: visual.image_size {size} must be square")
+        raise ModelFolderError(f"{where}: visual.image_size {size} must be square")
     if model_type == "monkey":
         if side % WINDOW:
-            raise CheckpointError(f"{where}: visual.image_size {side} is not a multiple of the {WINDOW}-pixel windows")
+            raise ModelFolderError(f"{where}: visual.image_size {side} is not a multiple of the {WINDOW}-pixel windows")
         n = int(side) // WINDOW
         image = ImageConfig(grid=[n, n], window_size=WINDOW, global_view=True, resize_mode="stretch")
         slots = int(visual.get("lora_repeat_num", 4))
@@ -175,9 +176,19 @@ def config_from_official(
     try:
         model_cfg.validate()
     except ValueError as e:
-        raise CheckpointError(f"{where}: {e}") from None
+        raise ModelFolderError(f"{where}: {e}") from None
     compat = CompatConfig(int(g["seq_length"]), bool(g["use_dynamic_ntk"]), bool(g["use_logn_attn"]))
     return model_cfg, compat
+
+
+def official_config(directory: str | Path) -> ModelConfig:
+    """The model configuration of an official folder, from its ``config.json`` alone (no weights).
+
+    The adapter ranks and the position-table size, which the official config does not state,
+    take the official defaults (ranks 16 and 32, a 16x16 table).
+    """
+    path = Path(directory) / MODEL_CONFIG_FILE
+    return config_from_official(read_json_object(path), str(path))[0]
 
 
 def load_official(directory: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
@@ -189,21 +200,18 @@ def load_official(directory: str | Path, dtype: torch.dtype | None = None, devic
         and ``chat_format`` (``chatml`` for chat checkpoints, from ``generation_config.json``).
 
     Raises:
-        CheckpointError: bad config, unsafe pickle, or missing/unexpected weights (named).
+        ModelFolderError: bad config, unsafe pickle, or missing/unexpected weights (named).
     """
-    from monkeytune.model import build_model
-
     directory = Path(directory)
-    cfg = read_json_object(directory / CONFIG_FILE)
+    cfg = read_json_object(directory / MODEL_CONFIG_FILE)
     tensors = dict(iter_tensors(directory, device))
-    model_cfg, compat = config_from_official(cfg, str(directory / CONFIG_FILE), tensors)
-    check_size(model_cfg, directory / CONFIG_FILE)
+    model_cfg, compat = config_from_official(cfg, str(directory / MODEL_CONFIG_FILE), tensors)
+    check_size(model_cfg, directory / MODEL_CONFIG_FILE)
     try:
         ours = from_official(tensors, model_cfg, str(directory))
     except NameMapError as e:
-        raise CheckpointError(str(e)) from None
-    with torch.device("meta"):
-        model = build_model(model_cfg)
+        raise ModelFolderError(str(e)) from None
+    model = build_on_meta(model_cfg)
     tied = {"llm.lm_head.weight": "llm.model.embed_tokens.weight"} if model_cfg.llm.tie_word_embeddings else {}
     if tied and "lm_head.weight" not in tensors:
         ours.pop("llm.lm_head.weight", None)
@@ -361,7 +369,7 @@ def export_official(
     def write_json(name: str, data: dict[str, Any]) -> None:
         (directory / name).write_text(json.dumps(data, indent=2) + "\n")
 
-    write_json(CONFIG_FILE, config)
+    write_json(MODEL_CONFIG_FILE, config)
     if "official_generation_config" in meta:
         write_json("generation_config.json", meta["official_generation_config"])
     if tokenizer is not None:

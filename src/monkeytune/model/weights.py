@@ -24,8 +24,12 @@ WEIGHTS_NAME = "model.safetensors"
 DEFAULT_SHARD_BYTES = 4 * 2**30
 
 
-class CheckpointError(ValueError):
-    """A checkpoint folder or weights file is malformed; the message names the file and keys."""
+class ModelFolderError(ValueError):
+    """A model folder or weights file is malformed; the message names the file and keys.
+
+    (A resumable training checkpoint that cannot be used is a different failure:
+    :class:`monkeytune.train.checkpoint.CheckpointError`.)
+    """
 
 
 # ----------------------------------------------------------------------------- tensor files
@@ -80,13 +84,13 @@ def open_safetensors(path: str | Path, device: str | torch.device = "cpu"):
     """``safe_open`` whose failures on a truncated or corrupt file name the file in one line.
 
     Raises:
-        CheckpointError: the header or the data cannot be read.
+        ModelFolderError: the header or the data cannot be read.
     """
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             yield f
     except SafetensorError as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
+        raise ModelFolderError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None
 
 
 def name_list(names, limit: int = 12) -> str:
@@ -187,13 +191,13 @@ def _load_bin(path: Path) -> dict[str, torch.Tensor]:
             # Files in the legacy (non-zip) format cannot be memory-mapped.
             data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(
+        raise ModelFolderError(
             f"{path}: refusing to load: the pickle asks to run code or build objects other than "
             f"tensors ({_pickle_reason(e)}). Only plain state dicts are accepted; convert "
             "the file to safetensors with a trusted tool if you trust its origin."
         ) from None
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
+        raise ModelFolderError(f"{path}: expected a dict of tensors, got {type(data).__name__}")
     return data
 
 
@@ -203,7 +207,7 @@ def weight_files(directory: str | Path) -> list[Path]:
     A ``*.index.json`` (transformers' sharding index) decides the shard list when present.
 
     Raises:
-        CheckpointError: when the folder has no weights, or an index names a missing shard.
+        ModelFolderError: when the folder has no weights, or an index names a missing shard.
     """
     directory = Path(directory)
     for index_name, single in (
@@ -215,18 +219,18 @@ def weight_files(directory: str | Path) -> list[Path]:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid weights index ({e})") from None
+                raise ModelFolderError(f"{index}: not a valid weights index ({e})") from None
             files = [directory / f for f in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
-                raise CheckpointError(f"{index} names shards that are missing: {name_list(missing)}")
+                raise ModelFolderError(f"{index} names shards that are missing: {name_list(missing)}")
             return files
         if (directory / single).is_file():
             return [directory / single]
     others = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("pytorch_model*.bin"))
     if others:
         return others
-    raise CheckpointError(
+    raise ModelFolderError(
         f"no weights in {directory}: looked for model.safetensors, pytorch_model.bin and their "
         "sharded forms (*.index.json)"
     )
@@ -241,13 +245,13 @@ def iter_tensors(directory: str | Path, device: str | torch.device = "cpu") -> I
                 items = ((k, f.get_tensor(k)) for k in f.keys())
                 for name, t in items:
                     if name in seen:
-                        raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {path}")
+                        raise ModelFolderError(f"tensor {name!r} is in both {seen[name]} and {path}")
                     seen[name] = path
                     yield name, t
         else:
             for name, t in _load_bin(path).items():
                 if name in seen:
-                    raise CheckpointError(f"tensor {name!r} is in both {seen[name]} and {path}")
+                    raise ModelFolderError(f"tensor {name!r} is in both {seen[name]} and {path}")
                 seen[name] = path
                 yield name, t.to(device)
 
@@ -288,7 +292,7 @@ def assign_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where:
     """Load ``tensors`` into ``model`` by assignment, checking names and shapes first.
 
     Raises:
-        CheckpointError: naming missing, unexpected and wrongly shaped keys (``where`` names the source).
+        ModelFolderError: naming missing, unexpected and wrongly shaped keys (``where`` names the source).
     """
     expected = model.state_dict()
     missing = sorted(set(expected) - set(tensors) - set(allow_missing))
@@ -306,7 +310,7 @@ def assign_state_dict(model: nn.Module, tensors: dict[str, torch.Tensor], where:
     if bad_shape:
         problems.append(f"shape mismatches: {name_list(bad_shape)}")
     if problems:
-        raise CheckpointError(f"{where}: " + "; ".join(problems))
+        raise ModelFolderError(f"{where}: " + "; ".join(problems))
     model.load_state_dict(tensors, strict=False, assign=True)
 
 
@@ -325,4 +329,4 @@ def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
             llm.model.rotary_emb = type(rotary)(config=llm.config).to(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise CheckpointError(f"tensors were not loaded from the checkpoint: {name_list(left)}")
+        raise ModelFolderError(f"tensors were not loaded from the checkpoint: {name_list(left)}")

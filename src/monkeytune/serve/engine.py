@@ -148,7 +148,7 @@ class ChatEngine:
             **kwargs: Passed to the constructor.
 
         Raises:
-            CheckpointError: the folder is not a loadable model or has no tokenizer.
+            ModelFolderError: the folder is not a loadable model or has no tokenizer.
         """
         from monkeytune.generate import load_for_inference
 

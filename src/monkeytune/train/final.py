@@ -70,7 +70,7 @@ def rebuild_from_state(config, state: dict[str, torch.Tensor], plan) -> nn.Modul
         plan: The ``TrainPlan`` in force (gives LoRA structure and trainable flags).
     """
     from monkeytune.model import build_model
-    from monkeytune.model.io import assign_state_dict, materialize_buffers
+    from monkeytune.model.weights import assign_state_dict, materialize_buffers
     from monkeytune.policy import apply_plan, canonical_name, component_of, prepare_model
 
     # The base weights first, under their bare names (peft adds prefixes and `base_layer`) ...

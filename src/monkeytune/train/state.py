@@ -21,7 +21,8 @@ from monkeytune.train.fingerprint import save_fingerprint
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
-CONFIG_FILE = "config.yaml"
+# The run configuration a run folder and each checkpoint hold (a model folder has MODEL_CONFIG_FILE).
+RUN_CONFIG_FILE = "config.yaml"
 
 # Changing these changes the model or the sample order, so the saved position, weights or
 # trajectory would no longer belong to the run: refused unless the change is declared as meant.
@@ -99,7 +100,7 @@ def write_checkpoint(
         save_torch(scheduler.state_dict(), folder / "scheduler.pt")
         if accelerator.scaler is not None:
             save_torch(accelerator.scaler.state_dict(), folder / "scaler.pt")
-        cfg.save(folder / CONFIG_FILE)
+        cfg.save(folder / RUN_CONFIG_FILE)
         save_fingerprint(folder, fingerprint)
         write_state(folder, state)
     save_rng(folder, accelerator.process_index)
@@ -147,7 +148,7 @@ def resume_differences(folder: Path, cfg: TrainConfig, fingerprint: dict[str, An
     """
     from monkeytune.train.fingerprint import fingerprint_differences, load_fingerprint
 
-    path = folder / CONFIG_FILE
+    path = folder / RUN_CONFIG_FILE
     try:
         saved = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
     except (OSError, yaml.YAMLError, AttributeError) as e:
