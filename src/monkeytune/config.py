@@ -45,7 +45,9 @@ class VisionConfig:
             resampler emits tokens of norm ~16; visual tokens that dwarf the updates the LLM
             layers add to them make the fresh LLM much slower to learn to tell them apart (the
             embedded demo uses 0.2).
-        gradient_checkpointing: Recompute ViT blocks in backward to save activation memory.
+
+    Whether the ViT blocks are recomputed in backward is a training setting, not part of the
+    model (``train.gradient_checkpointing``; ``VisionTower.gradient_checkpointing``).
     """
 
     patch_size: int = 14
@@ -63,7 +65,6 @@ class VisionConfig:
     lora_dropout: float = 0.05
     layer_norm_eps: float = 1e-6
     output_scale: float = 1.0
-    gradient_checkpointing: bool = False
 
     @property
     def mlp_width(self) -> int:
@@ -121,7 +122,10 @@ class ImageConfig:
 
 @dataclass
 class LLMConfig:
-    """Causal LM sizes (a transformers ``Qwen2ForCausalLM`` in the Qwen-7B layout by default)."""
+    """Causal LM sizes (a transformers ``Qwen2ForCausalLM`` in the Qwen-7B layout by default).
+
+    Activation checkpointing is a training setting (``train.gradient_checkpointing``), not stored.
+    """
 
     hidden_size: int = 4096
     num_layers: int = 32
@@ -133,7 +137,6 @@ class LLMConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
-    gradient_checkpointing: bool = False
 
 
 # Sizes a config.json may state, with their smallest sensible values (anything smaller builds a
@@ -143,6 +146,9 @@ _MIN_VISION = {"patch_size": 1, "width": 1, "layers": 0, "heads": 1, "pos_grid":
 _MIN_LLM = {"hidden_size": 1, "num_layers": 0, "num_heads": 1, "num_kv_heads": 1, "intermediate_size": 1,
             "vocab_size": 1, "max_position_embeddings": 1}
 _SECTION_NAME = {VisionConfig: "vision", ImageConfig: "image", LLMConfig: "llm"}
+# Runtime flags that folders saved before they became training settings still carry in their
+# model config; they never changed the weights, so they are dropped on reading.
+_RUNTIME_KEYS = {"gradient_checkpointing"}
 
 
 @dataclass
@@ -255,11 +261,13 @@ class ModelConfig:
         for key, value in data.items():
             if key in sections:
                 section_cls = sections[key]
+                if not isinstance(value, dict):
+                    raise ValueError(f"model config section {key!r} must be a mapping, got {type(value).__name__}")
                 allowed = {f.name for f in dataclasses.fields(section_cls)}
-                bad = set(value) - allowed
+                bad = set(value) - allowed - _RUNTIME_KEYS
                 if bad:
                     raise ValueError(f"unknown keys in model config section {key!r}: {sorted(bad)}")
-                kwargs[key] = section_cls(**value)
+                kwargs[key] = section_cls(**{k: v for k, v in value.items() if k in allowed})
             else:
                 kwargs[key] = value
         return cls(**kwargs)
@@ -329,7 +337,7 @@ def _mid() -> ModelConfig:
     )
 
 
-PRESETS = {
+MODEL_PRESETS = {
     "monkey-7b": _monkey_7b,
     "qwen-vl-7b": _qwen_vl_7b,
     "tiny": _tiny,
@@ -340,9 +348,9 @@ PRESETS = {
 def get_config(name: str) -> ModelConfig:
     """Return a fresh copy of a named configuration (``tiny``, ``mid``, ``monkey-7b``, ``qwen-vl-7b``)."""
     try:
-        return PRESETS[name]()
+        return MODEL_PRESETS[name]()
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}") from None
 
 
 # Keys of the ``model`` section of a training config (see ``monkeytune.train.config``).

@@ -52,13 +52,13 @@ def _load_config(spec: str) -> tuple[Any, Any]:
     does. Of a training ``policy`` section only the plan (``preset``, ``rules``, ``lora``) is
     used: learning rates and unfreezing stages do not change what trains at the start.
     """
-    from monkeytune.config import PRESETS, config_from_section, get_config  # noqa: PLC0415
+    from monkeytune.config import MODEL_PRESETS, config_from_section, get_config  # noqa: PLC0415
 
     path = Path(spec)
-    if spec in PRESETS and not path.is_file():
+    if spec in MODEL_PRESETS and not path.is_file():
         return get_config(spec), None
     if not path.is_file():
-        raise ValueError(f"--config {spec!r} is neither a model preset ({', '.join(sorted(PRESETS))}) nor a file")
+        raise ValueError(f"--config {spec!r} is neither a model preset ({', '.join(sorted(MODEL_PRESETS))}) nor a file")
     text = path.read_text()
     try:
         if path.suffix == ".json":
@@ -93,7 +93,7 @@ def run(args: argparse.Namespace) -> int:
 
     from monkeytune.model import build_model  # noqa: PLC0415
     from monkeytune.model.io import folder_config  # noqa: PLC0415
-    from monkeytune.policy import PRESETS as POLICY_PRESETS  # noqa: PLC0415
+    from monkeytune.policy import POLICY_PRESETS  # noqa: PLC0415
     from monkeytune.policy import PlanError, TrainPlan, plan_report  # noqa: PLC0415
 
     if (args.model is None) == (args.config is None):

@@ -11,7 +11,7 @@ from monkeytune.data.records import DataError, ImageRef, Sample, Turn
 from monkeytune.data.skipping import DEFAULT_MAX_SKIP_FRACTION, SkipBadSamples
 from monkeytune.data.templates import (
     IGNORE_INDEX,
-    TEMPLATES,
+    CONVERSATION_TEMPLATES,
     Encoded,
     build_prompt,
     encode_conversation,
@@ -24,7 +24,7 @@ __all__ = [
     "FORMAT_CHOICES",
     "IGNORE_INDEX",
     "MODEL_KEYS",
-    "TEMPLATES",
+    "CONVERSATION_TEMPLATES",
     "Collator",
     "ConversationDataset",
     "DataError",

@@ -24,10 +24,10 @@ from typing import Sequence
 
 import yaml
 
-from monkeytune.config import PRESETS, ModelConfig, config_from_section, get_config
+from monkeytune.config import MODEL_PRESETS, ModelConfig, config_from_section, get_config
 from monkeytune.data.dataset import ConversationDataset
 from monkeytune.data.records import TOO_LONG, DataError
-from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, TEMPLATES
+from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES
 from monkeytune.tokenizer.base import Tokenizer
 
 BYTES_PER_TOKEN_ESTIMATE = 3
@@ -175,8 +175,8 @@ def check_dataset(
     Returns:
         A :class:`Report`; ``report.ok`` is false when any error was found.
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    if template not in CONVERSATION_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     estimated = tokenizer is None
     tok: Tokenizer = LengthEstimator() if tokenizer is None else tokenizer
@@ -278,14 +278,14 @@ def resolve_check_settings(spec: str | None) -> CheckSettings:
     """
     if spec is None:
         return CheckSettings(get_config("monkey-7b"))
-    if spec in PRESETS:
+    if spec in MODEL_PRESETS:
         return CheckSettings(get_config(spec))
     p = Path(spec)
     if p.is_dir():
         return _model_folder_settings(p)
     if not p.is_file():
         raise ValueError(
-            f"--config {spec!r} is neither a preset ({', '.join(sorted(PRESETS))}), a model folder nor a file"
+            f"--config {spec!r} is neither a preset ({', '.join(sorted(MODEL_PRESETS))}), a model folder nor a file"
         )
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8"))

@@ -40,7 +40,7 @@ from monkeytune.data.records import (
     ImageRef,
     Sample,
 )
-from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, TEMPLATES, Encoded, render
+from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES, Encoded, render
 from monkeytune.tokenizer.base import Tokenizer
 from monkeytune.vision.image import ImageLoadError
 
@@ -174,8 +174,8 @@ class ConversationDataset(Dataset):
         allow_empty_answers: bool = False,
         strict: bool = True,
     ):
-        if template not in TEMPLATES:
-            raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+        if template not in CONVERSATION_TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
         for name in ("image_start_id", "image_end_id", "image_pad_id"):
             if getattr(tokenizer, name) != getattr(model_cfg, name):
                 raise ValueError(

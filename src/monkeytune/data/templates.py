@@ -32,10 +32,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, ImageRef, Part, Turn
+from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
 from monkeytune.tokenizer.base import Tokenizer
 
-IGNORE_INDEX = -100
-TEMPLATES = ("monkey", "chatml")
+CONVERSATION_TEMPLATES = ("monkey", "chatml")
 DEFAULT_SYSTEM = "You are a helpful assistant."
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
@@ -185,8 +185,8 @@ def render(
     Returns:
         :class:`Encoded`: ``input_ids`` and ``labels`` ``[L]``, images and exchange boundaries.
     """
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown template {template!r}; choose one of {TEMPLATES}")
+    if template not in CONVERSATION_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
     b = _Builder(tokenizer, tokens_per_image)
     if template == "monkey":
         if system is not None:

@@ -47,10 +47,7 @@ def build_llm(cfg: LLMConfig) -> Qwen2ForCausalLM:
         use_cache=True,
         attn_implementation="sdpa",
     )
-    llm = Qwen2ForCausalLM(hf_cfg)
-    if cfg.gradient_checkpointing:
-        enable_llm_checkpointing(llm)
-    return llm
+    return Qwen2ForCausalLM(hf_cfg)
 
 
 def enable_llm_checkpointing(llm: nn.Module) -> None:

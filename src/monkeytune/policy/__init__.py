@@ -22,13 +22,13 @@ from monkeytune.policy.plan import (
     resolve_plan,
     trainable_names,
 )
-from monkeytune.policy.presets import DEFAULT_LLM_LORA, PRESETS, Preset, get_preset, qlora_unavailable_reason
+from monkeytune.policy.presets import DEFAULT_LLM_LORA, POLICY_PRESETS, Preset, get_preset, qlora_unavailable_reason
 from monkeytune.policy.report import ComponentRow, PlanReport, plan_report
 from monkeytune.policy.rules import PlanError, Rule, glob_to_regex, parse_rule, parse_rules
 from monkeytune.policy.unfreeze import Stage, StageChange, StageState, UnfreezeSchedule, apply_stage, rewrap_ddp
 
 __all__ = [
-    "ALIASES", "COMPONENTS", "DEFAULT_LLM_LORA", "DEFAULT_NO_DECAY", "PRESETS", "PRESET_DEFAULT",
+    "ALIASES", "COMPONENTS", "DEFAULT_LLM_LORA", "DEFAULT_NO_DECAY", "POLICY_PRESETS", "PRESET_DEFAULT",
     "ComponentRow", "Decision", "PlanError", "PlanReport", "Preset", "Rule", "Stage", "StageChange",
     "StageState", "TrainPlan", "UnfreezeSchedule", "apply_plan", "apply_stage", "build_param_groups",
     "canonical_name", "check_trainable_consistent", "component_of", "get_preset", "glob_to_regex",

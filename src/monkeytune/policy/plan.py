@@ -25,7 +25,7 @@ class TrainPlan:
     """Which parameters train: a preset's default set, then rules applied in order.
 
     Attributes:
-        preset: Name of a preset in :data:`~monkeytune.policy.presets.PRESETS`.
+        preset: Name of a preset in :data:`~monkeytune.policy.presets.POLICY_PRESETS`.
         rules: Ordered rules; the last rule matching a parameter decides it.
         lora: Options of the peft LoRA added by the ``llm-lora``/``llm-qlora`` presets.
         source: Where the plan came from, prefixed to error locations.

@@ -54,7 +54,7 @@ class Preset:
 
 
 _LLM_ALL = ("llm_layers", "embeddings", "lm_head", "final_norm", "llm_lora")
-PRESETS: dict[str, Preset] = {
+POLICY_PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("monkey", "ViT base frozen; per-window LoRA, resampler and LLM trainable",
@@ -75,9 +75,9 @@ PRESETS: dict[str, Preset] = {
 def get_preset(name: str) -> Preset:
     """Look a preset up by name, with the list of valid names in the error."""
     try:
-        return PRESETS[name]
+        return POLICY_PRESETS[name]
     except KeyError:
-        raise PlanError(f"unknown policy preset {name!r}; choose one of {sorted(PRESETS)}") from None
+        raise PlanError(f"unknown policy preset {name!r}; choose one of {sorted(POLICY_PRESETS)}") from None
 
 
 def has_llm_lora(model: nn.Module) -> bool:

@@ -28,7 +28,8 @@ from typing import Any
 
 import yaml
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+from monkeytune.memory import PRECISIONS
+
 LOSS_NORMS = ("per_token", "per_sample")
 SCHEDULERS = ("cosine", "linear", "constant")
 PADDINGS = ("dynamic", "max_length")
@@ -289,14 +290,14 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
             f"{origin}: model needs exactly one of preset, config or from; got {given or 'none'}"
         )
     if m.preset:
-        from monkeytune.config import PRESETS
+        from monkeytune.config import MODEL_PRESETS
 
         # Caught here, before the engine is built or the configuration printed.
-        if m.preset not in PRESETS:
-            close = difflib.get_close_matches(m.preset, list(PRESETS), n=1)
+        if m.preset not in MODEL_PRESETS:
+            close = difflib.get_close_matches(m.preset, list(MODEL_PRESETS), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise ConfigError(f"{origin}: model.preset: unknown preset {m.preset!r}{hint}; "
-                              f"known: {', '.join(sorted(PRESETS))}")
+                              f"known: {', '.join(sorted(MODEL_PRESETS))}")
     if m.config:
         from monkeytune.config import ModelConfig
 
@@ -316,7 +317,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"{origin}: data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler", origin)
-    _choice(cfg.train.precision, PRECISIONS, "train.precision", origin)
+    _choice(cfg.train.precision, tuple(PRECISIONS), "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
     _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)
     _choice(cfg.log.tensorboard, ("auto", "true", "false"), "log.tensorboard", origin)

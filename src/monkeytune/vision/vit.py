@@ -118,7 +118,8 @@ class VisionTower(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(cfg.pos_grid**2, cfg.width) * cfg.width**-0.5)
         self.ln_pre = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
-        self.gradient_checkpointing = cfg.gradient_checkpointing
+        # A training setting (train.gradient_checkpointing), switched on by the trainer.
+        self.gradient_checkpointing = False
 
     def forward(self, pixel_values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Encode views.
