@@ -60,8 +60,8 @@ def test_models_have_the_demo_layouts(demo):
     single, _ = load_model(models / "baseline")
     assert monkey.config.image.grid == [2, 2] and monkey.config.tokens_per_image == 5 * 4
     assert single.config.image.grid == [0, 0] and single.config.tokens_per_image == 4
-    assert demo_model_config((2, 2))["vision"]["lora_slots"] == 4
-    assert demo_model_config((0, 0))["vision"]["lora_slots"] == 0
+    assert demo_model_config((2, 2)).vision.lora_slots == 4
+    assert demo_model_config((0, 0)).vision.lora_slots == 0
     # Every folder records the data's prompt layout, so chat, serve and eval use it unasked.
     for name in STAGES:
         model, _ = load_model(models / name)

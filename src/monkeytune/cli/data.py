@@ -85,33 +85,15 @@ def _format_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from monkeytune.data.check import check_dataset, resolve_check_settings
-
-    def pick(given, from_config, default):
-        if given is not None:
-            return given
-        return default if from_config is None else from_config
+    from monkeytune.data.check import check_with_settings, read_check_settings
 
     try:
-        settings = resolve_check_settings(args.config)
-        tokenizer = None
-        tokenizer_dir = pick(args.tokenizer, settings.tokenizer_dir, None)
-        if tokenizer_dir is not None:
-            from monkeytune.tokenizer.loading import load_tokenizer
-
-            tokenizer = load_tokenizer(tokenizer_dir)
-        report = check_dataset(
-            args.files,
-            settings.for_tokenizer(tokenizer),
-            tokenizer=tokenizer,
-            max_length=int(pick(args.max_length, settings.max_length, 2048)),
-            template=pick(args.template, settings.template, "monkey"),
-            truncate_turns=bool(pick(args.truncate_turns, settings.truncate_turns, False)),
-            decode_images=not args.no_decode,
-            format=pick(args.format, settings.format, "auto"),
-            image_root=pick(args.image_root, settings.image_root, None),
-            allow_empty_answers=bool(pick(args.allow_empty_answers, settings.allow_empty_answers, False)),
+        settings = read_check_settings(
+            args.config, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length,
+            truncate_turns=args.truncate_turns, format=args.format, image_root=args.image_root,
+            allow_empty_answers=args.allow_empty_answers,
         )
+        report = check_with_settings(args.files, settings, decode_images=not args.no_decode)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2

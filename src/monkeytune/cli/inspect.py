@@ -1,7 +1,6 @@
 """``monkeytune inspect``: what a training plan trains, and the memory it needs per GPU.
 
-The model is built on the meta device, so even ``monkey-7b`` is inspected in a second without
-allocating its weights.
+Argument parsing only; the work is :mod:`monkeytune.inspection`.
 """
 
 from __future__ import annotations
@@ -9,10 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-from typing import Any
 
-from monkeytune.memory import PRECISIONS, estimate_all, format_memory, summarize
+from monkeytune.memory import PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -43,103 +40,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _load_config(spec: str) -> tuple[Any, Any]:
-    """Return ``(ModelConfig, policy data or None)`` for a preset name or a config file.
-
-    The file is a model config (the whole file or its ``model`` key) or a training config, whose
-    ``model`` section may be ``{preset: ...}``, ``{config: ...}`` or ``{from: FOLDER}``. For the
-    first two, a ``tokenizer`` folder sets the image token ids and the vocabulary, as training
-    does. Of a training ``policy`` section only the plan (``preset``, ``rules``, ``lora``) is
-    used: learning rates and unfreezing stages do not change what trains at the start.
-    """
-    from monkeytune.config import MODEL_PRESETS, config_from_section, get_config  # noqa: PLC0415
-
-    path = Path(spec)
-    if spec in MODEL_PRESETS and not path.is_file():
-        return get_config(spec), None
-    if not path.is_file():
-        raise ValueError(f"--config {spec!r} is neither a model preset ({', '.join(sorted(MODEL_PRESETS))}) nor a file")
-    text = path.read_text()
-    try:
-        if path.suffix == ".json":
-            data = json.loads(text)
-        else:
-            import yaml  # noqa: PLC0415
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # yaml and json raise different types; both mean a malformed file
-        raise ValueError(f"{path}: cannot parse: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
-    policy = data.get("policy")
-    if isinstance(policy, dict):
-        policy = {k: v for k, v in policy.items() if k in ("preset", "rules", "lora")}
-    model = data["model"] if "model" in data else {k: v for k, v in data.items() if k != "policy"}
-    try:
-        cfg = config_from_section(model, f"{path}: model config")
-        if isinstance(model, dict) and model.get("tokenizer") and "from" not in model:
-            from monkeytune.tokenizer.loading import load_tokenizer  # noqa: PLC0415
-
-            cfg = cfg.matched_to_tokenizer(load_tokenizer(model["tokenizer"]))
-        cfg.validate()
-    except ValueError as exc:
-        message = str(exc)
-        raise ValueError(message if message.startswith(str(path)) else f"{path}: model config: {message}") from None
-    return cfg, policy
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch  # noqa: PLC0415
-
-    from monkeytune.model import build_model  # noqa: PLC0415
-    from monkeytune.model.io import folder_config  # noqa: PLC0415
-    from monkeytune.policy import POLICY_PRESETS  # noqa: PLC0415
-    from monkeytune.policy import PlanError, TrainPlan, plan_report  # noqa: PLC0415
+    from monkeytune.inspection import choose_plan, inspect_plan, read_inspect_config  # noqa: PLC0415
+    from monkeytune.model.spec import ModelSpec  # noqa: PLC0415
+    from monkeytune.policy import PlanError  # noqa: PLC0415
 
     if (args.model is None) == (args.config is None):
         print("error: give exactly one of --config and --model", file=sys.stderr)
         return 2
-    if min(args.gpus, args.batch_size, args.seq_len) < 1 or args.images_per_sample < 0:
-        print("error: --gpus, --batch-size and --seq-len must be >= 1, --images-per-sample >= 0", file=sys.stderr)
-        return 2
     try:
         if args.model is not None:
-            cfg, file_policy = folder_config(args.model), None
+            spec, file_policy = ModelSpec(from_dir=args.model), None
         else:
-            cfg, file_policy = _load_config(args.config)
-        if args.policy is None:
-            plan = TrainPlan.from_config(file_policy, source=f"{args.config}: policy")
-        elif args.policy in POLICY_PRESETS:
-            plan = TrainPlan(args.policy)
-        elif Path(args.policy).is_file():
-            plan = TrainPlan.from_file(args.policy)
-        else:
-            raise PlanError(f"--policy {args.policy!r} is neither a preset ({', '.join(POLICY_PRESETS)}) nor a file")
-        if args.rule:
-            plan = plan.with_rules(args.rule, where="--rule")
-        with torch.device("meta"):
-            model = build_model(cfg)
-            report = plan_report(model, plan)
+            spec, file_policy = read_inspect_config(args.config)
+        plan = choose_plan(args.policy, file_policy, args.rule, where=str(args.config))
+        precisions = tuple(PRECISIONS) if args.precision == "all" else (args.precision,)
+        result = inspect_plan(spec, plan, args.gpus, args.batch_size, args.seq_len, args.images_per_sample, precisions)
     except (PlanError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = summarize(report.decisions, cfg)
-    precisions = tuple(PRECISIONS) if args.precision == "all" else (args.precision,)
-    estimates = estimate_all(summary, cfg, args.gpus, args.batch_size, args.seq_len, args.images_per_sample, precisions)
     if args.json:
-        out = {
-            "config": cfg.name,
-            "policy": report.to_dict(verbose=args.verbose),
-            "memory": {
-                "gpus": args.gpus, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "images_per_sample": args.images_per_sample, "unit": "bytes",
-                "estimates": [e.to_dict() for e in estimates],
-            },
-        }
-        print(json.dumps(out, indent=2))
+        print(json.dumps(result.to_dict(verbose=args.verbose), indent=2))
     else:
-        print(f"model: {cfg.name}")
-        print(report.to_text(verbose=args.verbose))
-        print()
-        print(format_memory(estimates, args.batch_size, args.seq_len))
+        print(result.to_text(verbose=args.verbose))
     return 0

@@ -79,18 +79,12 @@ def run(args: argparse.Namespace) -> int:
 
     import logging
 
-    from monkeytune.data.records import DataError
-    from monkeytune.model.io import ModelFolderError
-    from monkeytune.policy import PlanError
-    from monkeytune.train.checkpoint import CheckpointError
-    from monkeytune.train.engine import EngineError
-    from monkeytune.train.loop import TrainingError, train
-    from monkeytune.train.setup import SetupError
+    from monkeytune.train import INPUT_ERRORS, TrainingError, train
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(cfg, resume=resume, accept_changes=accept_changes)
-    except (SetupError, EngineError, PlanError, CheckpointError, ModelFolderError, DataError, FileNotFoundError) as e:
+    except INPUT_ERRORS as e:
         print(f"monkeytune train: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -24,10 +24,11 @@ from typing import Sequence
 
 import yaml
 
-from monkeytune.config import MODEL_PRESETS, ModelConfig, config_from_section, get_config
+from monkeytune.config import MODEL_PRESETS, ModelConfig
 from monkeytune.data.dataset import ConversationDataset
 from monkeytune.data.records import TOO_LONG, DataError
-from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES
+from monkeytune.data.templates import CONVERSATION_TEMPLATES, IGNORE_INDEX, IM_END, IM_START
+from monkeytune.model.spec import ModelSpec, ModelSpecError, resolve_model
 from monkeytune.tokenizer.base import Tokenizer
 
 BYTES_PER_TOKEN_ESTIMATE = 3
@@ -226,91 +227,83 @@ def check_dataset(
     return report
 
 
+# Defaults of the data settings when neither the command line nor a training config gives them.
+CHECK_DEFAULTS = {"template": "monkey", "max_length": 2048, "truncate_turns": False, "format": "auto",
+                  "image_root": None, "allow_empty_answers": False}
+DEFAULT_MODEL = "monkey-7b"
+
+
 @dataclass
 class CheckSettings:
-    """What a ``--config`` value says about checking; ``None`` fields were not given there.
+    """What to check against: the model (a spec, resolved like training resolves it) and the
+    data settings of :func:`check_dataset`."""
 
-    ``fixed_ids`` is true for a model folder, whose image token ids are part of its weights; a
-    preset or inline config takes its ids and vocabulary from the run's tokenizer, as training
-    does (see :meth:`for_tokenizer`).
-    """
-
-    model_cfg: ModelConfig
-    tokenizer_dir: str | None = None
-    template: str | None = None
-    max_length: int | None = None
-    truncate_turns: bool | None = None
-    fixed_ids: bool = False
-    format: str | None = None
+    model: ModelSpec
+    template: str = "monkey"
+    max_length: int = 2048
+    truncate_turns: bool = False
+    format: str = "auto"
     image_root: str | None = None
-    allow_empty_answers: bool | None = None
-
-    def for_tokenizer(self, tokenizer: Tokenizer | None) -> ModelConfig:
-        """The model config training would use with ``tokenizer``."""
-        if tokenizer is None or self.fixed_ids:
-            return self.model_cfg
-        return self.model_cfg.matched_to_tokenizer(tokenizer)
+    allow_empty_answers: bool = False
 
 
-def _model_folder_settings(folder: Path) -> CheckSettings:
-    from monkeytune.model.io import folder_config
+def read_check_settings(config: str | None, tokenizer: str | None = None, **given) -> CheckSettings:
+    """The settings a ``--config`` value and command-line values describe (given values win).
 
-    has_tok = any((folder / f).is_file() for f in ("qwen.tiktoken", "tokenizer.json"))
-    return CheckSettings(folder_config(folder), tokenizer_dir=str(folder) if has_tok else None, fixed_ids=True)
-
-
-def resolve_check_settings(spec: str | None) -> CheckSettings:
-    """Model config (and, for a training config, data settings) from a ``--config`` value.
-
-    ``spec`` is one of:
+    ``config`` is one of:
 
     * ``None``: the ``monkey-7b`` preset;
-    * a preset name (``tiny``, ``mid``, ``monkey-7b``, ``qwen-vl-7b``);
-    * a model folder (monkeytune or official): its config, and its tokenizer if it holds one;
+    * a preset name or a model folder (monkeytune or official; its tokenizer if it holds one);
     * a YAML file holding a model config mapping;
-    * a training config YAML: ``model: {preset: ...}``, ``{config: {...}}`` or
-      ``{from: folder}`` (plus ``tokenizer``), and ``data:`` ``template``, ``max_length``,
-      ``truncate_turns``, ``format``, ``image_root`` and ``allow_empty_answers``, used unless
-      given on the command line.
+    * a training config YAML: its ``model`` section, and ``data:`` ``template``, ``max_length``,
+      ``truncate_turns``, ``format``, ``image_root`` and ``allow_empty_answers``.
+
+    Args:
+        config: The ``--config`` value.
+        tokenizer: Tokenizer folder; overrides the config's.
+        **given: Values of :data:`CHECK_DEFAULTS`'s keys; None means not given.
 
     Raises:
         ValueError: unknown preset, unreadable file or invalid config, naming the file.
     """
-    if spec is None:
-        return CheckSettings(get_config("monkey-7b"))
-    if spec in MODEL_PRESETS:
-        return CheckSettings(get_config(spec))
-    p = Path(spec)
-    if p.is_dir():
-        return _model_folder_settings(p)
-    if not p.is_file():
-        raise ValueError(
-            f"--config {spec!r} is neither a preset ({', '.join(sorted(MODEL_PRESETS))}), a model folder nor a file"
-        )
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
-        raise ValueError(f"cannot read config {p}: {e}") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"config {p}: expected a mapping")
-    try:
-        if "model" not in data:
-            return CheckSettings(ModelConfig.from_dict(data))
-        model = data["model"]
-        if isinstance(model, dict) and model.get("from"):
-            settings = _model_folder_settings(Path(model["from"]))
-        else:
-            settings = CheckSettings(config_from_section(model))
-        if isinstance(model, dict) and model.get("tokenizer"):
-            settings.tokenizer_dir = str(model["tokenizer"])
-        section = data.get("data") or {}
-        if isinstance(section, dict):
-            settings.template = section.get("template")
-            settings.max_length = section.get("max_length")
-            settings.truncate_turns = section.get("truncate_turns")
-            settings.format = section.get("format")
-            settings.image_root = section.get("image_root")
-            settings.allow_empty_answers = section.get("allow_empty_answers")
-        return settings
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"config {p}: {e}") from e
+    data: dict = {}
+    if config is None or config in MODEL_PRESETS or Path(config).is_dir():
+        spec = ModelSpec.parse(config or DEFAULT_MODEL, "--config")
+    else:
+        p = Path(config)
+        if not p.is_file():
+            raise ValueError(f"--config {config!r} is neither a preset ({', '.join(sorted(MODEL_PRESETS))}), "
+                             "a model folder nor a file")
+        try:
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot read config {p}: {e}") from e
+        if not isinstance(data, dict):
+            raise ValueError(f"config {p}: expected a mapping")
+        try:
+            spec = ModelSpec.parse(data.get("model", data), f"config {p}: model")
+        except ModelSpecError as e:
+            raise ValueError(str(e)) from None
+        data = data.get("data") if "model" in data and isinstance(data.get("data"), dict) else {}
+    if tokenizer is not None:
+        spec = dataclasses.replace(spec, tokenizer=tokenizer)
+    values = {k: given.get(k) if given.get(k) is not None else data.get(k, default)
+              for k, default in CHECK_DEFAULTS.items()}
+    values = {k: CHECK_DEFAULTS[k] if v is None else v for k, v in values.items()}
+    return CheckSettings(spec, **values)
+
+
+def check_with_settings(files: Sequence[str | os.PathLike], settings: CheckSettings, decode_images: bool = True) -> Report:
+    """Resolve the settings' model (and tokenizer) and check ``files`` with them.
+
+    Without a tokenizer, text lengths are estimated (see the module doc).
+
+    Raises:
+        ValueError: the model spec does not resolve (a missing tokenizer folder included).
+    """
+    resolved = resolve_model(settings.model, "--config model")
+    return check_dataset(
+        files, resolved.config, tokenizer=resolved.tokenizer, max_length=int(settings.max_length),
+        template=settings.template, truncate_turns=bool(settings.truncate_turns), decode_images=decode_images,
+        format=settings.format, image_root=settings.image_root, allow_empty_answers=bool(settings.allow_empty_answers),
+    )

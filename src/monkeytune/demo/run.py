@@ -27,8 +27,9 @@ from typing import Any
 
 import torch
 
-from monkeytune.config import get_config
+from monkeytune.config import ModelConfig, get_config
 from monkeytune.demo.generator import PROMPT_TEMPLATE, DemoData, generate_dataset
+from monkeytune.model.spec import ModelSpec
 
 STAGES = ("baseline", "stage1", "stage2")
 LABELS = {
@@ -39,7 +40,7 @@ LABELS = {
 TARGETS = {"stage2_fine_min": 0.95, "baseline_fine_max": 0.60, "coarse_drop_max": 0.02, "wall_seconds_max": 600}
 
 
-def demo_model_config(grid: tuple[int, int] = (2, 2)) -> dict[str, Any]:
+def demo_model_config(grid: tuple[int, int] = (2, 2)) -> ModelConfig:
     """The demo model: the ``tiny`` vision tower on 112-pixel views and a wider, deeper tiny LLM.
 
     * 112-pixel views (a 224-pixel canvas for the 2x2 grid) cut into 28-pixel patches: 16
@@ -54,7 +55,8 @@ def demo_model_config(grid: tuple[int, int] = (2, 2)) -> dict[str, Any]:
       questions after 350 steps; scaled, it learns it within about 200.
 
     ``grid = (0, 0)`` gives the single-view baseline (no windows, hence no per-window adapters).
-    Vocabulary and image token ids are filled in from the tokenizer by the training engine.
+    Vocabulary and image token ids are taken from the tokenizer when training resolves the
+    model spec (:func:`monkeytune.model.spec.resolve_model`), and logged.
     """
     cfg = get_config("tiny")
     cfg.name = "demo" if tuple(grid) != (0, 0) else "demo-global-only"
@@ -71,7 +73,7 @@ def demo_model_config(grid: tuple[int, int] = (2, 2)) -> dict[str, Any]:
     cfg.vision.output_scale = 0.2
     if tuple(grid) == (0, 0):
         cfg.vision.lora_slots = 0
-    return cfg.to_dict()
+    return cfg
 
 
 @dataclass
@@ -136,13 +138,13 @@ class StageResult:
     predictions: list[dict] = field(default_factory=list)
 
 
-def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str,
+def _train_config(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str,
                   train_file: Path, steps: int, lr: float, component_lr: dict[str, float]) -> "Any":
     from monkeytune.train.config_load import load_config
 
     gpu = torch.cuda.is_available()
     raw = {
-        "model": {**model, "tokenizer": str(data.tokenizer), "init_seed": settings.seed},
+        "model": dataclasses.replace(model, tokenizer=str(data.tokenizer), init_seed=settings.seed),
         "data": {"train": [str(train_file)], "template": "monkey", "max_length": 256},
         "policy": {"preset": policy, "lr": component_lr},
         "optim": {"lr": lr, "weight_decay": 0.0, "warmup_steps": max(1, steps // 20), "scheduler": "cosine"},
@@ -154,7 +156,7 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict
     return load_config(data=raw)
 
 
-def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str, train_file: Path,
+def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str, train_file: Path,
            steps: int, lr: float, component_lr: dict[str, float] | None = None) -> StageResult:
     from monkeytune.model.io import set_metadata
     from monkeytune.train.loop import train
@@ -247,11 +249,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
                             n_val=settings.n_val, n_test=settings.n_test, progress=settings.progress)
     slow_vision = {"vision": settings.vision_lr1, "resampler": settings.vision_lr1}
     stages: dict[str, StageResult] = {}
-    stages["stage1"] = _train(settings, data, "stage1", {"config": demo_model_config((2, 2))}, "full",
+    stages["stage1"] = _train(settings, data, "stage1", ModelSpec(config=demo_model_config((2, 2))), "full",
                              data.train, settings.steps1, settings.lr1, slow_vision)
-    stages["stage2"] = _train(settings, data, "stage2", {"from": str(stages["stage1"].model_dir)},
+    stages["stage2"] = _train(settings, data, "stage2", ModelSpec(from_dir=str(stages["stage1"].model_dir)),
                              "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
-    stages["baseline"] = _train(settings, data, "baseline", {"config": demo_model_config((0, 0))}, "full",
+    stages["baseline"] = _train(settings, data, "baseline", ModelSpec(config=demo_model_config((0, 0))), "full",
                                data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision)
     for name in STAGES:
         _evaluate(settings, data, stages[name])

@@ -2,7 +2,7 @@
 
 A run is described by one YAML file with up to seven sections, each a flat dataclass::
 
-    model:      {preset: tiny}            # or {config: {...}} or {from: path/to/model}
+    model:      {preset: tiny}            # or {config: {...}} or {from: path/to/model}: a ModelSpec
     data:       {train: data/train.jsonl, template: monkey, max_length: 2048}
     policy:     {preset: monkey, lr: {vision_adapters: 1.0e-4}}
     optim:      {lr: 1.0e-5, weight_decay: 0.1, betas: [0.9, 0.95]}
@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from monkeytune.memory import PRECISIONS
+from monkeytune.model.spec import ModelSpec, ModelSpecError
 
 LOSS_NORMS = ("per_token", "per_sample")
 SCHEDULERS = ("cosine", "linear", "constant")
@@ -39,26 +40,6 @@ CHECKPOINTABLE = ("llm", "vit")
 
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names where and which field."""
-
-
-@dataclass
-class ModelSection:
-    """Which model to train. Exactly one of ``preset``, ``config`` and ``from`` is set.
-
-    Attributes:
-        preset: Name of a built-in configuration (``tiny``, ``mid``, ``monkey-7b``, ...), randomly
-            initialised.
-        config: An inline :class:`~monkeytune.config.ModelConfig` dict, randomly initialised.
-        from_dir: A model folder written by ``monkeytune.model.io.save_model`` (YAML key ``from``).
-        tokenizer: Tokenizer folder; by default the model folder's own tokenizer.
-        init_seed: Seed for the random initialisation of ``preset``/``config`` models.
-    """
-
-    preset: str | None = None
-    config: dict | None = None
-    from_dir: str | None = field(default=None, metadata={"key": "from"})
-    tokenizer: str | None = None
-    init_seed: int = 0
 
 
 @dataclass
@@ -224,7 +205,7 @@ class LogSection:
 
 
 SECTIONS: dict[str, type] = {
-    "model": ModelSection,
+    "model": ModelSpec,
     "data": DataSection,
     "policy": PolicySection,
     "optim": OptimSection,
@@ -238,7 +219,7 @@ SECTIONS: dict[str, type] = {
 class TrainConfig:
     """The whole run: one attribute per section."""
 
-    model: ModelSection = field(default_factory=ModelSection)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSection = field(default_factory=DataSection)
     policy: PolicySection = field(default_factory=PolicySection)
     optim: OptimSection = field(default_factory=OptimSection)
@@ -269,6 +250,8 @@ def _key(f: dataclasses.Field) -> str:
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):  # an inline ModelConfig
+        return dataclasses.asdict(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):
@@ -283,31 +266,11 @@ def _choice(value: str, choices: tuple[str, ...], name: str, origin: str) -> Non
 
 def validate(cfg: TrainConfig, origin: str = "config") -> None:
     """Check values and their combinations; raise :class:`ConfigError` naming the field."""
-    m = cfg.model
-    given = [k for k, v in (("preset", m.preset), ("config", m.config), ("from", m.from_dir)) if v]
-    if len(given) != 1:
-        raise ConfigError(
-            f"{origin}: model needs exactly one of preset, config or from; got {given or 'none'}"
-        )
-    if m.preset:
-        from monkeytune.config import MODEL_PRESETS
-
+    try:
         # Caught here, before the engine is built or the configuration printed.
-        if m.preset not in MODEL_PRESETS:
-            close = difflib.get_close_matches(m.preset, list(MODEL_PRESETS), n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{origin}: model.preset: unknown preset {m.preset!r}{hint}; "
-                              f"known: {', '.join(sorted(MODEL_PRESETS))}")
-    if m.config:
-        from monkeytune.config import ModelConfig
-
-        try:
-            mc = ModelConfig.from_dict(m.config)
-            # Image token ids are taken from the tokenizer when the model is built.
-            mc.image_start_id = mc.image_end_id = mc.image_pad_id = 0
-            mc.validate()
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{origin}: model.config: {e}") from None
+        cfg.model.check(f"{origin}: model")
+    except ModelSpecError as e:
+        raise ConfigError(str(e)) from None
     if not cfg.data.train:
         raise ConfigError(f"{origin}: data.train is required (a data file or a list of them)")
     _choice(cfg.data.padding, PADDINGS, "data.padding", origin)

@@ -7,6 +7,7 @@ become floats. Errors name the file and line (from the YAML node marks) and the 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -16,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from monkeytune.config import ModelConfig
+from monkeytune.model.spec import ModelSpecError, config_from_mapping
 from monkeytune.train.config import SECTIONS, ConfigError, TrainConfig, _key, validate
 
 # ---------------------------------------------------------------------------------- conversion
@@ -88,6 +91,13 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if args:
             return [coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
         return value
+    if tp is ModelConfig:  # model.config: an inline model config, typed from here on
+        if isinstance(value, str):
+            value = _parse_inline(value, where)
+        try:
+            return config_from_mapping(value, where)
+        except ModelSpecError as e:
+            raise ConfigError(str(e)) from None
     if tp is dict or origin is dict:
         if isinstance(value, str):
             value = _parse_inline(value, where)
@@ -192,6 +202,8 @@ def load_config(
 ) -> TrainConfig:
     """Read a YAML file (or a dict), apply overrides, validate.
 
+    A section of ``data`` may also be given as its dataclass (e.g. ``{"model": ModelSpec(...)}``).
+
     Args:
         path: YAML file; its relative ``data.train``, ``model.from`` ... stay as written
             (resolved against the working directory, like every command-line path).
@@ -227,6 +239,9 @@ def load_config(
         if sec not in SECTIONS:
             raise ConfigError(f"{where}: " + _unknown(str(sec), list(SECTIONS), "section"))
         if body is None:
+            continue
+        if isinstance(body, SECTIONS[sec]):  # given typed from Python (e.g. a ModelSpec)
+            setattr(cfg, sec, copy.deepcopy(body))
             continue
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: section {sec!r} must be a mapping, got {type(body).__name__}")

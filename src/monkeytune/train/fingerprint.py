@@ -54,13 +54,16 @@ def folder_fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def model_config_dict(cfg: TrainConfig) -> dict[str, Any] | None:
-    """The resolved configuration of a ``preset`` / ``config`` model (None for ``from``)."""
-    from monkeytune.config import ModelConfig, get_config
+    """The configuration of a ``preset`` / ``config`` model (None for ``from``).
+
+    A run passes its effective configuration, whose ``model.config`` is the resolved one.
+    """
+    from monkeytune.config import get_config
 
     if cfg.model.preset:
         return get_config(cfg.model.preset).to_dict()
     if cfg.model.config:
-        return ModelConfig.from_dict(cfg.model.config).to_dict()
+        return cfg.model.config.to_dict()
     return None
 
 

@@ -41,13 +41,14 @@ from monkeytune.train.setup import (
     build_schedule,
     check_engine,
     check_environment,
+    effective_config,
     ensure_synthetic_data,
     hold_frozen_in_compute_dtype,
     load_model_and_tokenizer,
-    tokenizer_dir,
+    resolve_run_model,
     total_steps,
 )
-from monkeytune.train.state import check_same_run, ever_trained_names, load_engine_state, load_model_state
+from monkeytune.train.state import RUN_CONFIG_FILE, check_same_run, ever_trained_names, load_engine_state, load_model_state
 from monkeytune.train.step import StepContext, TrainingError, run_step
 
 __all__ = ["TrainResult", "TrainingError", "train"]
@@ -120,6 +121,9 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             remove_leftovers(run_dir)
             remove_leftovers(ckpts.root)
         ensure_synthetic_data(cfg, acc)
+        # The model spec is resolved once; from here on the run uses (and saves) what it resolved to.
+        resolved = resolve_run_model(cfg)
+        cfg = effective_config(cfg, resolved)
         spec = resume if resume is not None else cfg.checkpoint.resume
         resume_dir = ckpts.resolve(spec) if spec else None
         if spec == "latest" and resume_dir is None:
@@ -129,17 +133,17 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
                              "or choose another checkpoint.output_dir")
         saved = read_state(resume_dir) if resume_dir else None
-        fingerprint = run_fingerprint(cfg, tokenizer_dir(cfg))
+        fingerprint = run_fingerprint(cfg, resolved.tokenizer_dir)
         if resume_dir is not None:
             check_same_run(resume_dir, cfg, fingerprint, accept_changes)
         if main:
             print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
-            cfg.save(run_dir / "config.yaml")
+            cfg.save(run_dir / RUN_CONFIG_FILE)
         record = write_run_record(run_dir, acc, cfg)
         logger.info("engine %s, %d process(es), precision %s, device %s", record["engine"], record["world_size"],
                     record["precision"], record["device"])
 
-        model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device)
+        model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=resolved)
         plan, schedule = build_schedule(cfg, model)
         sharded = is_sharded(acc)
         if sharded and schedule.stages:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -9,8 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from monkeytune.config import ModelConfig, get_config
+from monkeytune import model as model_pkg
+from monkeytune.config import ModelConfig
+from monkeytune.memory import check_fits_in_memory
+from monkeytune.model.io import load_model
 from monkeytune.model.monkey import enable_llm_checkpointing
+from monkeytune.model.spec import ModelSpecError, ResolvedModel, resolve_model
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.sampler import EpochBatchSampler
 
@@ -88,40 +94,79 @@ def tokenizer_dir(cfg: TrainConfig) -> str | None:
     return None
 
 
-def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu") -> tuple[nn.Module, Any]:
+def resolve_run_model(cfg: TrainConfig) -> ResolvedModel:
+    """The run's model spec resolved (:func:`monkeytune.model.spec.resolve_model`), tokenizer loaded.
+
+    Raises:
+        SetupError: no tokenizer for a built model, or a spec that does not resolve.
+    """
+    spec = dataclasses.replace(cfg.model, tokenizer=tokenizer_dir(cfg))
+    if not spec.from_dir and not spec.tokenizer:
+        raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
+    try:
+        resolved = resolve_model(spec)
+    except ModelSpecError as e:
+        raise SetupError(str(e)) from None
+    if resolved.tokenizer is None:
+        raise SetupError(f"model folder {spec.from_dir} holds no tokenizer; set model.tokenizer")
+    return resolved
+
+
+def _absolute(path: str | None) -> str | None:
+    return None if path is None else str(Path(path).absolute())
+
+
+def effective_config(cfg: TrainConfig, resolved: ResolvedModel) -> TrainConfig:
+    """The configuration that runs, as saved in the run folder and in each checkpoint.
+
+    * ``model``: a built model is stated as ``config:`` with the vocabulary and image token ids
+      it was built with (a preset becomes its resolved config), and the tokenizer folder it used;
+    * every path is absolute, so the saved ``config.yaml`` runs again from any directory and
+      builds the same model.
+    """
+    out = copy.deepcopy(cfg)
+    m = out.model
+    m.tokenizer = _absolute(resolved.tokenizer_dir)
+    if resolved.built_fresh:
+        m.preset, m.config = None, copy.deepcopy(resolved.config)
+    else:
+        m.from_dir = _absolute(m.from_dir)
+    out.data.train = [_absolute(p) for p in out.data.train]
+    out.data.image_root = _absolute(out.data.image_root)
+    out.data.report_file = _absolute(out.data.report_file)
+    out.checkpoint.output_dir = _absolute(out.checkpoint.output_dir)
+    if out.checkpoint.resume not in (None, "latest"):
+        out.checkpoint.resume = _absolute(out.checkpoint.resume)
+    return out
+
+
+def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu",
+                             resolved: ResolvedModel | None = None) -> tuple[nn.Module, Any]:
     """The model to train (fp32 master weights, train mode) and its tokenizer.
 
     A ``from`` folder is read straight onto ``device`` (each process would otherwise hold a
     full fp32 copy in host memory); built models start on the CPU and are moved by the engine.
 
-    ``preset`` / ``config`` models are built from ``model.init_seed``; their image token ids
-    and vocabulary size are taken from the tokenizer (``ModelConfig.matched_to_tokenizer``).
+    ``preset`` / ``config`` models are built from ``model.init_seed`` with the resolved config
+    (image token ids and vocabulary from the tokenizer; see :func:`resolve_run_model`).
+
+    Args:
+        cfg: The run configuration.
+        device: Where a loaded model goes.
+        resolved: The run's resolved model (default: resolved here).
     """
-    from monkeytune.memory import check_fits_in_memory
-    from monkeytune.model import build_model
-    from monkeytune.tokenizer.loading import load_tokenizer
-
-    tok_dir = tokenizer_dir(cfg)
-    if cfg.model.from_dir:
-        from monkeytune.model.io import load_model
-
-        model, tokenizer = load_model(cfg.model.from_dir, dtype=torch.float32, device=device)
-        if tok_dir:
-            tokenizer = load_tokenizer(tok_dir)
-        if tokenizer is None:
-            raise SetupError(f"model folder {cfg.model.from_dir} holds no tokenizer; set model.tokenizer")
-    else:
-        if not tok_dir:
-            raise SetupError("a preset/config model needs model.tokenizer (a tokenizer folder)")
-        tokenizer = load_tokenizer(tok_dir)
-        mcfg = get_config(cfg.model.preset) if cfg.model.preset else ModelConfig.from_dict(cfg.model.config)
+    resolved = resolved or resolve_run_model(cfg)
+    tokenizer = resolved.tokenizer
+    if resolved.built_fresh:
         try:
             # fp32 master weights; refused before minutes are spent building what cannot fit.
-            check_fits_in_memory(mcfg.matched_to_tokenizer(tokenizer), bytes_per_param=4)
+            check_fits_in_memory(resolved.config, bytes_per_param=4)
         except ValueError as e:
             raise SetupError(f"model: {e}") from None
         torch.manual_seed(cfg.model.init_seed)
-        model = build_model(mcfg.matched_to_tokenizer(tokenizer))
+        model = model_pkg.build_model(resolved.config)
+    else:
+        model, _ = load_model(cfg.model.from_dir, dtype=torch.float32, device=device)
     try:
         model.config.check_tokenizer(tokenizer)
     except ValueError as e:
