@@ -17,6 +17,7 @@ the resolved config, so its ``config.yaml`` states what was built.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
@@ -192,7 +193,7 @@ def resolve_model(spec: ModelSpec, where: str = "model", tokenizer: Any = None) 
             raise ModelSpecError(f"{where}.tokenizer: {e}") from None
     if spec.from_dir:
         return ResolvedModel(spec, folder_config(spec.from_dir), tokenizer, tok_dir)
-    written = get_config(spec.preset) if spec.preset else dataclasses.replace(spec.config)
+    written = get_config(spec.preset) if spec.preset else copy.deepcopy(spec.config)
     config, adjusted = written, []
     if tokenizer is not None:
         config = written.matched_to_tokenizer(tokenizer)

@@ -20,7 +20,6 @@ spellings of unknown keys.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
