@@ -206,7 +206,8 @@ def load_config(
 
     Args:
         path: YAML file; its relative ``data.train``, ``model.from`` ... stay as written
-            (resolved against the working directory, like every command-line path).
+            (resolved against the working directory, like every command-line path); a run
+            saves them absolute (:func:`monkeytune.train.setup.effective_config`).
         overrides: ``(section.key, value)`` pairs applied after the file.
         data: A parsed configuration to use instead of ``path``.
 
