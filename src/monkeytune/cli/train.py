@@ -90,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = train(cfg, resume=resume, accept_changes=accept_changes)
-    except (SetupError, EngineError, PlanError, CheckpointError, ModelFolderError, DataError, FileNotFoundError) as e:
+    except (ConfigError, SetupError, EngineError, PlanError, CheckpointError, ModelFolderError, DataError,
+            FileNotFoundError) as e:
         print(f"monkeytune train: {e}", file=sys.stderr)
         return 2
     except TrainingError as e:

@@ -149,7 +149,7 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict
         "train": {"max_steps": steps, "micro_batch_size": settings.batch_size, "grad_accum": 1,
                   "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
         "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
-        "log": {"progress": settings.progress, "plot": False, "tensorboard": "false"},
+        "log": {"progress": settings.progress, "plot": False},
     }
     return load_config(data=raw)
 

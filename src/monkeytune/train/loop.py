@@ -49,6 +49,7 @@ from monkeytune.train.setup import (
 )
 from monkeytune.train.state import check_same_run, ever_trained_names, load_engine_state, load_model_state
 from monkeytune.train.step import StepContext, TrainingError, run_step
+from monkeytune.train.trackers import start_trackers
 
 __all__ = ["TrainResult", "TrainingError", "train"]
 
@@ -111,7 +112,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
     lock = claim_run_dir(run_dir, acc)
-    handler = None
+    handler = metrics = None
     try:
         handler = _add_file_log(run_dir) if main else None
         ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
@@ -183,10 +184,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
                         position.epoch, position.batch)
 
+        start_trackers(acc, cfg, start_step if saved else None)
+        metrics = MetricsLog(run_dir, main, acc, resume_step=start_step if saved else None)
         ctx = StepContext(
             cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
-            sharded=sharded, metrics=MetricsLog(run_dir, main, cfg.log.tensorboard,
-                                                resume_step=start_step if saved else None),
+            sharded=sharded, metrics=metrics,
             progress=Progress(steps_total, start_step, main and cfg.log.progress), checkpoints=ckpts,
             batches_per_epoch=sampler.batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
             bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
@@ -212,6 +214,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         result.model = model
         return result
     finally:
+        if metrics is not None:
+            metrics.close()  # a crashed run's tracker files are flushed and its W&B/MLflow run ended too
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
