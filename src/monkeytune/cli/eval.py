@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 print(f"\r{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-            template = args.template or default_template(model)
+            template = args.template or default_template(model, args.model)
             predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, template,
                                            args.max_new_tokens, progress=progress, time_limit_s=args.time_limit)
     except (EvalDataError, CheckpointError, ImageLoadError, ValueError, FileNotFoundError, GenerationTimeout) as e:

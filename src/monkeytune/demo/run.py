@@ -156,7 +156,6 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: dict
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, policy: str, train_file: Path,
            steps: int, lr: float, component_lr: dict[str, float] | None = None) -> StageResult:
-    from monkeytune.model.io import set_metadata
     from monkeytune.train.loop import train
 
     cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {})
@@ -175,9 +174,8 @@ def _train(settings: DemoSettings, data: DemoData, name: str, model: dict, polic
 
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Training recorded the data's prompt layout in the folder, so chat, serve and eval use it unasked.
     Path(result.final_dir).rename(final)
-    # chat, serve and eval then use the data's prompt layout without being told.
-    set_metadata(final, prompt_template=PROMPT_TEMPLATE)
     return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds)
 
 

@@ -28,7 +28,7 @@ from monkeytune.train.engine import (
     write_run_record,
 )
 from monkeytune.train.fingerprint import run_fingerprint
-from monkeytune.train.final import rebuild_from_state, save_final
+from monkeytune.train.final import rebuild_from_state, save_final, training_record
 from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.losses import TrainingModule
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
@@ -162,6 +162,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
+        trained_with = training_record(cfg.data.template, dataset, tokenizer, tokenizer_dir(cfg) or cfg.model.from_dir)
+        if main:
+            logger.info("the final model will record prompt template %s (chat format %s)",
+                        trained_with["prompt_template"], trained_with["chat_format"])
         steps_total = total_steps(cfg, sampler.batches_per_epoch)
         scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
         apply_stage(model, optimizer, stage, scheduler)
@@ -210,7 +214,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         if skipped:
             logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()
-        result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir)
+        result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir, trained_with)
         result.model = model
         return result
     finally:
@@ -259,8 +263,9 @@ def _enter_stage(ctx: StepContext, stage, step: int) -> None:
                        f"(+{len(change.newly_trainable)} / -{len(change.newly_frozen)} trainable tensors)")
 
 
-def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path) -> Path | None:
-    """Final save and loss plot."""
+def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path,
+            trained_with: dict[str, Any]) -> Path | None:
+    """Final save (recording ``trained_with``, see :func:`training_record`) and loss plot."""
     acc = ctx.engine.accelerator
     final_dir = None
     if cfg.checkpoint.final_save != "none":
@@ -276,7 +281,7 @@ def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path)
             final_dir = save_final(
                 model, tokenizer, run_dir / "final", cfg.checkpoint.final_save,
                 merge_llm_lora=cfg.checkpoint.merge_llm_lora, base_model=cfg.model.from_dir,
-                metadata={"chat_format": cfg.data.template},
+                metadata=trained_with,
                 dtype=COMPUTE_DTYPES.get(compute_precision(acc, cfg)),
             )
             logger.info("final model written to %s", final_dir)
