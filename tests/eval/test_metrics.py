@@ -163,7 +163,8 @@ def test_anls_matches_a_plain_reference_on_random_strings():
         refs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 3))]
         # Predictions near a reference as well as unrelated ones, so both sides of 0.5 occur.
         base = rng.choice(refs)
-        edited = "".join(c for c in base if rng.random() > 0.2) + "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+        edited = "".join(c for c in base if rng.random() > 0.2)
+        edited += "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
         cases.append((rng.choice([edited, "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))]), refs))
     preds, refs = [p for p, _ in cases], [r for _, r in cases]
     got_anls = sample_scores("anls", preds, refs)
