@@ -3,6 +3,7 @@
 import dataclasses
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -112,17 +113,29 @@ def test_interactive_chatml_keeps_history(saved):
     assert single.history == []
 
 
-def test_default_template_follows_checkpoint_metadata(saved):
+def test_default_template_follows_checkpoint_metadata(saved, caplog):
     _, model, _ = saved
-    model.metadata = {"chat_format": "chatml"}
-    assert default_template(model) == "chatml"
-    model.metadata = {"chat_format": "monkey"}
-    assert default_template(model) == "vqa"
-    model.metadata = {"chat_format": "monkey", "prompt_template": "vqa-question-first"}
-    assert default_template(model) == "vqa-question-first"
-    model.metadata = {"prompt_template": "alpaca"}  # not a template of this version: ignored
-    assert default_template(model) == "vqa"
-    model.metadata = {}
+    with caplog.at_level(logging.WARNING, logger="monkeytune.generate"):
+        model.metadata = {"chat_format": "chatml"}
+        assert default_template(model) == "chatml"
+        model.metadata = {"chat_format": "monkey", "prompt_template": "vqa-question-first"}
+        assert default_template(model) == "vqa-question-first"
+        model.metadata = {}
+        assert caplog.text == ""  # recorded: no warning
+        # Nothing (usable) recorded: the VQA layout, and a warning naming the folder.
+        assert default_template({"chat_format": "monkey"}, "runs/x/final") == "vqa"
+        assert "runs/x/final records no prompt template: prompting with the vqa layout" in caplog.text
+        caplog.clear()
+        assert default_template({"prompt_template": "alpaca"}) == "vqa"  # not a template of this version
+        assert "records an unknown prompt template 'alpaca'" in caplog.text
+
+        class Loaded:  # a loaded model is warned about once, not at every answer
+            metadata: dict = {}
+
+        caplog.clear()
+        one = Loaded()
+        assert [default_template(one) for _ in range(3)] == ["vqa"] * 3
+        assert caplog.text.count("records no prompt template") == 1
 
 
 def test_set_metadata_records_the_template_for_every_command(saved, tmp_path):

@@ -9,6 +9,8 @@ template, so inference sees exactly what training produced. Generation stops at
 
 from __future__ import annotations
 
+import logging
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
@@ -22,21 +24,44 @@ from monkeytune.prompts import TEMPLATES, user_text
 from monkeytune.streaming import TokenStreamer
 from monkeytune.vision.processor import ImageProcessor
 
+logger = logging.getLogger(__name__)
 
-def default_template(model: Any) -> str:
-    """The template a model folder was trained with.
 
-    ``prompt_template`` in the folder's metadata when it names a template (written by
-    :func:`monkeytune.model.io.set_metadata`, e.g. by the demo), else ``chatml`` for chat
-    checkpoints (``chat_format: chatml``), else ``vqa``.
+FALLBACK_TEMPLATE = "vqa"
+_told: "weakref.WeakSet[Any]" = weakref.WeakSet()  # models whose template was logged already (once each)
+
+
+def default_template(model: Any, where: str = "the model folder") -> str:
+    """The prompt template a model was trained with, as its folder records it.
+
+    ``prompt_template`` in the folder's metadata (``monkeytune train`` writes it, from the layout
+    of the training data's questions), else ``chatml`` for chat checkpoints (``chat_format:
+    chatml``). A folder that records neither (an official Monkey folder, one written by an older
+    version) gets :data:`FALLBACK_TEMPLATE` (Monkey's VQA layout) with a logged warning, since
+    answers then rest on a guess. The choice is logged once per loaded model.
 
     Args:
         model: A loaded model (its ``metadata``) or a folder's metadata dict itself.
+        where: How the log names the folder.
     """
     meta = model if isinstance(model, dict) else (getattr(model, "metadata", {}) or {})
-    if meta.get("prompt_template") in TEMPLATES:
-        return meta["prompt_template"]
-    return "chatml" if meta.get("chat_format") == "chatml" else "vqa"
+    first = isinstance(model, dict) or model not in _told
+    if not isinstance(model, dict):
+        _told.add(model)
+    recorded = meta.get("prompt_template")
+    if recorded in TEMPLATES:
+        if first:
+            logger.info("prompt template %s, as %s records", recorded, where)
+        return recorded
+    if meta.get("chat_format") == "chatml":
+        if first:
+            logger.info("prompt template chatml: %s records a chat checkpoint", where)
+        return "chatml"
+    if first:
+        why = f"records an unknown prompt template {recorded!r}" if recorded else "records no prompt template"
+        logger.warning("%s %s: prompting with the %s layout; choose another with --template (or template=...)",
+                       where, why, FALLBACK_TEMPLATE)
+    return FALLBACK_TEMPLATE
 
 
 def prompt_ids(
@@ -247,17 +272,19 @@ def score_answer(
     prompt: str,
     answer_text: str,
     image: str | None = None,
-    template: str = "raw",
+    template: str | None = None,
 ) -> dict[str, Any]:
     """Log-probability of each answer token given the prompt.
 
-    The prompt (rendered by ``template``) and the answer are tokenised separately and
-    concatenated, as in training.
+    The prompt (rendered by ``template``, by default the one the model folder records, see
+    :func:`default_template`; ``raw`` takes a prompt written out in full) and the answer are
+    tokenised separately and concatenated, as in training.
 
     Returns:
         ``{"tokens": [{"id", "text", "logprob"}...], "sum_logprob", "mean_nll", "num_tokens"}``.
     """
     # Prompt and answer share the model's positions: both count against its length.
+    template = template or default_template(model)
     check_raw_length([prompt, answer_text], tokenizer, model.config, what="the prompt with its answer")
     ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, prompt, image)
     ans = tokenizer.encode(answer_text)

@@ -71,7 +71,7 @@ class MonkeyProcessor:
         if tokenizer is None:
             raise ModelFolderError(f"{directory} has no tokenizer files (qwen.tiktoken or tokenizer.json)")
         meta = dict(read_config(directory).get("metadata") or {}) if folder_kind(directory) == "monkeytune" else {}
-        return cls(tokenizer, config, template=default_template(meta))
+        return cls(tokenizer, config, template=default_template(meta, str(directory)))
 
     # ------------------------------------------------------------------ encoding
     def __call__(

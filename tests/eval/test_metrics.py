@@ -119,6 +119,63 @@ def test_anls_case_best_reference_and_empty():
     assert anls(["the  big   cat"], ["The big cat"]) == 1.0
 
 
+def _reference_levenshtein(a: str, b: str) -> int:
+    """The textbook dynamic programme, written out here as the reference the library must match."""
+    table = [[0] * (len(b) + 1) for _ in range(len(a) + 1)]
+    for i in range(len(a) + 1):
+        table[i][0] = i
+    for j in range(len(b) + 1):
+        table[0][j] = j
+    for i in range(1, len(a) + 1):
+        for j in range(1, len(b) + 1):
+            table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
+                              table[i - 1][j - 1] + (a[i - 1] != b[j - 1]))
+    return table[len(a)][len(b)]
+
+
+def _reference_anls(pred: str, refs: list[str]) -> float:
+    pred = " ".join(pred.lower().split())
+    best = 0.0
+    for gt in refs:
+        gt = " ".join(gt.lower().split())
+        length = max(len(gt), len(pred))
+        d = 0.0 if length == 0 else _reference_levenshtein(gt, pred) / length
+        if d < 0.5:
+            best = max(best, 1.0 - d)
+    return best
+
+
+def _reference_monkey_anls(pred: str, refs: list[str]) -> float:
+    pred = pred.strip()
+    dists = [(_reference_levenshtein(gt.lower().strip(), pred.lower()) / max(len(gt), len(pred)))
+             if max(len(gt), len(pred)) else 0.0 for gt in refs]
+    score = 1 - min(dists)
+    return 0.0 if score < 0.5 else score
+
+
+def test_anls_matches_a_plain_reference_on_random_strings():
+    import random
+
+    rng = random.Random(0)
+    alphabet = "abcde XYZ.é漢"  # case, spaces, punctuation and non-ASCII all take part
+    cases = []
+    for _ in range(300):
+        refs = ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40))) for _ in range(rng.randint(1, 3))]
+        # Predictions near a reference as well as unrelated ones, so both sides of 0.5 occur.
+        base = rng.choice(refs)
+        edited = "".join(c for c in base if rng.random() > 0.2)
+        edited += "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 4)))
+        cases.append((rng.choice([edited, "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))]), refs))
+    preds, refs = [p for p, _ in cases], [r for _, r in cases]
+    got_anls = sample_scores("anls", preds, refs)
+    got_monkey = sample_scores("monkey_anls", preds, refs)
+    for (p, r), a, m in zip(cases, got_anls, got_monkey):
+        assert a == pytest.approx(_reference_anls(p, r)), (p, r)
+        assert m == pytest.approx(_reference_monkey_anls(p, r)), (p, r)
+    # Not a vacuous comparison: scores on both sides of the threshold occur.
+    assert any(0 < a < 1 for a in got_anls) and any(a == 0 for a in got_anls)
+
+
 # --- relaxed accuracy ------------------------------------------------------------------------
 
 

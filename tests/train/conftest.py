@@ -58,7 +58,7 @@ def make_config(synthetic, tmp_path):
             "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
             "train": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 1, "precision": "fp32"},
             "checkpoint": {"output_dir": str(tmp_path / run), "final_save": "none"},
-            "log": {"progress": False, "plot": False, "tensorboard": "false"},
+            "log": {"progress": False, "plot": False},
         }
         for sec, body in sections.items():
             data.setdefault(sec, {}).update(body)

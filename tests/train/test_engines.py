@@ -78,7 +78,7 @@ def engine_sections(micro_model):
         policy={"preset": "monkey"},  # a frozen ViT beside trained parts, as in the official recipe
         train={"epochs": 1, "micro_batch_size": 4, "grad_accum": 1},
         checkpoint={"every": 3, "final_save": "full"},
-        log={"every": 1, "progress": False, "plot": False, "tensorboard": "false"},
+        log={"every": 1, "progress": False, "plot": False},
     )
 
 

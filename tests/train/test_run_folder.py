@@ -87,20 +87,6 @@ def test_leftover_temporary_folders_are_removed_on_resume_without_periodic_check
     assert (run_dir / "final" / "config.json").is_file()
 
 
-def test_tensorboard_true_without_the_package_is_refused_at_start(make_config, monkeypatch):
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
-
-    def no_engine(cfg):
-        raise AssertionError("the engine was built before the check")
-
-    monkeypatch.setattr(loop, "make_accelerator", no_engine)
-    with pytest.raises(SetupError, match="log.tensorboard is true but the tensorboard package is not installed"):
-        train(make_config("tb", log={"tensorboard": "true"}))
-
-
 def test_a_read_only_output_folder_is_one_line(make_config, monkeypatch, capsys):
     cfg = make_config("ro", train={"max_steps": 1})
     path = Path(cfg.checkpoint.output_dir).parent / "ro.yaml"

@@ -16,7 +16,7 @@ SUBCOMMANDS = [
     "smoke", "demo",
     "data",
     "inspect",
-    "train",
+    "train", "tokenizer",
     "chat", "score", "eval", "export",
     "serve",
 ]

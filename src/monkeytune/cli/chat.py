@@ -1,6 +1,8 @@
 """``monkeytune chat --model DIR [--image IMG] [PROMPT]``: answer one prompt, or chat on stdin.
 
-Exit status: 0 on success, 2 when the model folder, image or arguments are unusable.
+``--questions FILE --answers OUT`` answers a JSONL file of questions in batches instead
+(:mod:`monkeytune.eval.batch`). Exit status: 0 on success, 2 when the model folder, image,
+questions file or arguments are unusable.
 """
 
 from __future__ import annotations
@@ -24,14 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="answer a prompt about an image, or chat interactively",
         description="Answer PROMPT (streamed) or, without PROMPT, read questions from stdin "
         "(/reset, /image PATH, /quit). ChatML keeps the conversation; the other templates answer "
-        "each question on its own.",
+        "each question on its own. With --questions FILE, answer every question of a JSONL file "
+        "(fields image, question, optional question_id) in batches and write the records with an "
+        "added answer field to --answers.",
     )
     add_model_args(p)
     p.add_argument("prompt", nargs="?", default=None, help="the question; omit for an interactive chat")
     p.add_argument("--image", default=None, metavar="IMG", help="image file the prompt is about")
+    p.add_argument("--questions", default=None, metavar="FILE",
+                   help="JSONL of questions (image, question, question_id) to answer in batches")
+    p.add_argument("--answers", default=None, metavar="FILE", help="JSONL written with --questions: each record "
+                   "plus its answer")
+    p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="prompt template (default: the one the model folder records, else chatml for chat "
-                   "checkpoints, else vqa)")
+                   "checkpoints, else vqa with a warning)")
     p.add_argument("--raw", action="store_true", help="send the text as is (same as --template raw)")
     p.add_argument("--system", default=None, help="ChatML system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
@@ -43,17 +52,33 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from monkeytune.data.records import DataError
     from monkeytune.generate import ChatSession, GenerationSettings, load_for_inference, run_interactive
     from monkeytune.limits import GenerationTimeout
     from monkeytune.model.io import ModelFolderError
     from monkeytune.vision.image import ImageLoadError
 
     template = "raw" if args.raw else args.template
+    if args.questions is not None and (args.answers is None or args.prompt is not None or args.image is not None):
+        print("monkeytune chat: --questions needs --answers FILE, and takes no PROMPT or --image "
+              "(each question names its image)", file=sys.stderr)
+        return 2
+    if args.answers is not None and args.questions is None:
+        print("monkeytune chat: --answers goes with --questions FILE", file=sys.stderr)
+        return 2
     try:
-        model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
         settings = GenerationSettings(args.max_new_tokens, args.temperature, args.top_p,
                                       time_limit_s=args.time_limit)
         settings.kwargs()  # validates the numbers before any work
+        if args.questions is not None:
+            from monkeytune.eval.batch import answer_questions, read_questions
+
+            records = read_questions(args.questions)  # a bad line is reported before the model loads
+            model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
+            n = answer_questions(model, tokenizer, records, args.answers, template, settings, args.batch_size)
+            print(f"answered {n} questions; written to {args.answers}", file=sys.stderr)
+            return 0
+        model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
         session = ChatSession(model, tokenizer, template, args.image, settings, args.system)
         if args.prompt is not None:
             session.ask(args.prompt, stream=sys.stdout)
@@ -65,6 +90,6 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")  # after the text streamed so far
         print(f"monkeytune chat: {e}", file=sys.stderr)
         return 2
-    except (ModelFolderError, ImageLoadError, ValueError, FileNotFoundError) as e:
+    except (ModelFolderError, ImageLoadError, DataError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune chat: {e}", file=sys.stderr)
         return 2

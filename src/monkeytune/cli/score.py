@@ -25,8 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--answer", required=True, help="the answer to score")
     p.add_argument("--image", default=None, metavar="IMG", help="image the prompt is about")
-    p.add_argument("--template", choices=TEMPLATES, default="raw",
-                   help="how the prompt is rendered (default raw: as given, image tag in front)")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="how the prompt is rendered (default: the template the model folder records; "
+                   "raw takes the prompt as given, image tag in front)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 

@@ -30,7 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="weight dtype (default: as stored)")
     p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
     p.add_argument("--template", choices=sorted(TEMPLATE_LABELS), default=None,
-                   help="preselected prompt template (default: chatml for chat models, else vqa)")
+                   help="preselected prompt template (default: the one the model folder records, else chatml for "
+                   "chat models, else vqa with a warning)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MiB (default 20)")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS",
                    help=f"longest one answer may take before it is stopped (default {DEFAULT_TIME_LIMIT_S:g})")

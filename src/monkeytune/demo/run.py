@@ -151,14 +151,13 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: Mode
         "train": {"max_steps": steps, "micro_batch_size": settings.batch_size, "grad_accum": 1,
                   "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
         "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
-        "log": {"progress": settings.progress, "plot": False, "tensorboard": "false"},
+        "log": {"progress": settings.progress, "plot": False},
     }
     return load_config(data=raw)
 
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str, train_file: Path,
            steps: int, lr: float, component_lr: dict[str, float] | None = None) -> StageResult:
-    from monkeytune.model.io import set_metadata
     from monkeytune.train.loop import train
 
     cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {})
@@ -177,9 +176,8 @@ def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, 
 
         shutil.rmtree(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    # Training recorded the data's prompt layout in the folder, so chat, serve and eval use it unasked.
     Path(result.final_dir).rename(final)
-    # chat, serve and eval then use the data's prompt layout without being told.
-    set_metadata(final, prompt_template=PROMPT_TEMPLATE)
     return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds)
 
 

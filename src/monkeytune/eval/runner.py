@@ -173,6 +173,57 @@ def default_max_new_tokens(tokenizer: Any, records: Sequence[dict[str, Any]]) ->
     return max(MIN_NEW_TOKENS, max(lengths) + ANSWER_MARGIN)
 
 
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    template: str,
+    settings: GenerationSettings,
+    batch_size: int = 8,
+    progress: Callable[[int, int], Any] | None = None,
+) -> list[str]:
+    """Answer every record's ``question`` (about its ``image``, if any), ``batch_size`` at a time.
+
+    Shared by :func:`evaluate` and ``monkeytune chat --questions`` (:mod:`monkeytune.eval.batch`).
+
+    Args:
+        model: A :class:`~monkeytune.model.MonkeyForCausalLM` (put in eval mode here).
+        tokenizer: Its tokenizer.
+        records: Dicts with ``question``, optional ``image`` (a resolved path) and ``question_id``.
+        template: Prompt template.
+        settings: Generation settings (length limit, sampling, time limit per batch).
+        batch_size: Questions generated together (left-padded).
+        progress: Called with ``(done, total)`` after each batch.
+
+    Raises:
+        PromptTooLongError: a question too long for the model (every record is checked before
+            anything is generated; the record is named).
+        GenerationTimeout: a batch ran past ``settings.time_limit_s``.
+
+    Returns:
+        One stripped answer per record, in order.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    model.eval()
+    tpi = model.config.tokens_per_image
+    stops = stop_ids(tokenizer, template)
+    prompts = []
+    for i, r in enumerate(records):
+        try:
+            prompts.append(prompt_ids(template, tokenizer, tpi, r["question"], r.get("image"),
+                                      config=model.config, max_new_tokens=settings.max_new_tokens))
+        except PromptTooLongError as e:
+            raise PromptTooLongError(f"record {i + 1} (question_id {r.get('question_id')!r}): {e}") from None
+    answers: list[str] = []
+    for start in range(0, len(records), batch_size):
+        new = generate_ids(model, tokenizer, prompts[start : start + batch_size], settings, stops)
+        answers.extend(tokenizer.decode(ids).strip() for ids in new)
+        if progress is not None:
+            progress(len(answers), len(records))
+    return answers
+
+
 def evaluate(
     model: Any,
     tokenizer: Any,
@@ -209,36 +260,12 @@ def evaluate(
         ``prediction``, ``answer``) and ``{metric: value}`` over the records that have answers
         (empty when none do).
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    model.eval()
     if max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(tokenizer, records)
-    tpi = model.config.tokens_per_image
-    stops = stop_ids(tokenizer, template)
     settings = GenerationSettings(max_new_tokens=max_new_tokens, time_limit_s=time_limit_s)
-    all_prompts = []
-    for i, r in enumerate(records):
-        try:
-            all_prompts.append(prompt_ids(template, tokenizer, tpi, r["question"], r.get("image"),
-                                          config=model.config, max_new_tokens=max_new_tokens))
-        except PromptTooLongError as e:
-            raise PromptTooLongError(f"record {i + 1} (question_id {r.get('question_id')!r}): {e}") from None
-    predictions: list[dict[str, Any]] = []
-    for start in range(0, len(records), batch_size):
-        batch = records[start : start + batch_size]
-        prompts = all_prompts[start : start + batch_size]
-        answers = generate_ids(model, tokenizer, prompts, settings, stops)
-        for rec, ids in zip(batch, answers):
-            predictions.append({
-                "question_id": rec.get("question_id"),
-                "image": rec.get("image"),
-                "question": rec["question"],
-                "prediction": tokenizer.decode(ids).strip(),
-                "answer": rec.get("answer"),
-            })
-        if progress is not None:
-            progress(len(predictions), len(records))
+    answers = generate_answers(model, tokenizer, records, template, settings, batch_size, progress)
+    predictions = [{"question_id": rec.get("question_id"), "image": rec.get("image"), "question": rec["question"],
+                    "prediction": text, "answer": rec.get("answer")} for rec, text in zip(records, answers)]
     scored = [p for p in predictions if p["answer"] is not None]
     scores: dict[str, float] = {}
     if scored and metrics:

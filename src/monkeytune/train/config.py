@@ -194,13 +194,24 @@ class LogSection:
         every: Write a metrics line every this many optimizer steps.
         progress: Show a tqdm progress bar (main process only).
         plot: Draw ``loss.png`` at the end.
-        tensorboard: ``auto`` (when installed), ``true`` or ``false``.
+        trackers: Experiment trackers fed through accelerate: any of ``tensorboard``, ``wandb``,
+            ``mlflow``, ``comet_ml``, ``aim``, ``clearml``, ``dvclive``, ``swanlab``, ``trackio``
+            (see :mod:`monkeytune.train.trackers`). A missing package stops the run at start.
+        project: Project name the trackers file the run under (W&B project, MLflow experiment,
+            TensorBoard sub-folder of ``<output_dir>/trackers``).
+        tracker_options: Extra start-up arguments per tracker, e.g. ``{wandb: {entity: team}}``.
+        tensorboard: Replaced by ``trackers``. Configs that still set it are translated when
+            loaded (``true``: add ``tensorboard``; ``auto``: add it when installed; ``false``:
+            nothing) with a warning saying what to write instead.
     """
 
     every: int = 1
     progress: bool = True
     plot: bool = True
-    tensorboard: str = "auto"
+    trackers: list[str] = field(default_factory=list)
+    project: str = "monkeytune"
+    tracker_options: dict = field(default_factory=dict)
+    tensorboard: str | None = field(default=None, metadata={"deprecated": True})
 
 
 SECTIONS: dict[str, type] = {
@@ -231,7 +242,9 @@ class TrainConfig:
         out: dict[str, dict[str, Any]] = {}
         for name in SECTIONS:
             section = getattr(self, name)
-            out[name] = {_key(f): _plain(getattr(section, f.name)) for f in dataclasses.fields(section)}
+            out[name] = {_key(f): _plain(getattr(section, f.name)) for f in dataclasses.fields(section)
+                         # A deprecated key that was not given stays out of saved configs.
+                         if not (f.metadata.get("deprecated") and getattr(section, f.name) is None)}
         return out
 
     def to_yaml(self) -> str:
@@ -282,7 +295,6 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     _choice(cfg.train.precision, tuple(PRECISIONS), "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
     _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)
-    _choice(cfg.log.tensorboard, ("auto", "true", "false"), "log.tensorboard", origin)
     for part in cfg.train.gradient_checkpointing:
         _choice(part, CHECKPOINTABLE, "train.gradient_checkpointing entries", origin)
     positive = {

@@ -20,6 +20,7 @@ import yaml
 from monkeytune.config import ModelConfig
 from monkeytune.model.spec import ModelSpecError, config_from_mapping
 from monkeytune.train.config import SECTIONS, ConfigError, TrainConfig, _key, validate
+from monkeytune.train.trackers import check_tracker_settings, migrate_deprecated
 
 # ---------------------------------------------------------------------------------- conversion
 
@@ -251,7 +252,9 @@ def load_config(
             set_value(cfg, f"{sec}.{key}", value, kwhere)
     for key, value in overrides or []:
         set_value(cfg, key, value, f"--{key}")
+    migrate_deprecated(cfg, origin)
     validate(cfg, origin)
+    check_tracker_settings(cfg.log, origin)
     return cfg
 
 

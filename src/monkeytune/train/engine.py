@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from monkeytune.train.config import TrainConfig
+from monkeytune.train.trackers import accelerator_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +139,7 @@ def make_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[ddp],
+        **accelerator_kwargs(cfg),  # log.trackers
     )
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
     if launcher and launcher != MIXED_PRECISION[cfg.train.precision]:

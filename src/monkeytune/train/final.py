@@ -94,6 +94,38 @@ def rebuild_from_state(config, state: dict[str, torch.Tensor], plan) -> nn.Modul
     return model
 
 
+def training_record(chat_format: str, dataset: Any, tokenizer: Any, tokenizer_source: str | None) -> dict[str, Any]:
+    """What the final folder records about how its model was trained, for every consumer.
+
+    ``eval``, ``chat``, ``serve``, ``score`` and :func:`monkeytune.generate.answer` prompt a
+    model the way its training data did (:func:`monkeytune.generate.default_template`) without
+    being told, so the run writes it down rather than leaving it to a later step.
+
+    Args:
+        chat_format: ``data.template`` (``monkey`` or ``chatml`` conversations).
+        dataset: The training dataset (possibly wrapped for skipping or packing); the layout of
+            its samples' first user turns gives ``prompt_template``
+            (:func:`monkeytune.prompts.infer_template`).
+        tokenizer: The tokenizer the run used (saved in the folder too).
+        tokenizer_source: The folder it was read from (None: the ``model.from`` folder's own).
+
+    Returns:
+        ``{"chat_format", "prompt_template", "tokenizer": {"source", "class", "vocab_size"}}``.
+    """
+    from monkeytune.prompts import infer_template
+
+    inner = dataset
+    while not hasattr(inner, "samples") and (getattr(inner, "base", None) or getattr(inner, "dataset", None)):
+        inner = getattr(inner, "base", None) or inner.dataset  # packing wraps skipping wraps the samples
+    texts = [s.turns[0].text for s in getattr(inner, "samples", []) if s.turns]
+    return {
+        "chat_format": chat_format,
+        "prompt_template": infer_template(texts, chat_format),
+        "tokenizer": {"source": str(Path(tokenizer_source).resolve()) if tokenizer_source else None,
+                      "class": type(tokenizer).__name__, "vocab_size": int(tokenizer.vocab_size)},
+    }
+
+
 def save_final(
     model: nn.Module,
     tokenizer: Any,

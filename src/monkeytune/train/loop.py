@@ -28,7 +28,7 @@ from monkeytune.train.engine import (
     write_run_record,
 )
 from monkeytune.train.fingerprint import run_fingerprint
-from monkeytune.train.final import rebuild_from_state, save_final
+from monkeytune.train.final import rebuild_from_state, save_final, training_record
 from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.losses import TrainingModule
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
@@ -50,6 +50,7 @@ from monkeytune.train.setup import (
 )
 from monkeytune.train.state import RUN_CONFIG_FILE, check_same_run, ever_trained_names, load_engine_state, load_model_state
 from monkeytune.train.step import StepContext, TrainingError, run_step
+from monkeytune.train.trackers import start_trackers
 
 __all__ = ["TrainResult", "TrainingError", "train"]
 
@@ -112,7 +113,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
     lock = claim_run_dir(run_dir, acc)
-    handler = None
+    handler = metrics = None
     try:
         handler = _add_file_log(run_dir) if main else None
         ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
@@ -165,6 +166,10 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
+        trained_with = training_record(cfg.data.template, dataset, tokenizer, tokenizer_dir(cfg) or cfg.model.from_dir)
+        if main:
+            logger.info("the final model will record prompt template %s (chat format %s)",
+                        trained_with["prompt_template"], trained_with["chat_format"])
         steps_total = total_steps(cfg, sampler.batches_per_epoch)
         scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
         apply_stage(model, optimizer, stage, scheduler)
@@ -187,10 +192,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
                         position.epoch, position.batch)
 
+        start_trackers(acc, cfg, start_step if saved else None)
+        metrics = MetricsLog(run_dir, main, acc, resume_step=start_step if saved else None)
         ctx = StepContext(
             cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
-            sharded=sharded, metrics=MetricsLog(run_dir, main, cfg.log.tensorboard,
-                                                resume_step=start_step if saved else None),
+            sharded=sharded, metrics=metrics,
             progress=Progress(steps_total, start_step, main and cfg.log.progress), checkpoints=ckpts,
             batches_per_epoch=sampler.batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
             bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
@@ -212,10 +218,12 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         if skipped:
             logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()
-        result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir)
+        result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir, trained_with)
         result.model = model
         return result
     finally:
+        if metrics is not None:
+            metrics.close()  # a crashed run's tracker files are flushed and its W&B/MLflow run ended too
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
@@ -259,8 +267,9 @@ def _enter_stage(ctx: StepContext, stage, step: int) -> None:
                        f"(+{len(change.newly_trainable)} / -{len(change.newly_frozen)} trainable tensors)")
 
 
-def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path) -> Path | None:
-    """Final save and loss plot."""
+def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path,
+            trained_with: dict[str, Any]) -> Path | None:
+    """Final save (recording ``trained_with``, see :func:`training_record`) and loss plot."""
     acc = ctx.engine.accelerator
     final_dir = None
     if cfg.checkpoint.final_save != "none":
@@ -276,7 +285,7 @@ def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path)
             final_dir = save_final(
                 model, tokenizer, run_dir / "final", cfg.checkpoint.final_save,
                 merge_llm_lora=cfg.checkpoint.merge_llm_lora, base_model=cfg.model.from_dir,
-                metadata={"chat_format": cfg.data.template},
+                metadata=trained_with,
                 dtype=COMPUTE_DTYPES.get(compute_precision(acc, cfg)),
             )
             logger.info("final model written to %s", final_dir)

@@ -1,14 +1,16 @@
-"""Run metrics: a JSON Lines log, TensorBoard when installed, a progress bar and a loss plot.
+"""Run metrics: a JSON Lines log, the experiment trackers, a progress bar and a loss plot.
 
 ``metrics.jsonl`` holds one object per logged optimizer step (``step``, ``epoch``, ``loss``,
-``lr``, ``grad_norm``, ``tokens``, ``tokens_per_s``, ``samples``, ``skipped``, ``time``). On resume
+``lr`` (the highest), ``lr/<component>`` (each trained component's rate, e.g.
+``lr/vision_adapters``, ``lr/resampler``, ``lr/llm_layers``), ``grad_norm``, ``tokens``,
+``tokens_per_s``, ``samples``, ``skipped``, ``time``). The same numbers go to the trackers of
+``log.trackers`` (:mod:`monkeytune.train.trackers`) as ``train/<name>``. On resume
 the lines after the checkpoint's step are dropped, so the file always describes one consistent
 history. Only the main process writes.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from monkeytune.train.checkpoint import write_text_atomic
+from monkeytune.train.trackers import finish_trackers, log_to_trackers
 
 logger = logging.getLogger(__name__)
 
@@ -45,36 +48,27 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsLog:
-    """Append-only metrics with optional TensorBoard mirroring.
+    """Append-only metrics, mirrored to the run's experiment trackers.
 
     Args:
-        run_dir: Run folder (``metrics.jsonl`` and ``tensorboard/`` go there).
+        run_dir: Run folder (``metrics.jsonl`` goes there).
         enabled: False on non-main ranks (then every call is a no-op).
-        tensorboard: ``auto``, ``true`` or ``false``.
+        accelerator: The run's accelerator; rows go to its trackers (started by
+            :func:`monkeytune.train.trackers.start_trackers`), if any.
         resume_step: Drop existing lines with ``step`` greater than this; None starts afresh.
     """
 
-    def __init__(self, run_dir: str | Path, enabled: bool = True, tensorboard: str = "auto",
+    def __init__(self, run_dir: str | Path, enabled: bool = True, accelerator=None,
                  resume_step: int | None = None):
         self.path = Path(run_dir) / METRICS_FILE
         self.enabled = enabled
-        self._tb = None
+        self._acc = accelerator
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
         # Through a temporary file: a crash here must not lose the history kept so far.
         write_text_atomic(self.path, "".join(json_line(r) for r in kept))
-        has_tb = importlib.util.find_spec("tensorboard") is not None
-        if tensorboard == "true" and not has_tb:
-            raise RuntimeError("log.tensorboard is true but the tensorboard package is not installed")
-        if tensorboard == "true" or (tensorboard == "auto" and has_tb):
-            from torch.utils.tensorboard import SummaryWriter
-
-            # TensorBoard hides events at steps >= purge_step; the checkpoint's own step is kept
-            # (as in metrics.jsonl) and is not logged again.
-            purge = None if resume_step is None else resume_step + 1
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=purge)
 
     def log(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -82,15 +76,13 @@ class MetricsLog:
         row = {"time": round(time.time(), 3), **row}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json_line(row))
-        if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+        if self._acc is not None and self._acc.trackers:
+            log_to_trackers(self._acc, row)
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        """Finish the trackers (safe to call again, e.g. after a crash)."""
+        if self._acc is not None:
+            finish_trackers(self._acc)
 
 
 def plot_losses(metrics_path: str | Path, out_path: str | Path) -> Path | None:

@@ -54,12 +54,14 @@ def hold_frozen_in_compute_dtype(model: nn.Module, trained: set[str], precision:
 
 
 def check_environment(cfg: TrainConfig) -> None:
-    """Refuse, before anything is built, settings this installation cannot honour."""
-    import importlib.util
+    """Refuse, before anything is built, settings this installation cannot honour.
 
-    if cfg.log.tensorboard == "true" and importlib.util.find_spec("tensorboard") is None:
-        raise SetupError("log.tensorboard is true but the tensorboard package is not installed: "
-                         "pip install tensorboard, or set log.tensorboard auto or false")
+    Raises:
+        ConfigError: a tracker in ``log.trackers`` is unknown or not installed.
+    """
+    from monkeytune.train.trackers import check_installed
+
+    check_installed(cfg.log)
 
 
 def check_engine(accelerator, cfg: TrainConfig) -> None:

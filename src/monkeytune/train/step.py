@@ -116,6 +116,7 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
 
     # Step (unless the step is bad or empty; the engine may skip it too) and schedule.
     lr = max(g["lr"] for g in ctx.inner_optimizer.param_groups)  # the rate this step uses
+    lrs = component_lrs(ctx.inner_optimizer)
     if bad and engine.updates_in_backward:
         # DeepSpeed has already applied this update inside backward: it cannot be skipped, and
         # the weights may now hold NaN. Stop with the last checkpoint intact.
@@ -136,7 +137,8 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
     row = {
         "step": step,
         "epoch": round(position.epoch + position.batch / ctx.batches_per_epoch, 4),
-        "loss": loss, "lr": lr, "grad_norm": norm if math.isfinite(norm) else None,
+        "loss": loss, "lr": lr, **lrs,
+        "grad_norm": norm if math.isfinite(norm) else None,
         "tokens": int(totals[0]), "samples": int(totals[1]),
         "tokens_per_s": round(float(totals[2]) / max(now - ctx.t_last, 1e-9), 1),
         "skipped": not applied,
@@ -164,6 +166,18 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
                  "grad_accum": cfg.train.grad_accum, "total_steps": ctx.total_steps}
         ctx.last_checkpoint = save_checkpoint(ctx, state)
     return row
+
+
+def component_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    """``{"lr/<component>": rate}`` of each component that trains (its decay and no-decay groups
+    share one rate). The step's ``lr`` alone hides e.g. a resampler at 10x the LLM's rate."""
+    out: dict[str, float] = {}
+    for group in optimizer.param_groups:
+        comp = group.get("component")
+        # Frozen components sit in the optimizer too when unfreezing stages exist; they do not train.
+        if comp and any(p.requires_grad for p in group["params"]):
+            out[f"lr/{comp}"] = max(out.get(f"lr/{comp}", 0.0), float(group["lr"]))
+    return out
 
 
 def save_checkpoint(ctx: StepContext, state: dict[str, Any]) -> Path:
