@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from monkeytune.memory import PRECISIONS, estimate_all, format_memory, summarize
+from monkeytune.memory import OPTIMIZERS, PRECISIONS, estimate_all, format_memory, summarize
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,11 +40,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, visual tokens included (default 2048)")
     p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (default 1)")
     p.add_argument("--precision", choices=["all", *PRECISIONS], default="all", help="precision rows to show")
+    p.add_argument("--optim", choices=OPTIMIZERS, default=None,
+                   help="optimizer the states are counted for (optim.name; default: the config file's, else "
+                   "adamw_torch); the 8-bit ones and llm-qlora list single-process/DDP rows only"),
     p.set_defaults(func=run)
 
 
-def _load_config(spec: str) -> tuple[Any, Any]:
-    """Return ``(ModelConfig, policy data or None)`` for a preset name or a config file.
+def _load_config(spec: str) -> tuple[Any, Any, str | None]:
+    """Return ``(ModelConfig, policy data or None, optim.name or None)`` for a preset name or a config file.
 
     The file is a model config (the whole file or its ``model`` key) or a training config, whose
     ``model`` section may be ``{preset: ...}``, ``{config: ...}`` or ``{from: FOLDER}``. For the
@@ -56,7 +59,7 @@ def _load_config(spec: str) -> tuple[Any, Any]:
 
     path = Path(spec)
     if spec in PRESETS and not path.is_file():
-        return get_config(spec), None
+        return get_config(spec), None, None
     if not path.is_file():
         raise ValueError(f"--config {spec!r} is neither a model preset ({', '.join(sorted(PRESETS))}) nor a file")
     text = path.read_text()
@@ -74,6 +77,8 @@ def _load_config(spec: str) -> tuple[Any, Any]:
     policy = data.get("policy")
     if isinstance(policy, dict):
         policy = {k: v for k, v in policy.items() if k in ("preset", "rules", "lora")}
+    optim = data.get("optim")
+    optim_name = optim.get("name") if isinstance(optim, dict) else None
     model = data["model"] if "model" in data else {k: v for k, v in data.items() if k != "policy"}
     try:
         cfg = config_from_section(model, f"{path}: model config")
@@ -85,7 +90,18 @@ def _load_config(spec: str) -> tuple[Any, Any]:
     except ValueError as exc:
         message = str(exc)
         raise ValueError(message if message.startswith(str(path)) else f"{path}: model config: {message}") from None
-    return cfg, policy
+    if optim_name is not None and optim_name not in OPTIMIZERS:
+        raise ValueError(f"{path}: optim.name must be one of {list(OPTIMIZERS)}, got {optim_name!r}")
+    return cfg, policy, optim_name
+
+
+def quantized_targets(plan: Any) -> tuple[str, ...]:
+    """The LLM linear layers a plan stores in 4 bits (the LoRA targets of ``llm-qlora``), else ``()``."""
+    from monkeytune.policy import DEFAULT_LLM_LORA, get_preset  # noqa: PLC0415
+
+    if get_preset(plan.preset).llm_lora != "qlora":
+        return ()
+    return tuple((plan.lora or {}).get("target_modules", DEFAULT_LLM_LORA["target_modules"]))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,9 +120,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.model is not None:
-            cfg, file_policy = folder_config(args.model), None
+            cfg, file_policy, file_optim = folder_config(args.model), None, None
         else:
-            cfg, file_policy = _load_config(args.config)
+            cfg, file_policy, file_optim = _load_config(args.config)
         if args.policy is None:
             plan = TrainPlan.from_config(file_policy, source=f"{args.config}: policy")
         elif args.policy in POLICY_PRESETS:
@@ -123,16 +139,19 @@ def run(args: argparse.Namespace) -> int:
     except (PlanError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = summarize(report.decisions, cfg)
+    summary = summarize(report.decisions, cfg, quantized_targets(plan))
+    optim = args.optim or file_optim or "adamw_torch"
     precisions = tuple(PRECISIONS) if args.precision == "all" else (args.precision,)
-    estimates = estimate_all(summary, cfg, args.gpus, args.batch_size, args.seq_len, args.images_per_sample, precisions)
+    estimates = estimate_all(summary, cfg, args.gpus, args.batch_size, args.seq_len, args.images_per_sample,
+                             precisions, optim)
     if args.json:
         out = {
             "config": cfg.name,
             "policy": report.to_dict(verbose=args.verbose),
             "memory": {
                 "gpus": args.gpus, "batch_size": args.batch_size, "seq_len": args.seq_len,
-                "images_per_sample": args.images_per_sample, "unit": "bytes",
+                "images_per_sample": args.images_per_sample, "optim": optim, "unit": "bytes",
+                "quantized_4bit_params": summary.quantized,
                 "estimates": [e.to_dict() for e in estimates],
             },
         }
