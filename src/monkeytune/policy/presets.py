@@ -7,12 +7,12 @@
 | ``lora-only``    | parameters whose name contains ``lora``                                       |
 | ``llm-lora``     | peft LoRA on the LLM's q/k/v/o and gate/up/down, per-window adapters, resampler |
 | ``llm-qlora``    | as ``llm-lora`` with the LLM's linear layers quantised to 4-bit NF4 (bitsandbytes) |
+| ``full``         | everything                                                                    |
 
 ``llm-qlora`` quantises on the CUDA GPU when there is one, else on the CPU through bitsandbytes'
 CPU backend (bitsandbytes >= 0.45: correct but slow, for small models and tests). On the meta
 device (``monkeytune inspect``) nothing can be quantised: the layers stay ``nn.Linear`` with
 their LoRA, and :mod:`monkeytune.memory` counts their weights as NF4.
-| ``full``         | everything                                                                    |
 """
 
 from __future__ import annotations
