@@ -156,7 +156,7 @@ def main() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     peak_flops = matmul_peak(device, torch.bfloat16 if device == "cuda" else torch.float32)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name}: measured matmul peak {peak_flops / 1e12:.1f} TFLOP/s "
+    print(f"{name}: measured matmul peak {peak_flops / 1e12:.3g} TFLOP/s "
           f"({'bf16' if device == 'cuda' else 'fp32'})")
     rows = []
     for policy in POLICIES:
