@@ -11,8 +11,13 @@ the script itself. For each policy (``monkey-fix-llm``, ``monkey``) it prints:
 * the peak memory next to ``monkeytune.memory``'s estimate for the same step;
 * whether the loss falls over steps on one repeated batch.
 
-``flash_attention_2`` is used for the LLM when the ``flash_attn`` package is installed; SDPA
-otherwise. Usage: ``python bench/gpu_check.py [--steps N] [--batch B]``; the last line is JSON.
+``flash_attention_2`` is used for the LLM when the ``flash_attn`` package is installed (on a GPU),
+SDPA otherwise. With flash attention the ``B`` samples of a step are packed padding-free: one
+row of ``B x tokens`` tokens whose ``position_ids`` restart at 0 per sample, with the
+``cu_seq_lens`` / ``max_length`` varlen arguments (:mod:`monkeytune.data.collate`), so samples
+never attend to each other; ``--packing on`` does the same under SDPA (which then builds the
+block-diagonal mask from the position ids). Usage: ``python bench/gpu_check.py [--steps N]
+[--batch B] [--packing auto|on|off]``; the last line is JSON.
 """
 
 from __future__ import annotations
@@ -86,7 +91,11 @@ def check_policy(policy: str, args, device: str) -> dict:
     dtype = torch.bfloat16 if gpu else torch.float32
     cfg = get_config(preset)
     text = max(16, args.tokens - cfg.tokens_per_image - 2)
-    batch = micro_batches(make_samples(cfg, args.batch, seed=3, text=(text, text)), "dynamic", 0, args.batch)[0]
+    attention = "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+    packing = args.packing == "on" or (args.packing == "auto" and attention == "flash_attention_2")
+    samples = make_samples(cfg, args.batch, seed=3, text=(text, text))
+    rows = max(len(it["input_ids"]) for it in samples) * args.batch  # every sample in one row
+    batch = micro_batches(samples, "padding_free" if packing else "dynamic", rows, args.batch)[0]
     tokens = int(batch["seq_lens"].sum())
     base = _reset_peak(device)  # before the model: the peak then counts weights, states and activations
     torch.manual_seed(0)
@@ -97,7 +106,6 @@ def check_policy(policy: str, args, device: str) -> dict:
 
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     hold_frozen_in_compute_dtype(model, trained, precision)
-    attention = "flash_attention_2" if gpu and importlib.util.find_spec("flash_attn") else "sdpa"
     if attention != "sdpa":
         model.llm.set_attn_implementation(attention)
     enable_llm_checkpointing(model.llm)
@@ -119,7 +127,8 @@ def check_policy(policy: str, args, device: str) -> dict:
     est = estimate_memory(summary, cfg, precision, "ddp", 1, batch_size=args.batch, seq_len=tokens // args.batch)
     flops = step_flops(model, cfg, batch)
     result = {
-        "policy": policy, "preset": preset, "precision": precision, "attention": attention,
+        "policy": policy, "preset": preset, "precision": precision, "attention": attention, "packing": packing,
+        "row_shape": list(batch["input_ids"].shape),
         "batch": args.batch, "tokens": tokens, "step_s": round(seconds, 3),
         "samples_per_s": round(args.batch / seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
         "tflops_per_s": round(flops / seconds / 1e12, 3),
@@ -137,6 +146,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per sample, visual tokens included")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="padding-free packing of the batch's samples (auto: with flash_attention_2)")
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
@@ -145,14 +156,15 @@ def main() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)
     peak_flops = matmul_peak(device, torch.bfloat16 if device == "cuda" else torch.float32)
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU"
-    print(f"{name}: measured matmul peak {peak_flops / 1e12:.1f} TFLOP/s "
+    print(f"{name}: measured matmul peak {peak_flops / 1e12:.3g} TFLOP/s "
           f"({'bf16' if device == 'cuda' else 'fp32'})")
     rows = []
     for policy in POLICIES:
         r = check_policy(policy, args, device)
         r["mfu"] = round(r["tflops_per_s"] * 1e12 / peak_flops, 4)
         rows.append(r)
-        print(f"{policy:<15} {r['preset']} {r['precision']} {r['attention']}: {r['samples_per_s']} samples/s, "
+        print(f"{policy:<15} {r['preset']} {r['precision']} {r['attention']}"
+              f"{' packed ' + 'x'.join(map(str, r['row_shape'])) if r['packing'] else ''}: {r['samples_per_s']} samples/s, "
               f"{r['tokens_per_s']} tokens/s, MFU {100 * r['mfu']:.1f}%, peak {r['peak_bytes'] / 2**30:.2f} GiB "
               f"(estimate {r['estimate_bytes'] / 2**30:.2f} GiB), loss {r['losses'][0]} -> {r['losses'][-1]} "
               f"({'falls' if r['loss_falls'] else 'does NOT fall'})", flush=True)

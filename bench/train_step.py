@@ -86,10 +86,11 @@ def make_samples(cfg, n: int, seed: int = 0, text=(20, 600)) -> list[dict]:
 def micro_batches(items: list[dict], strategy: str, max_length: int, rows: int) -> list[dict]:
     from monkeytune.data import Collator, first_fit_pack, pack_items
 
-    if strategy == "packing":
+    if strategy in ("packing", "padding_free"):
         plan = first_fit_pack([len(it["input_ids"]) for it in items], max_length)
         units = [pack_items([items[i] for i in row]) for row in plan]
-        collate = Collator(pad_id=0)
+        # padding_free: the micro-batch's rows in one unpadded row with cu_seqlens (flash_attention_2).
+        collate = Collator(pad_id=0, padding_free=strategy == "padding_free")
     else:
         units = items
         collate = Collator(pad_id=0, pad_to_length=max_length if strategy == "max_length" else None)
@@ -114,7 +115,7 @@ def _model(preset: str, device: str, checkpointing: bool):
 def _train_step(model, opt, batch: dict, device: str, dtype, update: bool = True) -> float:
     from monkeytune.data import model_inputs
 
-    inputs = {k: v.to(device) for k, v in model_inputs(batch).items()}
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in model_inputs(batch).items()}
     with torch.autocast(device_type=device, dtype=dtype, enabled=dtype != torch.float32):
         out = model(**inputs)
     (out.loss_sum / out.num_tokens.clamp(min=1)).backward()

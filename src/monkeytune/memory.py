@@ -15,6 +15,21 @@ bf16/fp16 ZeRO   2 B x P (half copy)                  2 B x T         12 B x T (
 fp32             4 B x P                              4 B x T         8 B x T (m and v)
 ===============  ===================================  ==============  ==================================
 
+With ``optim="adamw_bnb_8bit"`` or ``"paged_adamw_8bit"`` (bitsandbytes, single process or DDP
+only) the moments take 2 bytes per parameter plus one fp32 scale per 256 values each
+(:data:`ADAM8BIT_BYTES` = 2.03125), except in tensors under 4096 elements, which bitsandbytes
+keeps in fp32 (8 bytes). Paged states are counted on the GPU: paging only moves them out
+under memory pressure, at a cost in speed.
+
+**4-bit LLM (``llm-qlora``)**: the LLM's LoRA target linear weights are bitsandbytes NF4 with
+blocksize 64 and double quantization (``Linear4bit``'s default ``compress_statistics``): half a
+byte per weight, one uint8 scale per 64 weights and one fp32 scale per 256 of those
+(:data:`NF4_BYTES` = 0.5159). Everything else (embeddings, LM head, norms, biases, the vision
+tower, the resampler) stays at the precision's dtype, trained LoRA and adapter weights fp32. The
+forward and backward of each 4-bit layer dequantize its weight to the compute dtype, so one
+such copy of the largest quantized layer is added to the weights. QLoRA is counted for a single
+process or DDP only.
+
 Frozen weights follow the compute dtype under every engine (the trainer casts the parameters no
 unfreezing stage trains; DeepSpeed casts the whole module), and trained ones keep fp32 masters.
 
@@ -60,12 +75,21 @@ from typing import Iterable
 
 from monkeytune.config import ModelConfig
 from monkeytune.model.loss import LOSS_CHUNK
+# Sizing a configuration before it is built lives in model_size; re-exported for callers of this module.
+from monkeytune.model_size import check_fits_in_memory, estimate_parameters, memory_capacity  # noqa: F401
 from monkeytune.policy.components import canonical_name
 from monkeytune.policy.plan import Decision
 
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
 GIB = 1024**3
+# bitsandbytes' 8-bit blockwise Adam: two uint8 moments + two fp32 absmax per 256-value block.
+ADAM8BIT_BYTES = 2 + 2 * 4 / 256
+ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep fp32 moments (bitsandbytes' min_8bit_size)
+# NF4, blocksize 64, double quantization: 4 bits + a uint8 absmax per 64 + an fp32 absmax per 64 * 256.
+NF4_BLOCK = 64
+NF4_BYTES = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256)
 
 _BLOCK = re.compile(r"^(vision\.blocks\.(\d+)|llm\.model\.layers\.(\d+))\.")
 
@@ -84,6 +108,10 @@ class ParamSummary:
         llm_from: First LLM layer backward must reach (``num_layers`` when only the final norm
             or head trains).
         llm_lora: Whether peft LoRA adapters sit in the LLM.
+        trainable_small: Trainable parameters in tensors under :data:`ADAM8BIT_MIN_SIZE`
+            elements (fp32 moments under the 8-bit optimizers).
+        quantized: Frozen parameters stored as 4-bit NF4 (the LLM's linear weights under QLoRA).
+        largest_quantized: Elements of the largest 4-bit weight (dequantized while it computes).
     """
 
     total: int
@@ -94,11 +122,24 @@ class ParamSummary:
     resampler_grad: bool
     llm_from: int
     llm_lora: bool
+    trainable_small: int = 0
+    quantized: int = 0
+    largest_quantized: int = 0
 
 
-def summarize(decisions: Iterable[Decision], config: ModelConfig) -> ParamSummary:
-    """Reduce per-parameter decisions (``resolve_plan``/``plan_report``) to a :class:`ParamSummary`."""
+def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iterable[str] = ()) -> ParamSummary:
+    """Reduce per-parameter decisions (``resolve_plan``/``plan_report``) to a :class:`ParamSummary`.
+
+    Args:
+        decisions: One per parameter, of a model with unquantized weights (e.g. built on the
+            meta device, where QLoRA's layers stay ``nn.Linear``).
+        config: The model configuration.
+        quantize: Names of the LLM linear layers stored in 4 bits (QLoRA's LoRA targets, e.g.
+            ``q_proj``); their frozen ``weight`` counts as NF4.
+    """
     decisions = list(decisions)
+    targets = tuple(quantize)
+    quantized = [d.numel for d in decisions if targets and _is_quantized(d, targets)]
     blocks: dict[str, int] = {}
     root = 0
     vision_first: int | None = None
@@ -132,12 +173,26 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig) -> ParamSummar
         resampler_grad=resampler_grad,
         llm_from=llm_from,
         llm_lora=any(d.component == "llm_lora" for d in decisions),
+        trainable_small=sum(d.numel for d in decisions if d.trainable and d.numel < ADAM8BIT_MIN_SIZE),
+        quantized=sum(quantized),
+        largest_quantized=max(quantized, default=0),
     )
+
+
+def _is_quantized(d: Decision, targets: tuple[str, ...]) -> bool:
+    """A frozen LLM-layer linear weight of a target module (peft moves it to ``<target>.base_layer``)."""
+    if d.trainable or d.component != "llm_layers":
+        return False
+    parts = canonical_name(d.name).split(".")
+    if parts[-1] != "weight":
+        return False
+    owner = parts[-3] if parts[-2] == "base_layer" else parts[-2]
+    return owner in targets
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes per GPU for one precision and strategy (``activations_ckpt``: with checkpointing)."""
+    """Bytes per GPU for one precision, strategy and optimizer (``activations_ckpt``: with checkpointing)."""
 
     precision: str
     strategy: str
@@ -147,6 +202,7 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     activations_ckpt: int
+    optim: str = "adamw_torch"
 
     @property
     def states(self) -> int:
@@ -162,32 +218,59 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict[str, int | str]:
         return {
-            "precision": self.precision, "strategy": self.strategy, "gpus": self.gpus,
+            "precision": self.precision, "strategy": self.strategy, "gpus": self.gpus, "optim": self.optim,
             "weights": self.weights, "gradients": self.gradients, "optimizer": self.optimizer,
             "activations": self.activations, "activations_ckpt": self.activations_ckpt,
             "total": self.total, "total_ckpt": self.total_ckpt,
         }
 
 
-def model_state_bytes(s: ParamSummary, precision: str, strategy: str, gpus: int) -> tuple[int, int, int]:
+def strategies_for(s: ParamSummary, optim: str = "adamw_torch") -> tuple[str, ...]:
+    """The strategies a plan can train under: 8-bit optimizers and 4-bit weights only single-process/DDP."""
+    if optim != "adamw_torch" or s.quantized:
+        return ("ddp",)
+    return STRATEGIES
+
+
+def optimizer_state_bytes(s: ParamSummary, optim: str) -> int:
+    """AdamW moments of every trained parameter, unsharded (see the module docstring)."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"optim must be one of {list(OPTIMIZERS)}, got {optim!r}")
+    if optim == "adamw_torch":
+        return 8 * s.trainable
+    return round(ADAM8BIT_BYTES * (s.trainable - s.trainable_small)) + 8 * s.trainable_small
+
+
+def model_state_bytes(s: ParamSummary, precision: str, strategy: str, gpus: int,
+                      optim: str = "adamw_torch") -> tuple[int, int, int]:
     """``(weights, gradients, optimizer)`` bytes per GPU; see the module docstring for the rules."""
+    if optim not in OPTIMIZERS:
+        raise ValueError(f"optim must be one of {list(OPTIMIZERS)}, got {optim!r}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {precision!r}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {list(STRATEGIES)}, got {strategy!r}")
+    if strategy not in strategies_for(s, optim):
+        what = "4-bit weights" if s.quantized else optim
+        raise ValueError(f"{what} train single-process or under DDP only, not under {strategy}")
     if gpus < 1:
         raise ValueError(f"gpus must be >= 1, got {gpus}")
     half = precision != "fp32"
-    frozen = s.total - s.trainable
+    a = PRECISIONS[precision]
+    # 4-bit weights, plus one dequantized copy (compute dtype: bf16 under fp32, as QLoRA computes).
+    quant = round(NF4_BYTES * s.quantized) + (2 if not half else a) * s.largest_quantized
+    frozen = s.total - s.trainable - s.quantized
+    moments = optimizer_state_bytes(s, optim)
     if not half:
-        weights, grads, optim = 4 * s.total, 4 * s.trainable, 8 * s.trainable
+        weights, grads, optim_bytes = 4 * (frozen + s.trainable) + quant, 4 * s.trainable, moments
     elif strategy in ("ddp", "fsdp"):
         # Frozen weights are held in the compute dtype; trained ones stay fp32 masters with fp32
         # gradients (autocast under DDP, FSDP2's MixedPrecisionPolicy computes in half).
-        weights, grads, optim = 2 * frozen + 4 * s.trainable, 4 * s.trainable, 8 * s.trainable
+        weights, grads, optim_bytes = 2 * frozen + 4 * s.trainable + quant, 4 * s.trainable, moments
     else:
         # DeepSpeed: the module in half precision, fp32 masters and moments in the optimizer.
-        weights, grads, optim = 2 * s.total, 2 * s.trainable, 12 * s.trainable
+        weights, grads, optim_bytes = 2 * s.total, 2 * s.trainable, 12 * s.trainable
+    optim = optim_bytes
     n = gpus
     if strategy in ("zero1", "zero2", "zero3", "fsdp"):
         optim = -(-optim // n)
@@ -266,12 +349,13 @@ def estimate_memory(
     batch_size: int = 1,
     seq_len: int = 2048,
     images_per_sample: int = 1,
+    optim: str = "adamw_torch",
 ) -> MemoryEstimate:
-    """Per-GPU memory of one precision/strategy, with and without gradient checkpointing."""
-    weights, grads, optim = model_state_bytes(s, precision, strategy, gpus)
+    """Per-GPU memory of one precision/strategy/optimizer, with and without gradient checkpointing."""
+    weights, grads, moments = model_state_bytes(s, precision, strategy, gpus, optim)
     act = activation_bytes(s, config, batch_size, seq_len, precision, False, images_per_sample)["total"]
     act_ck = activation_bytes(s, config, batch_size, seq_len, precision, True, images_per_sample)["total"]
-    return MemoryEstimate(precision, strategy, gpus, weights, grads, optim, act, act_ck)
+    return MemoryEstimate(precision, strategy, gpus, weights, grads, moments, act, act_ck, optim)
 
 
 def estimate_all(
@@ -282,12 +366,13 @@ def estimate_all(
     seq_len: int = 2048,
     images_per_sample: int = 1,
     precisions: Iterable[str] = tuple(PRECISIONS),
+    optim: str = "adamw_torch",
 ) -> list[MemoryEstimate]:
-    """Every precision x strategy combination."""
+    """Every precision x strategy combination the plan and optimizer can train under (:func:`strategies_for`)."""
     return [
-        estimate_memory(s, config, p, st, gpus, batch_size, seq_len, images_per_sample)
+        estimate_memory(s, config, p, st, gpus, batch_size, seq_len, images_per_sample, optim)
         for p in precisions
-        for st in STRATEGIES
+        for st in strategies_for(s, optim)
     ]
 
 
@@ -307,69 +392,8 @@ def format_memory(estimates: list[MemoryEstimate], batch_size: int, seq_len: int
     def fmt(cells: tuple[str, ...]) -> str:
         return "  ".join(c.ljust(wd) if i < 2 else c.rjust(wd) for i, (c, wd) in enumerate(zip(cells, widths)))
 
-    title = (f"training memory per GPU (GiB), {gpus} GPU(s), AdamW, micro-batch {batch_size} x {seq_len} tokens"
+    optim = {"adamw_torch": "AdamW", "adamw_bnb_8bit": "8-bit AdamW",
+             "paged_adamw_8bit": "paged 8-bit AdamW"}[estimates[0].optim]
+    title = (f"training memory per GPU (GiB), {gpus} GPU(s), {optim}, micro-batch {batch_size} x {seq_len} tokens"
              " (approximate; see monkeytune.memory)")
     return "\n".join([title, "", fmt(header), fmt(tuple("-" * wd for wd in widths)), *[fmt(r) for r in rows]])
-
-
-# ------------------------------------------------------------------ size before building
-
-
-def estimate_parameters(config: ModelConfig) -> int:
-    """The model's parameter count from its configuration alone (nothing is built).
-
-    Exact up to LayerNorm / bias terms of the resampler's cross-attention; used to refuse a
-    configuration that cannot fit before spending minutes building it.
-    """
-    v, llm = config.vision, config.llm
-    w, m, d = v.width, v.mlp_width, v.output_dim
-    block = (3 * w * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w) + 4 * w
-    if v.lora_slots > 0:
-        block += v.lora_slots * (v.lora_rank_attn * 4 * w + v.lora_rank_attn * 2 * w + v.lora_rank_mlp * 2 * w + 3)
-    tower = 3 * v.patch_size**2 * w + v.pos_grid**2 * w + 2 * w + v.layers * block
-    resampler = v.n_queries * d + (w * d if w != d else 0) + 4 * (d * d + d) + 6 * d + d * d
-    h = llm.hidden_size
-    kv = llm.num_kv_heads * (h // max(llm.num_heads, 1))
-    layer = (h * h + h) + 2 * (h * kv + kv) + h * h + 3 * h * llm.intermediate_size + 2 * h
-    embeddings = llm.vocab_size * h * (1 if llm.tie_word_embeddings else 2)
-    return tower + resampler + llm.num_layers * layer + embeddings + h
-
-
-def memory_capacity() -> int:
-    """Bytes of host memory plus the memory of every visible GPU."""
-    import os
-
-    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            total += sum(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
-    except Exception:  # noqa: BLE001 - a broken CUDA set-up only means the GPUs are not counted
-        pass
-    return total
-
-
-def check_fits_in_memory(config: ModelConfig, bytes_per_param: int = 2) -> int:
-    """Refuse a configuration whose weights alone exceed this machine's memory.
-
-    Args:
-        config: The model configuration (e.g. read from a folder's ``config.json``).
-        bytes_per_param: 2 when loading (the smallest dtype a model is used in), 4 for fp32
-            training.
-
-    Returns:
-        The estimated parameter count.
-
-    Raises:
-        ValueError: stating the count, the bytes it needs and the memory available.
-    """
-    count = estimate_parameters(config)
-    need, have = count * bytes_per_param, memory_capacity()
-    if need > have:
-        raise ValueError(
-            f"the model config describes about {count:.3g} parameters ({need / GIB:,.1f} GiB at {bytes_per_param} "
-            f"bytes each), more than this machine's memory ({have / GIB:,.1f} GiB)"
-        )
-    return count
-

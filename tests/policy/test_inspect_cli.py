@@ -90,3 +90,15 @@ def test_inspect_reads_a_training_config(tiny, tmp_path, capsys):
     run.write_text(yaml.safe_dump({"model": {"preset": "tiny", "from": str(tmp_path / "ckpt")}}))
     assert main(["inspect", "--config", str(run)]) == 2
     assert "exactly one of preset, config or from" in capsys.readouterr().err
+
+
+def test_inspect_qlora_and_8bit_on_any_machine(capsys):
+    """llm-qlora is inspected on the meta device: no GPU and no quantisation needed."""
+    assert main(["inspect", "--config", "tiny", "--policy", "llm-qlora", "--json", "--precision", "bf16",
+                 "--optim", "adamw_bnb_8bit"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    mem = out["memory"]
+    assert mem["optim"] == "adamw_bnb_8bit" and mem["quantized_4bit_params"] > 0
+    assert [(e["strategy"], e["optim"]) for e in mem["estimates"]] == [("ddp", "adamw_bnb_8bit")]
+    assert main(["inspect", "--config", "tiny", "--policy", "llm-qlora", "--precision", "bf16"]) == 0
+    assert "AdamW, micro-batch" in capsys.readouterr().out

@@ -84,3 +84,68 @@ def test_monkey_7b_estimates_are_ordered_and_plausible():
     assert all(e.activations_ckpt < e.activations for e in est.values())
     assert est[("fp32", "ddp")].states == ddp.states + 2 * frozen
     assert est[("bf16", "ddp")].activations < est[("fp32", "ddp")].activations
+
+
+def test_8bit_adamw_moments():
+    from monkeytune.memory import ADAM8BIT_BYTES
+
+    # 400 trained, 100 of them in tensors too small for 8-bit states (fp32 moments).
+    s = ParamSummary(total=1000, trainable=400, root_unit=100, largest_block=50, vision_from=0,
+                     resampler_grad=True, llm_from=0, llm_lora=False, trainable_small=100)
+    assert ADAM8BIT_BYTES == 2 + 8 / 256
+    for name in ("adamw_bnb_8bit", "paged_adamw_8bit"):
+        assert model_state_bytes(s, "bf16", "ddp", 1, name) == (2 * 600 + 4 * 400, 1600, round(300 * ADAM8BIT_BYTES) + 800)
+    with pytest.raises(ValueError, match="adamw_bnb_8bit train single-process or under DDP only, not under fsdp"):
+        model_state_bytes(s, "bf16", "fsdp", 2, "adamw_bnb_8bit")
+    assert [e.strategy for e in estimate_all(s, get_config("tiny"), optim="adamw_bnb_8bit")] == ["ddp"] * 3
+
+
+def test_nf4_weights_match_bitsandbytes_storage():
+    """NF4_BYTES is what a real bitsandbytes Linear4bit stores per weight (CPU backend)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from monkeytune.memory import NF4_BYTES
+
+    layer = bnb.nn.Linear4bit(256, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    layer.weight = bnb.nn.Params4bit(torch.randn(1024, 256), requires_grad=False, quant_type="nf4")
+    layer = layer.to("cpu")  # quantises
+    q = layer.weight.quant_state
+    assert q.blocksize == 64 and q.nested  # monkeytune quantises with these defaults
+    stored = sum(t.numel() * t.element_size() for t in (layer.weight.data, q.absmax, q.state2.absmax))
+    assert stored / (1024 * 256) == pytest.approx(NF4_BYTES, rel=1e-6)
+
+
+def test_qlora_summary_counts_the_lora_targets_as_4bit():
+    from monkeytune.memory import NF4_BYTES
+    from monkeytune.policy import DEFAULT_LLM_LORA
+
+    cfg = get_config("tiny")
+    with torch.device("meta"):
+        model = build_model(cfg)
+        report = plan_report(model, TrainPlan("llm-qlora"))  # on meta: LoRA added, nothing quantised
+    s = summarize(report.decisions, cfg, DEFAULT_LLM_LORA["target_modules"])
+    h, f, layers = cfg.llm.hidden_size, cfg.llm.intermediate_size, cfg.llm.num_layers
+    assert s.quantized == layers * (4 * h * h + 3 * h * f) and s.largest_quantized == h * f
+    plain = summarize(report.decisions, cfg)
+    w4, _, _ = model_state_bytes(s, "bf16", "ddp", 1)
+    w16, _, _ = model_state_bytes(plain, "bf16", "ddp", 1)
+    assert w16 - w4 == 2 * s.quantized - round(NF4_BYTES * s.quantized) - 2 * h * f
+    with pytest.raises(ValueError, match="4-bit weights train single-process or under DDP only, not under zero2"):
+        model_state_bytes(s, "bf16", "zero2", 2)
+
+
+def test_monkey_7b_one_gpu_targets():
+    """The 1-GPU figures of issue 14 (bf16, gradient checkpointing, 2048 tokens, one image)."""
+    from monkeytune.policy import DEFAULT_LLM_LORA
+    from monkeytune.memory import estimate_memory
+
+    cfg = get_config("monkey-7b")
+    with torch.device("meta"):
+        fix = summarize(plan_report(build_model(cfg), TrainPlan("monkey-fix-llm")).decisions, cfg)
+        qlora = summarize(plan_report(build_model(cfg), TrainPlan("llm-qlora")).decisions, cfg,
+                          DEFAULT_LLM_LORA["target_modules"])
+    gib = {(name, o): estimate_memory(s, cfg, "bf16", "ddp", 1, optim=o).total_ckpt / GIB
+           for name, s in (("fix", fix), ("qlora", qlora)) for o in ("adamw_torch", "adamw_bnb_8bit")}
+    assert 21.9 < gib["fix", "adamw_torch"] < 22.1
+    assert 21.0 < gib["fix", "adamw_bnb_8bit"] < 21.4  # only ~143M parameters train: 1.06 -> 0.27 GiB of moments
+    assert 13.6 < gib["qlora", "adamw_torch"] < 14.0
+    assert 12.6 < gib["qlora", "adamw_bnb_8bit"] < 13.0

@@ -16,7 +16,6 @@ from monkeytune.policy import (
     canonical_name,
     component_of,
     plan_report,
-    qlora_unavailable_reason,
     trainable_names,
 )
 
@@ -100,12 +99,6 @@ def test_rules_written_for_the_bare_model_apply_under_peft(tiny):
     assert not any(".layers.0." in n for n in names if n.startswith("llm."))
     assert any(".layers.1." in n and "lora_A" in n for n in names)
     assert "llm.base_model.model.model.norm.weight" in names
-
-
-@pytest.mark.skipif(qlora_unavailable_reason() is None, reason="bitsandbytes and a GPU are present")
-def test_qlora_without_bitsandbytes_or_gpu_is_a_clear_error(tiny):
-    with pytest.raises(PlanError, match="llm-qlora needs 4-bit bitsandbytes.*Use preset llm-lora"):
-        apply_plan(tiny, TrainPlan("llm-qlora"))
 
 
 def test_report_text_json_and_verbose(tiny):

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from monkeytune.memory import PRECISIONS
+from monkeytune.memory import OPTIMIZERS, PRECISIONS
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,6 +37,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence, visual tokens included (default 2048)")
     p.add_argument("--images-per-sample", type=int, default=1, help="images per sequence (default 1)")
     p.add_argument("--precision", choices=["all", *PRECISIONS], default="all", help="precision rows to show")
+    p.add_argument("--optim", choices=OPTIMIZERS, default=None,
+                   help="optimizer the states are counted for (optim.name; default: the config file's, else "
+                   "adamw_torch); the 8-bit ones and llm-qlora list single-process/DDP rows only")
     p.set_defaults(func=run)
 
 
@@ -50,12 +53,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         if args.model is not None:
-            spec, file_policy = ModelSpec(from_dir=args.model), None
+            spec, file_policy, file_optim = ModelSpec(from_dir=args.model), None, None
         else:
-            spec, file_policy = read_inspect_config(args.config)
+            spec, file_policy, file_optim = read_inspect_config(args.config)
         plan = choose_plan(args.policy, file_policy, args.rule, where=str(args.config))
         precisions = tuple(PRECISIONS) if args.precision == "all" else (args.precision,)
-        result = inspect_plan(spec, plan, args.gpus, args.batch_size, args.seq_len, args.images_per_sample, precisions)
+        optim = args.optim or file_optim or "adamw_torch"
+        result = inspect_plan(spec, plan, args.gpus, args.batch_size, args.seq_len, args.images_per_sample, precisions,
+                              optim)
     except (PlanError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

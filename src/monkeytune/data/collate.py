@@ -21,8 +21,21 @@ Packing metadata:
     ``seq_lens`` ``[B, K]`` int32: lengths of the samples in each row, zero-filled on the right
     (``K`` = most samples in a row; ``K = 1`` when not packed). Padding is not included.
     :func:`packed_attention_mask` turns it into a block-diagonal mask for SDPA or eager
-    attention. (The model derives packed attention from ``position_ids``; nothing reads
-    flash-attention ``cu_seqlens``, so batches do not carry them.)
+    attention.
+
+Padding-free batches (``Collator(padding_free=True)``, used with ``flash_attention_2``): every
+sample of the micro-batch is concatenated into one row, ``B = 1`` and ``T`` = the sum of the
+sample lengths, with no padding and no ``attention_mask``; ``position_ids`` restart at 0 for
+each sample and the labels of each sample's first token are ``-100`` (so no target crosses a
+boundary). The batch also carries transformers' flash-attention varlen arguments
+(``FlashAttentionKwargs``, as ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``
+gives them), which the model passes to the decoder:
+    ``cu_seq_lens_q`` / ``cu_seq_lens_k`` ``[K + 1]`` int32: ``0`` then the cumulative sample
+    lengths (``K`` samples in the batch).
+    ``max_length_q`` / ``max_length_k`` int: the longest sample.
+With them flash attention runs ``flash_attn_varlen_func`` over the samples and reads no
+position ids for boundaries; SDPA and eager ignore them and find the samples from the
+restarting ``position_ids`` (transformers builds the block-diagonal mask for ``B = 1``).
 
 Bookkeeping (not model inputs):
     ``num_images`` int: images in the batch (``pixel_values`` holds ``views`` per image).
@@ -38,7 +51,8 @@ import torch
 
 from monkeytune.data.templates import IGNORE_INDEX
 
-MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "view_slots")
+FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "view_slots", *FLASH_KEYS)
 
 
 def model_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -65,15 +79,20 @@ class Collator:
             ``None`` or 1 for exact longest-in-batch padding.
         pad_to_length: Pad every batch to exactly this length (the official behaviour, which
             pads to ``model_max_length``); overrides dynamic padding.
+        padding_free: Concatenate the whole micro-batch into one unpadded row with the
+            flash-attention varlen arguments (see the module docstring); the padding options
+            then do not apply.
 
     Raises (on call):
         ValueError: a row is longer than ``pad_to_length``, or packed and plain items are mixed.
     """
 
-    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, pad_to_length: int | None = None):
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, pad_to_length: int | None = None,
+                 padding_free: bool = False):
         self.pad_id = int(pad_id)
         self.pad_to_multiple_of = pad_to_multiple_of
         self.pad_to_length = pad_to_length
+        self.padding_free = padding_free
 
     def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if not items:
@@ -82,6 +101,8 @@ class Collator:
         if any(packed) and not all(packed):
             raise ValueError("a batch mixes packed rows and single samples")
         packed_batch = packed[0]
+        if self.padding_free:
+            return flatten_items(items, packed_batch)
         lens = [int(it["input_ids"].shape[0]) for it in items]
         longest = max(lens)
         if self.pad_to_length is not None:
@@ -128,6 +149,40 @@ class Collator:
         if not packed_batch:
             batch["attention_mask"] = attention_mask
         return batch
+
+
+def flatten_items(items: Sequence[dict[str, Any]], packed: bool) -> dict[str, Any]:
+    """One unpadded row holding every sample of ``items`` (the padding-free batch of the module docstring).
+
+    Args:
+        items: Packed rows (with ``seq_lens`` and ``position_ids``) or single samples.
+        packed: Whether ``items`` are packed rows.
+
+    Returns:
+        The batch: ``input_ids``/``labels``/``position_ids`` ``[1, T]``, ``seq_lens`` ``[1, K]``,
+        ``cu_seq_lens_q``/``_k`` ``[K + 1]`` int32, ``max_length_q``/``_k``, images and bookkeeping.
+    """
+    lens = [int(x) for it in items for x in (it["seq_lens"] if packed else [it["input_ids"].shape[0]])]
+    input_ids = torch.cat([it["input_ids"] for it in items]).to(torch.int64)
+    labels = torch.cat([it["labels"] for it in items]).to(torch.int64)
+    position_ids = torch.cat([torch.arange(n) for n in lens])
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    # The previous sample's last hidden state must not be trained to predict this sample's first token.
+    labels[cu[:-1].long()] = IGNORE_INDEX
+    longest = max(lens)
+    return {
+        "input_ids": input_ids[None],
+        "position_ids": position_ids[None],
+        "labels": labels[None],
+        "pixel_values": torch.cat([it["pixel_values"] for it in items]),
+        "view_slots": torch.cat([it["view_slots"] for it in items]).to(torch.int64),
+        "seq_lens": torch.tensor([lens], dtype=torch.int32),
+        "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+        "num_images": sum(int(it["num_images"]) for it in items),
+        "num_samples": len(lens),
+        "ids": [i for it in items for i in (it["ids"] if packed else [it["id"]])],
+    }
 
 
 def packed_attention_mask(seq_lens: torch.Tensor | Sequence[Sequence[int]], length: int) -> torch.Tensor:

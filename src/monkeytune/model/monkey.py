@@ -283,6 +283,7 @@ class MonkeyForCausalLM(nn.Module):
         view_slots: torch.Tensor | None = None,
         loss_chunk_size: int = LOSS_CHUNK,
         token_weights: torch.Tensor | None = None,
+        **varlen: Any,
     ) -> MonkeyOutput:
         """Run the model.
 
@@ -299,11 +300,17 @@ class MonkeyForCausalLM(nn.Module):
             loss_chunk_size: Supervised positions per LM-head chunk.
             token_weights: Optional ``[B, T]`` weight of each target ``labels[b, t]``;
                 ``loss_sum`` is then the weighted sum (used for the per-sample loss).
+            **varlen: transformers' flash-attention varlen arguments of a padding-free batch
+                (``cu_seq_lens_q``/``_k`` ``[K + 1]`` int32, ``max_length_q``/``_k`` int, with
+                ``B = 1``; see :mod:`monkeytune.data.collate`), passed to the decoder.
 
         Returns:
             :class:`MonkeyOutput` with ``loss``/``loss_sum``/``num_tokens`` when labels were
             given, else ``logits`` ``[B, T, vocab]``.
         """
+        unknown = set(varlen) - {"cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"}
+        if unknown:
+            raise TypeError(f"forward() got unexpected keyword arguments {sorted(unknown)}")
         embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
         decoder = self.llm.get_decoder()
         out = decoder(
@@ -311,6 +318,7 @@ class MonkeyForCausalLM(nn.Module):
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=False,  # a cache would also disable packed-sequence masking
+            **varlen,
         )
         hidden = out.last_hidden_state
         head = self.llm.get_output_embeddings()

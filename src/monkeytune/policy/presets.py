@@ -6,8 +6,13 @@
 | ``monkey-fix-llm`` | per-window adapters, whole resampler (LLM layers/embeddings/norm/head frozen) |
 | ``lora-only``    | parameters whose name contains ``lora``                                       |
 | ``llm-lora``     | peft LoRA on the LLM's q/k/v/o and gate/up/down, per-window adapters, resampler |
-| ``llm-qlora``    | as ``llm-lora`` with the LLM's linear layers quantised to 4-bit NF4 (bitsandbytes + CUDA) |
+| ``llm-qlora``    | as ``llm-lora`` with the LLM's linear layers quantised to 4-bit NF4 (bitsandbytes) |
 | ``full``         | everything                                                                    |
+
+``llm-qlora`` quantises on the CUDA GPU when there is one, else on the CPU through bitsandbytes'
+CPU backend (bitsandbytes >= 0.45: correct but slow, for small models and tests). On the meta
+device (``monkeytune inspect``) nothing can be quantised: the layers stay ``nn.Linear`` with
+their LoRA, and :mod:`monkeytune.memory` counts their weights as NF4.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ POLICY_PRESETS: dict[str, Preset] = {
         Preset("lora-only", "only parameters whose name contains 'lora'", None, name_contains="lora"),
         Preset("llm-lora", "peft LoRA on the LLM (base frozen), per-window LoRA and resampler trainable",
                ("vision_adapters", "resampler", "llm_lora"), llm_lora="lora"),
-        Preset("llm-qlora", "llm-lora on a 4-bit NF4 LLM base (needs bitsandbytes and a CUDA GPU)",
+        Preset("llm-qlora", "llm-lora on a 4-bit NF4 LLM base (needs bitsandbytes)",
                ("vision_adapters", "resampler", "llm_lora"), llm_lora="qlora"),
         Preset("full", "every parameter trainable",
                ("vision_tower", "vision_adapters", "resampler", "other") + _LLM_ALL),
@@ -88,23 +93,18 @@ def has_llm_lora(model: nn.Module) -> bool:
 
 def qlora_unavailable_reason() -> str | None:
     """Why 4-bit QLoRA cannot run here, or ``None`` when it can."""
-    missing = []
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package is not installed (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        missing.append("no CUDA GPU is available")
-    if not missing:
+    if importlib.util.find_spec("bitsandbytes") is not None:
         return None
-    return "preset llm-qlora needs 4-bit bitsandbytes kernels: " + "; ".join(missing) + (
-        ". Use preset llm-lora (LoRA on an unquantised LLM) instead."
-    )
+    return ("preset llm-qlora needs 4-bit bitsandbytes kernels: the bitsandbytes package is not installed "
+            "(pip install bitsandbytes). Use preset llm-lora (LoRA on an unquantised LLM) instead.")
 
 
 def quantize_llm_4bit(llm: nn.Module, targets: tuple[str, ...] | list[str], compute_dtype: torch.dtype) -> int:
-    """Replace the LLM's target ``nn.Linear`` layers by bitsandbytes NF4 ``Linear4bit`` on the GPU.
+    """Replace the LLM's target ``nn.Linear`` layers by bitsandbytes NF4 ``Linear4bit``.
 
-    The weights are moved to the current CUDA device, where bitsandbytes quantises them; the
-    rest of the LLM is moved there too so the forward runs on one device.
+    The weights are moved to the current CUDA device when there is one (else they stay on the
+    CPU), where bitsandbytes quantises them (blocksize 64, double quantization: its defaults);
+    the rest of the LLM is moved there too so the forward runs on one device.
 
     Returns:
         Number of linear layers replaced.
@@ -114,7 +114,7 @@ def quantize_llm_4bit(llm: nn.Module, targets: tuple[str, ...] | list[str], comp
         raise PlanError(reason)
     import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency, only here
 
-    device = torch.device("cuda", torch.cuda.current_device())
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     replaced = 0
     for parent_name, parent in list(llm.named_modules()):
         for child_name, child in list(parent.named_children()):
@@ -129,7 +129,7 @@ def quantize_llm_4bit(llm: nn.Module, targets: tuple[str, ...] | list[str], comp
             q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
             if child.bias is not None:
                 q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(parent, child_name, q.to(device))  # .to(cuda) performs the quantisation
+            setattr(parent, child_name, q.to(device))  # .to(device) performs the quantisation
             replaced += 1
     llm.to(device)
     return replaced
@@ -146,7 +146,8 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
         model: A model with an ``llm`` attribute (a transformers causal LM).
         options: Overrides of :data:`DEFAULT_LLM_LORA` (``r``, ``alpha``, ``dropout``,
             ``target_modules``).
-        quantize: Quantise the target linear layers to 4-bit first (QLoRA).
+        quantize: Quantise the target linear layers to 4-bit first (QLoRA). On the meta device
+            they stay unquantised (there are no values to quantise; see the module docstring).
 
     Returns:
         ``True`` if LoRA was added, ``False`` if the model already had it.
@@ -162,7 +163,7 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
     opts.update(options or {})
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - heavy import, only when needed
 
-    if quantize:
+    if quantize and not next(model.llm.parameters()).is_meta:
         weight = next(model.llm.parameters())
         dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
         quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), dtype)

@@ -34,6 +34,10 @@ LOSS_NORMS = ("per_token", "per_sample")
 SCHEDULERS = ("cosine", "linear", "constant")
 PADDINGS = ("dynamic", "max_length")
 FINAL_SAVES = ("full", "adapters", "none")
+# transformers' ``TrainingArguments.optim`` names (as LLaMA-Factory passes them through), so a
+# recipe's value carries over unchanged. The 8-bit ones are bitsandbytes' blockwise AdamW.
+OPTIMIZERS = ("adamw_torch", "adamw_bnb_8bit", "paged_adamw_8bit")
+ATTENTIONS = ("sdpa", "flash_attention_2")
 CHECKPOINTABLE = ("llm", "vit")
 
 
@@ -111,6 +115,10 @@ class OptimSection:
     """AdamW and the learning-rate schedule (defaults: the official Monkey recipe).
 
     Attributes:
+        name: ``adamw_torch`` (PyTorch AdamW, fp32 moments: 8 bytes per trained parameter),
+            ``adamw_bnb_8bit`` (bitsandbytes' 8-bit blockwise AdamW: about 2 bytes) or
+            ``paged_adamw_8bit`` (the same with its states in CUDA unified memory, paged out to
+            host memory under pressure; a CUDA GPU only). Names as transformers' ``optim``.
         lr: Peak learning rate.
         weight_decay: Decoupled weight decay (not applied to biases and norms).
         betas: AdamW betas.
@@ -121,6 +129,7 @@ class OptimSection:
         grad_clip: Maximum global gradient norm; 0 disables clipping.
     """
 
+    name: str = "adamw_torch"
     lr: float = 1e-5
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
@@ -142,6 +151,9 @@ class TrainSection:
         grad_accum: Micro-batches per optimizer step per process.
         precision: ``bf16``, ``fp16`` (with loss scaling) or ``fp32``.
         gradient_checkpointing: Parts recomputed in backward: any of ``llm`` and ``vit``.
+        attention: The LLM's attention: ``sdpa`` (PyTorch) or ``flash_attention_2`` (the
+            ``flash_attn`` package on a CUDA GPU; packed batches then go padding-free, see
+            :mod:`monkeytune.data.collate`).
         seed: Seed of the data order, dropout and every RNG.
         loss_norm: ``per_token`` (every supervised token of the optimizer step weighs the
             same) or ``per_sample`` (every sample weighs the same).
@@ -156,6 +168,7 @@ class TrainSection:
     grad_accum: int = 1
     precision: str = "bf16"
     gradient_checkpointing: list[str] = field(default_factory=list)
+    attention: str = "sdpa"
     seed: int = 42
     loss_norm: str = "per_token"
     max_bad_steps: int = 10
@@ -292,6 +305,8 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"{origin}: data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler", origin)
+    _choice(cfg.optim.name, OPTIMIZERS, "optim.name", origin)
+    _choice(cfg.train.attention, ATTENTIONS, "train.attention", origin)
     _choice(cfg.train.precision, tuple(PRECISIONS), "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
     _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)

@@ -41,6 +41,7 @@ from monkeytune.train.setup import (
     build_schedule,
     check_engine,
     check_environment,
+    check_run_support,
     effective_config,
     ensure_synthetic_data,
     hold_frozen_in_compute_dtype,
@@ -110,6 +111,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
 
     check_environment(cfg)
     acc = make_accelerator(cfg)
+    check_run_support(cfg, engine_of(acc), acc.device.type)
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
     lock = claim_run_dir(run_dir, acc)

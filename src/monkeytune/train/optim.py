@@ -1,7 +1,25 @@
-"""AdamW over the policy's parameter groups and the warmup + decay schedule."""
+"""AdamW over the policy's parameter groups and the warmup + decay schedule.
+
+``optim.name`` picks the AdamW implementation (transformers' ``optim`` names):
+
+* ``adamw_torch``: ``torch.optim.AdamW``, fp32 first and second moments (8 bytes per trained
+  parameter).
+* ``adamw_bnb_8bit``: ``bitsandbytes.optim.AdamW8bit``. Both moments are stored in 8 bits with
+  one fp32 scale per block of 256 values (2.03 bytes per parameter); tensors under 4096 elements
+  keep fp32 moments, as bitsandbytes does. Runs on CUDA and on CPUs (bitsandbytes' CPU backend).
+* ``paged_adamw_8bit``: ``bitsandbytes.optim.PagedAdamW8bit``, the same states in CUDA unified
+  memory, which the driver pages to host memory when the GPU runs short. CUDA only: on a CPU
+  bitsandbytes only warns and runs unpaged, so monkeytune refuses it instead.
+
+The 8-bit optimizers step plain tensors, one parameter at a time: they are refused under
+FSDP2 (its parameters are sharded ``DTensor`` s) and DeepSpeed (which steps its own flat fp32
+partitions, where bitsandbytes' blockwise kernels are reported failing), so they run single-process or under
+DDP. Their state saves and loads through ``state_dict`` like AdamW's, so checkpoints resume.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import torch
@@ -17,8 +35,8 @@ def build_optimizer(
     lr_by_component: dict[str, float],
     no_decay: list[str],
     include_frozen: bool,
-) -> torch.optim.AdamW:
-    """AdamW with one group per (component, decay) pair.
+) -> torch.optim.Optimizer:
+    """AdamW (``optim.name`` says which implementation) with one group per (component, decay) pair.
 
     Args:
         model: The bare model with ``requires_grad`` set by the policy.
@@ -33,7 +51,50 @@ def build_optimizer(
         model, lrs, weight_decay=optim.weight_decay,
         no_decay_patterns=tuple(DEFAULT_NO_DECAY) + tuple(no_decay), include_frozen=include_frozen,
     )
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps)
+    betas = (float(optim.betas[0]), float(optim.betas[1]))
+    if optim.name == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+    reason = optimizer_unavailable_reason(optim.name)
+    if reason:
+        raise OptimizerUnavailable(reason)
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency
+
+    cls = {"adamw_bnb_8bit": bnb.optim.AdamW8bit, "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[optim.name]
+    # weight_decay is set per group by build_param_groups; bitsandbytes reads it from the groups.
+    return cls(groups, lr=optim.lr, betas=betas, eps=optim.eps)
+
+
+class OptimizerUnavailable(ValueError):
+    """``optim.name`` asks for an optimizer this machine or engine cannot run."""
+
+
+def optimizer_unavailable_reason(name: str, engine: str = "single", device_type: str | None = None) -> str | None:
+    """Why optimizer ``name`` cannot run here, or ``None`` when it can.
+
+    Args:
+        name: ``optim.name``.
+        engine: The training engine (``single``, ``ddp``, ``fsdp2``, ``deepspeed-zero2/3``).
+        device_type: ``cuda`` or ``cpu``: where the parameters are (default: ``cuda`` when a
+            CUDA GPU is visible).
+
+    Returns:
+        A one-line reason naming the setting to change.
+    """
+    if name == "adamw_torch":
+        return None
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (f"optim.name {name} needs the bitsandbytes package, which is not installed: pip install "
+                "bitsandbytes (or the quant extra), or set optim.name adamw_torch")
+    if device_type is None:
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("paged_") and device_type != "cuda":
+        return (f"optim.name {name} pages its states through CUDA unified memory and needs a CUDA GPU "
+                f"(this run is on {device_type}); use adamw_bnb_8bit")
+    if engine == "fsdp2" or engine.startswith("deepspeed"):
+        return (f"optim.name {name} is not supported under {engine} (bitsandbytes steps plain per-parameter "
+                "tensors, not sharded DTensors or DeepSpeed's flat partitions): run single-process or DDP, "
+                "or set optim.name adamw_torch")
+    return None
 
 
 def warmup_steps(optim: OptimSection, total_steps: int) -> int:

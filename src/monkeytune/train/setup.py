@@ -64,6 +64,48 @@ def check_environment(cfg: TrainConfig) -> None:
     check_installed(cfg.log)
 
 
+def check_run_support(cfg: TrainConfig, engine: str, device_type: str) -> None:
+    """Refuse an optimizer or attention this engine/device cannot run (one line, no fallback).
+
+    Args:
+        cfg: The run configuration.
+        engine: :func:`~monkeytune.train.engine.engine_of` the accelerator.
+        device_type: ``cuda`` or ``cpu``, where the run computes.
+    """
+    import importlib.util
+
+    from monkeytune.train.optim import optimizer_unavailable_reason
+
+    reason = optimizer_unavailable_reason(cfg.optim.name, engine, device_type)
+    if reason:
+        raise SetupError(reason)
+    if cfg.train.attention == "flash_attention_2":
+        if importlib.util.find_spec("flash_attn") is None:
+            raise SetupError("train.attention flash_attention_2 needs the flash_attn package, which is not installed: "
+                             "pip install flash-attn, or set train.attention sdpa")
+        if device_type != "cuda":
+            raise SetupError(f"train.attention flash_attention_2 needs a CUDA GPU (this run is on {device_type}); "
+                             "set train.attention sdpa")
+
+
+def select_attention(model: nn.Module, attention: str) -> None:
+    """Make the LLM use ``attention`` (``sdpa`` or ``flash_attention_2``), keeping the Qwen compat layer.
+
+    A model read from an official checkpoint runs its attention through the compat layer
+    (:mod:`monkeytune.model.qwen_compat`); installing the layer again re-registers it over the
+    new implementation.
+    """
+    from monkeytune.model.qwen_compat import apply_compat, get_compat
+
+    current = model.llm.config._attn_implementation or "sdpa"
+    if current.endswith(attention):
+        return
+    compat = get_compat(model)
+    model.llm.set_attn_implementation(attention)
+    if compat is not None:
+        apply_compat(model.llm, compat)
+
+
 def check_engine(accelerator, cfg: TrainConfig) -> None:
     """After ``prepare``: the engine must accumulate exactly ``train.grad_accum`` micro-batches."""
     if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
@@ -173,6 +215,7 @@ def load_model_and_tokenizer(cfg: TrainConfig, device: str | torch.device = "cpu
         model.config.check_tokenizer(tokenizer)
     except ValueError as e:
         raise SetupError(f"model and tokenizer disagree: {e}") from None
+    select_attention(model, cfg.train.attention)
     if "llm" in cfg.train.gradient_checkpointing:
         enable_llm_checkpointing(model.llm)
     if "vit" in cfg.train.gradient_checkpointing:
@@ -206,7 +249,9 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     if d.packing:
         dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
     pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
-    collator = Collator(pad_id=tokenizer.pad_id, pad_to_length=pad_to)
+    # flash_attention_2 separates packed samples by cu_seqlens, so their rows need no padding.
+    padding_free = d.packing and cfg.train.attention == "flash_attention_2"
+    collator = Collator(pad_id=tokenizer.pad_id, pad_to_length=pad_to, padding_free=padding_free)
     try:
         sampler = EpochBatchSampler(len(dataset), cfg.train.micro_batch_size, cfg.train.seed,
                                     shuffle=d.shuffle, rank=rank, world_size=world_size)

@@ -30,6 +30,7 @@ MUST_MATCH = (
     "data.train", "data.packing", "data.max_length", "data.shuffle", "data.template", "data.padding",
     "data.truncate_turns", "train.micro_batch_size", "train.seed", "model.preset", "model.config",
     "model.from", "model.init_seed", "policy.preset", "policy.rules", "policy.lora", "policy.unfreeze",
+    "optim.name",  # another optimizer cannot load the saved state
 )
 # Changing these is harmless for resuming. The tokenizer is compared by content (fingerprint),
 # not by path.
@@ -154,10 +155,15 @@ def resume_differences(folder: Path, cfg: TrainConfig, fingerprint: dict[str, An
     except (OSError, yaml.YAMLError, AttributeError) as e:
         raise CheckpointError(f"cannot read {path}: {e}") from None
     now = _flatten(cfg.to_dict())
+    # A setting added after the checkpoint was written is absent there; at its default it
+    # changes nothing (e.g. optim.name adamw_torch).
+    defaults = _flatten(TrainConfig().to_dict())
     old = load_fingerprint(folder)
     refused, allowed = [], []
     for key in sorted(set(saved) | set(now)):
         if saved.get(key) == now.get(key) or key in FREE or key.split(".")[0] in FREE:
+            continue
+        if key not in saved and key in defaults and now.get(key) == defaults[key]:
             continue
         # An inline model config is listed field by field from the fingerprint below.
         if key == "model.config" and saved.get(key) and now.get(key) and old is not None:
