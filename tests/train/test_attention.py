@@ -34,7 +34,7 @@ def test_packing_goes_padding_free_only_with_flash_attention(make_config, tmp_pa
                                          ("flash_attention_2", False, False)):
         cfg = make_config("pf", data={"packing": packing}, train={"attention": attention})
         tok = load_tokenizer(cfg.model.tokenizer)
-        mcfg = ModelConfig.from_dict(cfg.model.config).matched_to_tokenizer(tok)
+        mcfg = cfg.model.config.matched_to_tokenizer(tok)
         dataset, collator, _ = build_data(cfg, tok, mcfg, tmp_path, 0, 1)
         assert collator.padding_free is expected
         batch = collator([dataset[0], dataset[1]])

@@ -17,7 +17,7 @@ SUBCOMMANDS = [
     "data",
     "inspect",
     "train", "tokenizer",
-    "chat", "score", "eval", "export",
+    "chat", "score", "eval", "probe", "export",
     "serve",
 ]
 

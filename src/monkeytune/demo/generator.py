@@ -38,18 +38,60 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from monkeytune.demo import digits as digits_task
 from monkeytune.demo.scene import COLOURS, REGIONS, TEXTURES, Scene, random_scene, render_scene
 from monkeytune.prompts import user_text
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
 PROMPT_TEMPLATE = "vqa-question-first"
 KINDS = ("fine", "coarse")
-QUESTIONS: dict[str, tuple[str, ...]] = {
-    "fine": ("What pattern is the {region} part?", "Which texture has the {region} part?"),
-    "coarse": ("What colour is the {region} part?", "Which colour has the {region} part?"),
-}
+COARSE_QUESTIONS = ("What colour is the {region} part?", "Which colour has the {region} part?")
 SPLITS = ("train", "val", "test")
 TOKENIZER_VOCAB = 400
+
+
+@dataclass(frozen=True)
+class Task:
+    """One embedded task: what the fine question asks, and how its scenes are drawn.
+
+    Attributes:
+        name: ``textures`` (synthetic 1-pixel textures) or ``digits`` (UCI handwritten digits).
+        fine_questions: Wordings of the fine question; every wording has as many tokens as the
+            coarse ones (the tests check it).
+        fine_answers: Every fine answer.
+    """
+
+    name: str
+    fine_questions: tuple[str, ...]
+    fine_answers: tuple[str, ...]
+
+    @property
+    def questions(self) -> dict[str, tuple[str, ...]]:
+        return {"fine": self.fine_questions, "coarse": COARSE_QUESTIONS}
+
+    def scenes(self, rng: np.random.Generator, counts: dict[str, int], size: int) -> dict[str, list]:
+        """Scenes per split, pairwise different in content."""
+        if self.name == "digits":
+            return digits_task.digit_scenes(rng, counts, size)
+        scenes = unique_scenes(rng, sum(counts.values()), size)
+        out, start = {}, 0
+        for split in SPLITS:
+            out[split] = scenes[start : start + counts[split]]
+            start += counts[split]
+        return out
+
+    def render(self, scene, size: int):
+        return digits_task.render_digit_scene(scene, size) if self.name == "digits" else render_scene(scene, size)
+
+
+TASKS: dict[str, Task] = {
+    "textures": Task("textures", ("What pattern is the {region} part?", "Which texture has the {region} part?"),
+                     TEXTURES),
+    "digits": Task("digits", ("What digit does the {region} part show?", "Which digit does the {region} part show?"),
+                   digits_task.DIGITS),
+}
+# The texture task's questions (kept under their old name for the tests and the report).
+QUESTIONS: dict[str, tuple[str, ...]] = TASKS["textures"].questions
 
 
 @dataclass(frozen=True)
@@ -89,9 +131,9 @@ class DemoData:
         )
 
 
-def question_text(kind: str, region: str, variant: int = 0) -> str:
+def question_text(kind: str, region: str, variant: int = 0, task: str = "textures") -> str:
     """The ``variant``-th wording of a ``fine`` or ``coarse`` question about ``region``."""
-    wordings = QUESTIONS[kind]
+    wordings = TASKS[task].questions[kind]
     return wordings[variant % len(wordings)].format(region=region)
 
 
@@ -100,27 +142,28 @@ def prompt(question: str, image: str) -> str:
     return user_text(PROMPT_TEMPLATE, question, image)
 
 
-def tokenizer_corpus() -> list[str]:
+def tokenizer_corpus(task: str = "textures") -> list[str]:
     """Every text piece the data can produce, split at the image the way the ``monkey`` template encodes it."""
     pieces: list[str] = []
     for kind in KINDS:
-        for variant in range(len(QUESTIONS[kind])):
+        for variant in range(len(TASKS[task].questions[kind])):
             for region in REGIONS:
-                before, after = prompt(question_text(kind, region, variant), "x").split("<img>x</img>")
+                before, after = prompt(question_text(kind, region, variant, task), "x").split("<img>x</img>")
                 pieces += [before, after]
-    answers = list(TEXTURES) + list(COLOURS)
+    answers = list(TASKS[task].fine_answers) + list(COLOURS)
     # Repeat so that every word reaches the merge threshold even when it occurs once.
     return pieces * 2 + answers * 4
 
 
-def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB) -> SimpleTokenizer:
-    """A byte-level BPE tokenizer whose merges cover the demo's questions and answers."""
-    return SimpleTokenizer.train(tokenizer_corpus(), vocab_size=vocab_size)
+def build_tokenizer(vocab_size: int = TOKENIZER_VOCAB, task: str = "textures") -> SimpleTokenizer:
+    """A byte-level BPE tokenizer whose merges cover the task's questions and answers."""
+    return SimpleTokenizer.train(tokenizer_corpus(task), vocab_size=vocab_size)
 
 
-def _question_record(sid: str, image: str, scene: Scene, kind: str, region: str, rng: np.random.Generator) -> dict:
+def _question_record(sid: str, image: str, scene: Scene, kind: str, region: str, rng: np.random.Generator,
+                     task: str) -> dict:
     """A one-question training conversation about ``region`` of ``scene``."""
-    q = question_text(kind, region, int(rng.integers(len(QUESTIONS[kind]))))
+    q = question_text(kind, region, int(rng.integers(len(TASKS[task].questions[kind]))), task)
     return {
         "id": f"{sid}-{kind}-{region}",
         "kind": kind,
@@ -161,6 +204,7 @@ def generate_dataset(
     n_test: int = 48,
     image_size: int = 224,
     progress: bool = True,
+    task: str = "textures",
 ) -> DemoData:
     """Render the scenes and write the data set described in the module docstring.
 
@@ -174,6 +218,7 @@ def generate_dataset(
             so that the windows are exact crops and the global view a 2x downsample.
             The demo model uses 112-pixel views, hence 224.
         progress: Show a progress bar while rendering.
+        task: A key of :data:`TASKS`: what the fine questions ask.
 
     Returns:
         :class:`DemoData` with the paths and counts.
@@ -183,38 +228,40 @@ def generate_dataset(
     for split, n in counts.items():
         if n < 0:
             raise ValueError(f"n_{split} must be >= 0, got {n}")
+    if task not in TASKS:
+        raise ValueError(f"unknown demo task {task!r}; choose one of {sorted(TASKS)}")
+    spec = TASKS[task]
     rng = np.random.default_rng(seed)
-    scenes = unique_scenes(rng, sum(counts.values()), image_size)
+    scenes = spec.scenes(rng, counts, image_size)
     records: dict[str, list[dict]] = {"train": [], "train_fine": [], "train_coarse": [], "val": [], "test": []}
     scene_rows: list[dict] = []
-    bar = tqdm(total=len(scenes), desc="demo data", unit="img", disable=not progress)
-    start = 0
+    bar = tqdm(total=sum(counts.values()), desc=f"demo data ({task})", unit="img", disable=not progress)
     for split in SPLITS:
         folder = root / "images" / split
         folder.mkdir(parents=True, exist_ok=True)
-        for idx, scene in enumerate(scenes[start : start + counts[split]]):
+        for idx, scene in enumerate(scenes[split]):
             rel = f"images/{split}/{idx:05d}.png"
             # compress_level=1: much faster than the default and still lossless.
-            render_scene(scene, image_size).save(root / rel, compress_level=1)
+            spec.render(scene, image_size).save(root / rel, compress_level=1)
             scene_rows.append({"split": split, "image": rel, "parts": scene.to_dict()})
             sid = f"{split}-{idx:05d}"
             if split == "train":
                 for kind in KINDS:
                     for region in REGIONS:
-                        records["train"].append(_question_record(sid, rel, scene, kind, region, rng))
+                        records["train"].append(_question_record(sid, rel, scene, kind, region, rng, task))
             else:
                 for kind in KINDS:
                     for region in REGIONS:
                         records[split].append({
                             "question_id": f"{sid}-{kind}-{region}",
                             "image": rel,
-                            "question": question_text(kind, region, int(rng.integers(len(QUESTIONS[kind])))),
+                            "question": question_text(kind, region, int(rng.integers(len(spec.questions[kind]))),
+                                                      task),
                             "answer": scene.answer(region, kind),
                             "kind": kind,
                             "region": region,
                         })
             bar.update(1)
-        start += counts[split]
     bar.close()
     # Shuffle once here (seeded) so that the files read well and any prefix is a fair sample.
     order = rng.permutation(len(records["train"]))
@@ -225,14 +272,15 @@ def generate_dataset(
     for name, recs in records.items():
         _write_jsonl(root / f"{name}.jsonl", recs)
     _write_jsonl(root / "scenes.jsonl", scene_rows)
-    build_tokenizer().save(data.tokenizer)
+    build_tokenizer(task=task).save(data.tokenizer)
     meta = {
+        "task": task,
         "seed": seed,
         "image_size": image_size,
         "counts": counts,
         "questions": {name: len(recs) for name, recs in records.items()},
         "prompt_template": PROMPT_TEMPLATE,
-        "textures": list(TEXTURES),
+        "fine_answers": list(spec.fine_answers),
         "colours": list(COLOURS),
         "regions": list(REGIONS),
     }

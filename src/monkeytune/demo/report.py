@@ -30,9 +30,11 @@ def results_table(result: "DemoResult") -> str:
     """The printed summary: accuracy per kind, trainable parameters and time of every model."""
     from monkeytune.demo.run import LABELS
 
-    rows = [("model", "fine", "coarse", "trainable", "steps", "train s", "eval s")]
+    rows = [("model", "fine", "coarse", "probe: windows", "probe: global", "trainable", "steps", "train s", "eval s")]
     for name, st in result.stages.items():
+        probe = st.probe.get("accuracy", {})
         rows.append((LABELS[name], _pct(st.accuracy.get("fine")), _pct(st.accuracy.get("coarse")),
+                     _pct(probe.get("windows")), _pct(probe.get("global")),
                      f"{_count(st.trainable_params)} / {_count(st.total_params)}", str(st.steps),
                      f"{st.train_seconds:.0f}", f"{st.eval_seconds:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -54,7 +56,8 @@ def check_targets(result: "DemoResult") -> dict[str, dict[str, Any]]:
         "coarse_drop_max": (drop, lambda v, t: v <= t + 1e-9),
         "wall_seconds_max": (result.seconds, lambda v, t: v <= t),
     }
-    return {k: {"target": TARGETS[k], "measured": round(v, 4), "met": bool(ok(v, TARGETS[k]))}
+    targets = TARGETS[result.settings.task]
+    return {k: {"target": targets[k], "measured": round(v, 4), "met": bool(ok(v, targets[k]))}
             for k, (v, ok) in measured.items()}
 
 
@@ -70,6 +73,7 @@ def metrics_dict(result: "DemoResult") -> dict[str, Any]:
                 "model_dir": str(st.model_dir),
                 "run_dir": str(st.run_dir),
                 "exact_match": {k: round(v, 4) for k, v in st.accuracy.items()},
+                "fine_probe": st.probe,
                 "trainable_params": st.trainable_params,
                 "total_params": st.total_params,
                 "steps": st.steps,

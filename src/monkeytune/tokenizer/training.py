@@ -60,10 +60,10 @@ def data_texts(
         ValueError: an unknown ``format`` or ``template``.
     """
     from monkeytune.data.reading import load_samples
-    from monkeytune.data.templates import DEFAULT_SYSTEM, TEMPLATES
+    from monkeytune.data.templates import CONVERSATION_TEMPLATES, DEFAULT_SYSTEM
 
-    if template not in TEMPLATES:
-        raise ValueError(f"unknown conversation template {template!r}; choose one of {', '.join(TEMPLATES)}")
+    if template not in CONVERSATION_TEMPLATES:
+        raise ValueError(f"unknown conversation template {template!r}; choose one of {', '.join(CONVERSATION_TEMPLATES)}")
     samples = load_samples(paths, format=format, image_root=image_root, allow_empty_answers=allow_empty_answers)
     texts: list[str] = []
     for sample in samples:
