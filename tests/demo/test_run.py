@@ -93,14 +93,20 @@ def test_the_demo_is_deterministic_across_processes(tmp_path):
             env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(out)
-    for name in STAGES:
-        a, b = ([json.loads(line)["prediction"] for line in open(out / f"predictions_{name}.jsonl", encoding="utf-8")]
-                for out in outs)
-        assert a == b, name
-        wa, _ = load_model(outs[0] / "models" / name)
-        wb, _ = load_model(outs[1] / "models" / name)
+    # Both tasks: the textures in OUT, the digits in OUT/digits.
+    for task_dir, name in [(d, n) for d in (".", "digits") for n in STAGES]:
+        a, b = ([json.loads(line)["prediction"]
+                 for line in open(out / task_dir / f"predictions_{name}.jsonl", encoding="utf-8")] for out in outs)
+        assert a == b, (task_dir, name)
+        wa, _ = load_model(outs[0] / task_dir / "models" / name)
+        wb, _ = load_model(outs[1] / task_dir / "models" / name)
         for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
-            assert torch.equal(x, y), (name, n)
+            assert torch.equal(x, y), (task_dir, name, n)
+    metrics = json.loads((outs[0] / "digits" / "metrics.json").read_text())
+    assert set(metrics["pixel_visibility"]) == {"window", "global", "single_view", "chance"}
+    assert metrics["targets"]["baseline_fine_max"]["target"] == 0.40
+    for name in STAGES:  # the probe ran, or says why it could not on so few questions
+        assert metrics["models"][name]["fine_probe"], name
 
 
 def test_serve_finds_the_demo_model_without_being_told(demo):

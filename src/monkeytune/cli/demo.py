@@ -14,6 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "monkey-fix-llm) and a global-view-only baseline, evaluate them and write a report.",
     )
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
+    p.add_argument("--task", choices=["all", "textures", "digits"], default="all",
+                   help="textures: synthetic 1-pixel textures (written to OUT); digits: UCI handwritten digits "
+                   "(written to OUT/digits, needs the demo extra); all (default): both, one after the other")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline in seconds")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -22,10 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from monkeytune.demo.digits import DigitsUnavailable
     from monkeytune.demo.run import DemoSettings, run_demo
 
-    settings = DemoSettings.quick(args.out, args.seed) if args.quick else DemoSettings(out_dir=args.out, seed=args.seed)
-    settings.threads = args.threads
-    settings.progress = not args.no_progress
-    run_demo(settings)
+    tasks = ["textures", "digits"] if args.task == "all" else [args.task]
+    for task in tasks:
+        out = args.out / "digits" if task == "digits" else args.out
+        settings = (DemoSettings.quick(out, args.seed, task) if args.quick
+                    else DemoSettings(out_dir=out, task=task, seed=args.seed))
+        settings.threads = args.threads
+        settings.progress = not args.no_progress
+        try:
+            run_demo(settings)
+        except DigitsUnavailable as e:
+            print(f"monkeytune demo: {e}", file=sys.stderr)
+            return 2
     return 0

@@ -40,7 +40,14 @@ def results_table(result: "DemoResult") -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
-    lines.append(f"total wall time {result.seconds:.0f} s (data, three trainings, three evaluations, report)")
+    lines.append("probe: a linear probe's held-out accuracy on the fine answers from the frozen visual tokens")
+    v = result.visibility
+    if v:
+        lines.append(f"pixels: a linear classifier reads the fine answer from the full-resolution window in "
+                     f"{_pct(v['window']).strip()}, from the global view in {_pct(v['global']).strip()}, from a "
+                     f"single-view image in {_pct(v['single_view']).strip()} (chance {_pct(v['chance']).strip()})")
+    lines.append(f"task {result.settings.task}: total wall time {result.seconds:.0f} s "
+                 "(data, three trainings, three evaluations, report)")
     return "\n".join(lines)
 
 
@@ -83,6 +90,7 @@ def metrics_dict(result: "DemoResult") -> dict[str, Any]:
             for name, st in result.stages.items()
         },
         "targets": check_targets(result),
+        "pixel_visibility": {k: round(v, 4) for k, v in result.visibility.items()},
         "wall_seconds": round(result.seconds, 2),
     }
 

@@ -104,6 +104,7 @@ class DemoSettings:
         progress: Progress bars.
         examples: Test images drawn in ``examples.png``.
         probe_records: Training questions the linear probes of the visual tokens are fitted on.
+        visibility_scenes: Training scenes the pixel-level visibility classifier is fitted on.
     """
 
     out_dir: Path = Path("outputs/demo")
@@ -123,6 +124,7 @@ class DemoSettings:
     progress: bool = True
     examples: int = 4
     probe_records: int = 1200
+    visibility_scenes: int = 300
 
     @classmethod
     def quick(cls, out_dir: str | Path, seed: int = 0, task: str = "textures") -> "DemoSettings":
@@ -247,6 +249,7 @@ class DemoResult:
     stages: dict[str, StageResult]
     seconds: float
     files: dict[str, Path]
+    visibility: dict[str, float] = field(default_factory=dict)
 
 
 def run_demo(settings: DemoSettings) -> DemoResult:
@@ -264,6 +267,11 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     start = time.perf_counter()
     data = generate_dataset(settings.out_dir / "data", task=settings.task, seed=settings.seed, n_train=settings.n_train,
                             n_val=settings.n_val, n_test=settings.n_test, progress=settings.progress)
+    from monkeytune.demo.visibility import fine_detail_visibility
+
+    # The premise, checked on the pixels: a simple classifier reads the fine answer from the
+    # windows but not from the global view.
+    visibility = fine_detail_visibility(data.root, demo_model_config().image.window_size, settings.visibility_scenes)
     slow_vision = {"vision": settings.vision_lr1, "resampler": settings.vision_lr1}
     stages: dict[str, StageResult] = {}
     stages["stage1"] = _train(settings, data, "stage1", ModelSpec(config=demo_model_config((2, 2))), "full",
@@ -275,7 +283,7 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     for name in STAGES:
         _evaluate(settings, data, stages[name])
     seconds = time.perf_counter() - start
-    result = DemoResult(settings, data, {n: stages[n] for n in STAGES}, seconds, {})
+    result = DemoResult(settings, data, {n: stages[n] for n in STAGES}, seconds, {}, visibility)
     result.files = report.write_report(result)
     return result
 

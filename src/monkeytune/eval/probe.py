@@ -42,6 +42,7 @@ class ProbeResult:
         chance: Accuracy of always answering each question's most frequent training answer.
         records: Held-out records scored.
         groups: Distinct questions probed.
+        per_group: ``{question: {"windows": acc, "global": acc}}``.
     """
 
     accuracy: dict[str, float]
@@ -163,7 +164,8 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
         splits = [(list(train), list(test))]
     correct: dict[str, int] = defaultdict(int)
     majority = scored = 0
-    groups: set[str] = set()
+    group_correct: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    group_scored: dict[str, int] = defaultdict(int)
     for fit_records, held_out in splits:
         by_question: dict[str, list[dict]] = defaultdict(list)
         for r in fit_records:
@@ -173,20 +175,24 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
             labels = sorted({_label(r, "train") for r in recs})
             if not targets or len(labels) < 2:
                 continue  # nothing to score, or nothing to tell apart
-            groups.add(question)
             index = {a: i for i, a in enumerate(labels)}
             y = torch.tensor([index[_label(r, "train")] for r in recs])
             truth = [index.get(_label(r, "test"), -1) for r in targets]  # an unseen answer counts wrong
             counts = torch.bincount(y, minlength=len(labels))
             majority += sum(t == int(counts.argmax()) for t in truth)
             scored += len(targets)
+            group_scored[question] += len(targets)
             for name, x in feats.items():
                 mean, std, weight = fit_linear_probe(x[[row[r["image"]] for r in recs]], y, len(labels))
                 pred = predict_linear_probe(x[[row[r["image"]] for r in targets]], mean, std, weight)
-                correct[name] += sum(int(p) == t for p, t in zip(pred.tolist(), truth))
+                hits = sum(int(p) == t for p, t in zip(pred.tolist(), truth))
+                correct[name] += hits
+                group_correct[question][name] += hits
     if not scored:
         raise ProbeError("no question has two different answers in the training records and held-out records to score")
-    return ProbeResult({name: correct[name] / scored for name in feats}, majority / scored, scored, len(groups))
+    per_group = {q: {name: group_correct[q][name] / n for name in feats} for q, n in group_scored.items()}
+    return ProbeResult({name: correct[name] / scored for name in feats}, majority / scored, scored, len(per_group),
+                       per_group)
 
 
 def probe_files(model_dir: str | Path, data: str | Path, test: str | Path | None = None, folds: int = 5,
