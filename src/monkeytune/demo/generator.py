@@ -6,6 +6,7 @@ Layout of the output folder::
     train.jsonl                         one question per conversation, fine and coarse, shuffled
     train_fine.jsonl                    the fine questions of train.jsonl
     train_coarse.jsonl                  the coarse questions of train.jsonl
+    train_questions.jsonl               the training questions in the evaluation layout (for probes)
     val.jsonl, test.jsonl               evaluation questions, one per line (with ``kind``)
     scenes.jsonl                        what each image shows (split, image, parts)
     tokenizer/                          a SimpleTokenizer trained on every phrase the data uses
@@ -233,7 +234,8 @@ def generate_dataset(
     spec = TASKS[task]
     rng = np.random.default_rng(seed)
     scenes = spec.scenes(rng, counts, image_size)
-    records: dict[str, list[dict]] = {"train": [], "train_fine": [], "train_coarse": [], "val": [], "test": []}
+    records: dict[str, list[dict]] = {"train": [], "train_fine": [], "train_coarse": [], "train_questions": [],
+                                      "val": [], "test": []}
     scene_rows: list[dict] = []
     bar = tqdm(total=sum(counts.values()), desc=f"demo data ({task})", unit="img", disable=not progress)
     for split in SPLITS:
@@ -249,6 +251,12 @@ def generate_dataset(
                 for kind in KINDS:
                     for region in REGIONS:
                         records["train"].append(_question_record(sid, rel, scene, kind, region, rng, task))
+                        # The same questions in the evaluation layout (one wording), for probes.
+                        records["train_questions"].append({
+                            "question_id": f"{sid}-{kind}-{region}", "image": rel,
+                            "question": question_text(kind, region, 0, task), "answer": scene.answer(region, kind),
+                            "kind": kind, "region": region,
+                        })
             else:
                 for kind in KINDS:
                     for region in REGIONS:

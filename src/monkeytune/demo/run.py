@@ -235,7 +235,9 @@ def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> Non
 
     fine_test = [r for r in records if kinds[r["question_id"]][0] == "fine"]
     try:
-        stage.probe = probe(model, read_eval_records(data.train_fine), fine_test, limit=settings.probe_records).to_dict()
+        fine_train = [r for r in read_eval_records(data.root / "train_questions.jsonl") if "-fine-" in r["question_id"]]
+        stage.probe = probe(model, fine_train, fine_test, limit=settings.probe_records,
+                            group=lambda r: r["question_id"].split("-fine-")[-1]).to_dict()  # by region
     except ProbeError as e:  # the quick settings can leave a question with a single answer
         stage.probe = {"error": str(e)}
 

@@ -20,7 +20,7 @@ import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -137,7 +137,7 @@ def _label(record: dict[str, Any], where: str) -> str:
 
 
 def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]] | None = None,
-          folds: int = 5, limit: int | None = None) -> ProbeResult:
+          folds: int = 5, limit: int | None = None, group: Callable[[dict], str] | None = None) -> ProbeResult:
     """Fit probes on ``train`` records and score them on ``test`` (or by ``folds``-fold cross-validation).
 
     Args:
@@ -146,6 +146,8 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
             :func:`~monkeytune.eval.runner.read_eval_records` returns them).
         folds: Cross-validation folds when ``test`` is None.
         limit: Use at most this many records of each file (the first ones).
+        group: The probe a record belongs to (default: its question text); records of one group
+            must ask the same thing of different images.
 
     Raises:
         ProbeError: no usable records, or no question with two answers in its training records.
@@ -162,6 +164,7 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
                   for k in range(folds)]
     else:
         splits = [(list(train), list(test))]
+    key = group or (lambda r: r["question"])
     correct: dict[str, int] = defaultdict(int)
     majority = scored = 0
     group_correct: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
@@ -169,9 +172,9 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
     for fit_records, held_out in splits:
         by_question: dict[str, list[dict]] = defaultdict(list)
         for r in fit_records:
-            by_question[r["question"]].append(r)
+            by_question[key(r)].append(r)
         for question, recs in by_question.items():
-            targets = [r for r in held_out if r["question"] == question]
+            targets = [r for r in held_out if key(r) == question]
             labels = sorted({_label(r, "train") for r in recs})
             if not targets or len(labels) < 2:
                 continue  # nothing to score, or nothing to tell apart
@@ -197,8 +200,11 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
 
 def probe_files(model_dir: str | Path, data: str | Path, test: str | Path | None = None, folds: int = 5,
                 limit: int | None = None, dtype: str = "auto", device: str | None = None) -> ProbeResult:
-    """:func:`probe` on a model folder and evaluation (or training) files."""
-    from monkeytune.generate import load_for_inference
+    """:func:`probe` on a model folder and evaluation (or training) files (no tokenizer needed)."""
+    from monkeytune.generate import DTYPES
+    from monkeytune.model.io import load_model
 
-    model, _ = load_for_inference(model_dir, dtype, device)
+    if dtype not in DTYPES:
+        raise ProbeError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
+    model, _ = load_model(model_dir, dtype=DTYPES[dtype], device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return probe(model, read_eval_records(data), read_eval_records(test) if test else None, folds=folds, limit=limit)
