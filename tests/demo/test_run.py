@@ -88,8 +88,8 @@ def test_the_demo_is_deterministic_across_processes(tmp_path):
     for hash_seed in ("1", "7"):
         out = tmp_path / f"run{hash_seed}"
         proc = subprocess.run(
-            [sys.executable, "-c", code, "demo", "--quick", "--seed", "1", "--out", str(out), "--no-progress",
-             "--threads", "2"],
+            [sys.executable, "-c", code, "demo", "--quick", "--task", "all", "--seed", "1", "--out", str(out),
+             "--no-progress", "--threads", "2"],
             env={**os.environ, "PYTHONHASHSEED": hash_seed}, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         outs.append(out)
