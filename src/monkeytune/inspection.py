@@ -19,7 +19,9 @@ from monkeytune.config import MODEL_PRESETS, ModelConfig
 from monkeytune.memory import OPTIMIZERS, PRECISIONS, MemoryEstimate, estimate_all, format_memory, summarize
 from monkeytune.model import build_model
 from monkeytune.model.spec import ModelSpec, ModelSpecError, resolve_model
-from monkeytune.policy import DEFAULT_LLM_LORA, POLICY_PRESETS, PlanError, PlanReport, TrainPlan, get_preset, plan_report
+from monkeytune.policy import (
+    DEFAULT_LLM_LORA, POLICY_PRESETS, PlanError, PlanReport, TrainPlan, get_preset, plan_report,
+)
 
 # Of a training config's policy section, what decides what trains at the start (learning rates
 # and unfreezing stages do not).

@@ -81,7 +81,8 @@ def test_probe_cli(tmp_path, model, records, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["accuracy"]["windows"] >= 0.95 and out["groups"] == 1
     single = tmp_path / "one.jsonl"
-    single.write_text(json.dumps({**records[0], "answer": "red"}) + "\n" + json.dumps({**records[2], "answer": "red"}) + "\n")
+    same = [{**records[0], "answer": "red"}, {**records[2], "answer": "red"}]
+    single.write_text("".join(json.dumps(r) + "\n" for r in same))
     assert main(["probe", "--model", str(folder), "--data", str(single)]) == 2
     assert "two different answers" in capsys.readouterr().err
 

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from monkeytune.demo.scene import _TAP_FAR, _TAP_NEAR, BACKGROUND, COLOUR_JITTER, COLOURS, REGIONS
+from monkeytune.demo.scene import TAP_FAR, TAP_NEAR, BACKGROUND, COLOUR_JITTER, COLOURS, REGIONS
 
 DIGITS = tuple(str(d) for d in range(10))
 TEST_DIGITS = 200  # held-out handwritten digits, drawn only in test scenes
@@ -88,9 +88,9 @@ def profile_matrix(pairs: int) -> np.ndarray:
     for j in range(pairs):
         w = np.zeros(pairs + 2)  # W_{-1} .. W_{pairs}
         w[j + 1] = 1.0
-        matrix[0::2, j] = -(_TAP_NEAR * w[:-1] - _TAP_FAR * w[1:])  # odd pixels
-        matrix[1::2, j] = _TAP_NEAR * w[1:] - _TAP_FAR * w[:-1]  # even pixels
-    return matrix / (_TAP_NEAR - _TAP_FAR)
+        matrix[0::2, j] = -(TAP_NEAR * w[:-1] - TAP_FAR * w[1:])  # odd pixels
+        matrix[1::2, j] = TAP_NEAR * w[1:] - TAP_FAR * w[:-1]  # even pixels
+    return matrix / (TAP_NEAR - TAP_FAR)
 
 
 def digit_envelope(image: np.ndarray, pairs: int = DIGIT_PAIRS, blur: float = ENVELOPE_BLUR) -> np.ndarray:
@@ -183,7 +183,8 @@ def random_digit_scene(rng: np.random.Generator, digits: list[int], size: int = 
         # Centred in its square: the inset alone moves it, by a few pixels.
         offset = (2 * (room // 4), 2 * (room // 4))
         dither = int(rng.integers(2**31))
-        parts.append(DigitPart(colour, int(digit), str(int(labels[digit])), rgb, inset, offset, dither))  # type: ignore[arg-type]
+        label = str(int(labels[digit]))
+        parts.append(DigitPart(colour, int(digit), label, rgb, inset, offset, dither))  # type: ignore[arg-type]
     return DigitScene(tuple(parts))  # type: ignore[arg-type]
 
 

@@ -28,7 +28,9 @@ records. Evaluation records follow the Monkey VQA layout (``question_id``, ``ima
 ``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
 
 Splits never share an image nor an image content: every scene's ``content_key`` (its colours
-and textures) is unique across the whole data set, so no (content, question) pair repeats.
+and textures) is unique across the whole data set, so no (content, question) pair repeats. The
+digits task (``task="digits"``, :mod:`monkeytune.demo.digits`) draws its test scenes from 200
+handwritten digits that no training or validation scene uses.
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
+
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from monkeytune.demo import digits as digits_task
@@ -60,36 +65,36 @@ class Task:
         fine_questions: Wordings of the fine question; every wording has as many tokens as the
             coarse ones (the tests check it).
         fine_answers: Every fine answer.
+        scenes: ``(rng, counts per split, image size) -> scenes per split``, pairwise different.
+        render: ``(scene, image size) -> RGB image``.
     """
 
     name: str
     fine_questions: tuple[str, ...]
     fine_answers: tuple[str, ...]
+    scenes: Callable[[np.random.Generator, dict[str, int], int], dict[str, list]]
+    render: Callable[[Any, int], Image.Image]
 
     @property
     def questions(self) -> dict[str, tuple[str, ...]]:
         return {"fine": self.fine_questions, "coarse": COARSE_QUESTIONS}
 
-    def scenes(self, rng: np.random.Generator, counts: dict[str, int], size: int) -> dict[str, list]:
-        """Scenes per split, pairwise different in content."""
-        if self.name == "digits":
-            return digits_task.digit_scenes(rng, counts, size)
-        scenes = unique_scenes(rng, sum(counts.values()), size)
-        out, start = {}, 0
-        for split in SPLITS:
-            out[split] = scenes[start : start + counts[split]]
-            start += counts[split]
-        return out
 
-    def render(self, scene, size: int):
-        return digits_task.render_digit_scene(scene, size) if self.name == "digits" else render_scene(scene, size)
+def texture_scenes(rng: np.random.Generator, counts: dict[str, int], size: int) -> dict[str, list[Scene]]:
+    """Texture scenes per split, no content shared between any two."""
+    scenes = unique_scenes(rng, sum(counts.values()), size)
+    out, start = {}, 0
+    for split in SPLITS:
+        out[split] = scenes[start : start + counts[split]]
+        start += counts[split]
+    return out
 
 
 TASKS: dict[str, Task] = {
     "textures": Task("textures", ("What pattern is the {region} part?", "Which texture has the {region} part?"),
-                     TEXTURES),
+                     TEXTURES, texture_scenes, render_scene),
     "digits": Task("digits", ("What digit does the {region} part show?", "Which digit does the {region} part show?"),
-                   digits_task.DIGITS),
+                   digits_task.DIGITS, digits_task.digit_scenes, digits_task.render_digit_scene),
 }
 # The texture task's questions (kept under their old name for the tests and the report).
 QUESTIONS: dict[str, tuple[str, ...]] = TASKS["textures"].questions

@@ -51,7 +51,7 @@ RAMP_PAIRS = 8  # texture envelope ramp, in pairs of pixels, at each end
 BACKGROUND = 255
 
 # Keys bicubic (A = -0.75) taps of a 2x downsample at offsets +-0.5 and +-1.5 pixels.
-_TAP_NEAR, _TAP_FAR = 19 / 32, 3 / 32
+TAP_NEAR, TAP_FAR = 19 / 32, 3 / 32
 
 
 @dataclass(frozen=True)
@@ -118,12 +118,12 @@ def texture_profile(pairs: int, ramp: int = RAMP_PAIRS) -> np.ndarray:
         envelope[:ramp] = steps
         envelope[-ramp:] = steps[::-1]
     w = np.concatenate([[0.0], envelope, [0.0]])  # W_{-1} .. W_{pairs}
-    even = _TAP_NEAR * w[1:] - _TAP_FAR * w[:-1]  # e_j for j = 0 .. pairs
-    odd = -(_TAP_NEAR * w[:-1] - _TAP_FAR * w[1:])  # o_j for j = -1 .. pairs - 1
+    even = TAP_NEAR * w[1:] - TAP_FAR * w[:-1]  # e_j for j = 0 .. pairs
+    odd = -(TAP_NEAR * w[:-1] - TAP_FAR * w[1:])  # o_j for j = -1 .. pairs - 1
     profile = np.empty(2 * pairs + 2)
     profile[0::2] = odd  # pixel 2j + 1 for j = -1 .. pairs - 1, i.e. offsets 0, 2, ...
     profile[1::2] = even  # pixel 2j for j = 0 .. pairs, i.e. offsets 1, 3, ...
-    return profile / (_TAP_NEAR - _TAP_FAR)
+    return profile / (TAP_NEAR - TAP_FAR)
 
 
 def _texture(kind: str, size: int, ramp: int) -> np.ndarray:

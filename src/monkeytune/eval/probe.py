@@ -160,8 +160,8 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
     feats = visual_features(model, images)
     row = {image: i for i, image in enumerate(images)}
     if test is None:
-        splits = [([r for i, r in enumerate(train) if i % folds != k], [r for i, r in enumerate(train) if i % folds == k])
-                  for k in range(folds)]
+        splits = [([r for i, r in enumerate(train) if i % folds != k],
+                   [r for i, r in enumerate(train) if i % folds == k]) for k in range(folds)]
     else:
         splits = [(list(train), list(test))]
     key = group or (lambda r: r["question"])
@@ -206,5 +206,6 @@ def probe_files(model_dir: str | Path, data: str | Path, test: str | Path | None
 
     if dtype not in DTYPES:
         raise ProbeError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}")
-    model, _ = load_model(model_dir, dtype=DTYPES[dtype], device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model(model_dir, dtype=DTYPES[dtype], device=device)
     return probe(model, read_eval_records(data), read_eval_records(test) if test else None, folds=folds, limit=limit)

@@ -168,7 +168,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
-        trained_with = training_record(cfg.data.template, dataset, tokenizer, resolved.tokenizer_dir or cfg.model.from_dir)
+        trained_with = training_record(cfg.data.template, dataset, tokenizer,
+                                       resolved.tokenizer_dir or cfg.model.from_dir)
         if main:
             logger.info("the final model will record prompt template %s (chat format %s)",
                         trained_with["prompt_template"], trained_with["chat_format"])
