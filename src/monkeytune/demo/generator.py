@@ -93,7 +93,7 @@ def texture_scenes(rng: np.random.Generator, counts: dict[str, int], size: int) 
 TASKS: dict[str, Task] = {
     "textures": Task("textures", ("What pattern is the {region} part?", "Which texture has the {region} part?"),
                      TEXTURES, texture_scenes, render_scene),
-    "digits": Task("digits", ("What digit does the {region} part show?", "Which digit does the {region} part show?"),
+    "digits": Task("digits", ("What digit marks the {region} part?", "Which digit has the {region} part?"),
                    digits_task.DIGITS, digits_task.digit_scenes, digits_task.render_digit_scene),
 }
 # The texture task's questions (kept under their old name for the tests and the report).
