@@ -79,7 +79,17 @@ def test_probe_cli(tmp_path, model, records, capsys):
     data.write_text("".join(json.dumps(r) + "\n" for r in records if r["question"] == "colour top-left?"))
     assert main(["probe", "--model", str(folder), "--data", str(data), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["accuracy"]["windows"] >= 0.95 and out["groups"] == 1
+    assert out["accuracy"]["windows"] >= 0.95 and out["groups"] == 1 and out["unscored"] == 0
+    # Held-out questions the training file never asks are counted, not dropped silently.
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**r, "question": "new?"}) + "\n" for r in records[:8:2]))
+    assert main(["probe", "--model", str(folder), "--data", str(data), "--test", str(other)]) == 2
+    assert main(["probe", "--model", str(folder), "--data", str(data), "--test", str(data)]) == 0
+    capsys.readouterr()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(data.read_text() + other.read_text())
+    assert main(["probe", "--model", str(folder), "--data", str(data), "--test", str(mixed), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["unscored"] == 4
     single = tmp_path / "one.jsonl"
     same = [{**records[0], "answer": "red"}, {**records[2], "answer": "red"}]
     single.write_text("".join(json.dumps(r) + "\n" for r in same))

@@ -43,6 +43,8 @@ class ProbeResult:
         records: Held-out records scored.
         groups: Distinct questions probed.
         per_group: ``{question: {"windows": acc, "global": acc}}``.
+        unscored: Held-out records left out because their question has no training records
+            with two different answers (logged, and printed by :meth:`to_text`).
     """
 
     accuracy: dict[str, float]
@@ -50,15 +52,18 @@ class ProbeResult:
     records: int
     groups: int
     per_group: dict[str, dict[str, float]] = field(default_factory=dict)
+    unscored: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {"accuracy": {k: round(v, 4) for k, v in self.accuracy.items()}, "chance": round(self.chance, 4),
-                "records": self.records, "groups": self.groups}
+                "records": self.records, "groups": self.groups, "unscored": self.unscored}
 
     def to_text(self) -> str:
         parts = [f"{name} tokens {100 * acc:.1f}%" for name, acc in self.accuracy.items()]
         return (f"linear probe on {self.records} held-out answers ({self.groups} questions): " + ", ".join(parts)
-                + f" (majority answer {100 * self.chance:.1f}%)")
+                + f" (majority answer {100 * self.chance:.1f}%)"
+                + (f"; {self.unscored} held-out records unscored (no training records of their question "
+                   "with two answers)" if self.unscored else ""))
 
 
 @torch.no_grad()
@@ -191,11 +196,15 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
                 hits = sum(int(p) == t for p, t in zip(pred.tolist(), truth))
                 correct[name] += hits
                 group_correct[question][name] += hits
+    unscored = sum(len(held) for _, held in splits) - scored
+    if unscored:
+        logger.warning("probe: %d held-out records unscored: no training records of their question with two answers",
+                       unscored)
     if not scored:
         raise ProbeError("no question has two different answers in the training records and held-out records to score")
     per_group = {q: {name: group_correct[q][name] / n for name in feats} for q, n in group_scored.items()}
     return ProbeResult({name: correct[name] / scored for name in feats}, majority / scored, scored, len(per_group),
-                       per_group)
+                       per_group, unscored)
 
 
 def probe_files(model_dir: str | Path, data: str | Path, test: str | Path | None = None, folds: int = 5,
