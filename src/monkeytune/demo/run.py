@@ -1,4 +1,4 @@
-"""The demo run: data, three trainings, evaluation, report.
+"""The demo run: data, three trainings, evaluation, report, for one task (``textures`` or ``digits``).
 
 1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
    policy on one-question records mixing fine (texture) and coarse (colour) questions;
@@ -7,7 +7,9 @@
 3. ``baseline``: the same architecture with a single global view (grid ``[0, 0]``), trained like
    stage 1 for as many steps as stages 1 and 2 together;
 4. every model is evaluated with :func:`monkeytune.eval.runner.evaluate` on the held-out test
-   split, exact match per question kind;
+   split, exact match per question kind, and its visual tokens are probed
+   (:mod:`monkeytune.eval.probe`); before training, a pixel-level classifier checks that the fine
+   detail is readable in the windows and not in the global view (:mod:`monkeytune.demo.visibility`);
 5. models, ``metrics.json``, ``loss_curves.png`` and ``examples.png`` land in the output folder.
 
 Training goes through :func:`monkeytune.train.loop.train` with ordinary run configurations
