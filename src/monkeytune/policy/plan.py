@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from torch import nn
 
 from monkeytune.policy.components import canonical_name, component_of, named_parameters, unwrap_model
 from monkeytune.policy.presets import get_preset, inject_llm_lora
+from monkeytune.policy.quantize import quantize_vision_4bit
 from monkeytune.policy.rules import PlanError, Rule, close_names, parse_rules
 
 PRESET_DEFAULT = "preset default"
@@ -123,15 +124,27 @@ class Decision:
     decided_by: str
 
 
-def prepare_model(model: nn.Module, plan: TrainPlan) -> bool:
-    """Structural changes a preset needs before its parameters exist (peft LoRA on the LLM).
+def prepare_model(model: nn.Module, plan: TrainPlan, later: Sequence[TrainPlan] = ()) -> bool:
+    """Structural changes a preset needs before its parameters exist (peft LoRA on the LLM, 4-bit layers).
+
+    Under ``llm-qlora`` the LLM's LoRA targets and the ViT block projections whose weight no plan
+    trains become 4-bit (:mod:`monkeytune.policy.quantize`). That happens once, together with the
+    LoRA injection, so the first call decides: pass every unfreezing stage's plan in ``later``
+    then (:meth:`~monkeytune.policy.unfreeze.UnfreezeSchedule.validate` does) so that a ViT layer
+    a later stage trains stays full precision.
 
     Idempotent. Returns ``True`` when the model was changed.
     """
     preset = get_preset(plan.preset)
     if preset.llm_lora is None:
         return False
-    return inject_llm_lora(unwrap_model(model), plan.lora, quantize=preset.llm_lora == "qlora")
+    qlora = preset.llm_lora == "qlora"
+    bare = unwrap_model(model)
+    changed = inject_llm_lora(bare, plan.lora, quantize=qlora)
+    if changed and qlora:
+        keep = {d.name for p in (plan, *later) for d in resolve_plan(bare, p, check=False) if d.trainable}
+        quantize_vision_4bit(bare, keep)
+    return changed
 
 
 def resolve_plan(model: nn.Module, plan: TrainPlan, check: bool = True) -> list[Decision]:

@@ -6,25 +6,30 @@
 | ``monkey-fix-llm`` | per-window adapters, whole resampler (LLM layers/embeddings/norm/head frozen) |
 | ``lora-only``    | parameters whose name contains ``lora``                                       |
 | ``llm-lora``     | peft LoRA on the LLM's q/k/v/o and gate/up/down, per-window adapters, resampler |
-| ``llm-qlora``    | as ``llm-lora`` with the LLM's linear layers quantised to 4-bit NF4 (bitsandbytes) |
+| ``llm-qlora``    | as ``llm-lora`` with the frozen linear layers of the LLM and ViT in 4-bit NF4      |
 | ``full``         | everything                                                                    |
 
-``llm-qlora`` quantises on the CUDA GPU when there is one, else on the CPU through bitsandbytes'
-CPU backend (bitsandbytes >= 0.45: correct but slow, for small models and tests). On the meta
-device (``monkeytune inspect``) nothing can be quantised: the layers stay ``nn.Linear`` with
-their LoRA, and :mod:`monkeytune.memory` counts their weights as NF4.
+``llm-qlora`` holds the LLM's LoRA target layers and the ViT blocks' frozen projections in
+bitsandbytes NF4 (see :mod:`monkeytune.policy.quantize`: what is quantised, where, and why the
+per-window adapters need nothing else). On the meta device (``monkeytune inspect``) nothing can
+be quantised: the layers stay ``nn.Linear``, and :mod:`monkeytune.memory` counts their weights
+as NF4.
 """
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
+from monkeytune.policy.quantize import compute_dtype_for, qlora_unavailable_reason, quantize_llm_4bit
 from monkeytune.policy.rules import PlanError
+
+__all__ = [  # the quantisation helpers live in monkeytune.policy.quantize; re-exported for callers of this module
+    "DEFAULT_LLM_LORA", "LLM_LORA_TARGETS", "POLICY_PRESETS", "Preset", "get_preset", "has_llm_lora",
+    "inject_llm_lora", "qlora_unavailable_reason", "quantize_llm_4bit",
+]
 
 # Qwen2 projection names; LoRA on all of them is the usual QLoRA-paper recipe.
 LLM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -69,7 +74,7 @@ POLICY_PRESETS: dict[str, Preset] = {
         Preset("lora-only", "only parameters whose name contains 'lora'", None, name_contains="lora"),
         Preset("llm-lora", "peft LoRA on the LLM (base frozen), per-window LoRA and resampler trainable",
                ("vision_adapters", "resampler", "llm_lora"), llm_lora="lora"),
-        Preset("llm-qlora", "llm-lora on a 4-bit NF4 LLM base (needs bitsandbytes)",
+        Preset("llm-qlora", "llm-lora with the frozen LLM and ViT linear layers in 4-bit NF4 (needs bitsandbytes)",
                ("vision_adapters", "resampler", "llm_lora"), llm_lora="qlora"),
         Preset("full", "every parameter trainable",
                ("vision_tower", "vision_adapters", "resampler", "other") + _LLM_ALL),
@@ -89,50 +94,6 @@ def has_llm_lora(model: nn.Module) -> bool:
     """Whether peft LoRA layers are already present in ``model.llm``."""
     llm = getattr(model, "llm", None)
     return llm is not None and any("lora_" in n for n, _ in llm.named_parameters())
-
-
-def qlora_unavailable_reason() -> str | None:
-    """Why 4-bit QLoRA cannot run here, or ``None`` when it can."""
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        return None
-    return ("preset llm-qlora needs 4-bit bitsandbytes kernels: the bitsandbytes package is not installed "
-            "(pip install bitsandbytes). Use preset llm-lora (LoRA on an unquantised LLM) instead.")
-
-
-def quantize_llm_4bit(llm: nn.Module, targets: tuple[str, ...] | list[str], compute_dtype: torch.dtype) -> int:
-    """Replace the LLM's target ``nn.Linear`` layers by bitsandbytes NF4 ``Linear4bit``.
-
-    The weights are moved to the current CUDA device when there is one (else they stay on the
-    CPU), where bitsandbytes quantises them (blocksize 64, double quantization: its defaults);
-    the rest of the LLM is moved there too so the forward runs on one device.
-
-    Returns:
-        Number of linear layers replaced.
-    """
-    reason = qlora_unavailable_reason()
-    if reason:
-        raise PlanError(reason)
-    import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency, only here
-
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    replaced = 0
-    for parent_name, parent in list(llm.named_modules()):
-        for child_name, child in list(parent.named_children()):
-            if type(child) is not nn.Linear or child_name not in targets:
-                continue
-            if child.weight.is_meta:
-                raise PlanError(f"cannot quantise {parent_name}.{child_name}: its weight is on the meta device")
-            q = bnb.nn.Linear4bit(
-                child.in_features, child.out_features, bias=child.bias is not None,
-                compute_dtype=compute_dtype, quant_type="nf4",
-            )
-            q.weight = bnb.nn.Params4bit(child.weight.data.cpu(), requires_grad=False, quant_type="nf4")
-            if child.bias is not None:
-                q.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(parent, child_name, q.to(device))  # .to(device) performs the quantisation
-            replaced += 1
-    llm.to(device)
-    return replaced
 
 
 def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, quantize: bool = False) -> bool:
@@ -163,10 +124,9 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
     opts.update(options or {})
     from peft import LoraConfig, get_peft_model  # noqa: PLC0415 - heavy import, only when needed
 
-    if quantize and not next(model.llm.parameters()).is_meta:
-        weight = next(model.llm.parameters())
-        dtype = weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-        quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), dtype)
+    weight = next(model.llm.parameters())
+    if quantize and not weight.is_meta:
+        quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), compute_dtype_for(weight))
     cfg = LoraConfig(
         r=int(opts["r"]), lora_alpha=int(opts["alpha"]), lora_dropout=float(opts["dropout"]),
         target_modules=list(opts["target_modules"]), bias="none",

@@ -173,8 +173,10 @@ class UnfreezeSchedule:
         """Resolve every stage's plan on ``model`` so rule errors surface before training starts."""
         from monkeytune.policy.plan import prepare_model, resolve_plan  # noqa: PLC0415
 
-        prepare_model(model, self.plan)
-        for step in dict.fromkeys([0] + [s.start_step for s in self.stages]):
+        steps = list(dict.fromkeys([0] + [s.start_step for s in self.stages]))
+        # Every stage's plan: a layer some stage trains is not quantised (llm-qlora).
+        prepare_model(model, self.plan, later=[self.stage_at(step).plan for step in steps])
+        for step in steps:
             resolve_plan(model, self.stage_at(step).plan)
 
 
