@@ -62,7 +62,11 @@ def read_inspect_config(value: str) -> tuple[ModelSpec, dict | None, str | None]
 
 
 def quantized_targets(plan: TrainPlan) -> tuple[str, ...]:
-    """The LLM linear layers a plan stores in 4 bits (the LoRA targets of ``llm-qlora``), else ``()``."""
+    """The LLM linear layers a plan stores in 4 bits (the LoRA targets of ``llm-qlora``), else ``()``.
+
+    Given to :func:`~monkeytune.memory.summarize`, non-empty targets also count the frozen ViT
+    block projections as 4-bit (``llm-qlora`` quantises both).
+    """
     if get_preset(plan.preset).llm_lora != "qlora":
         return ()
     return tuple((plan.lora or {}).get("target_modules", DEFAULT_LLM_LORA["target_modules"]))
@@ -95,7 +99,8 @@ class Inspection:
         estimates: One memory estimate per precision and strategy.
         settings: What the estimates assume (``gpus``, ``batch_size``, ``seq_len``,
             ``images_per_sample``, ``optim``).
-        quantized: Parameters held in 4 bits (the LoRA targets of ``llm-qlora``).
+        quantized: Parameters held in 4 bits (``llm-qlora``: the LLM's LoRA targets and the
+            frozen ViT block projections).
     """
 
     config: ModelConfig

@@ -21,14 +21,14 @@ only) the moments take 2 bytes per parameter plus one fp32 scale per 256 values 
 keeps in fp32 (8 bytes). Paged states are counted on the GPU: paging only moves them out
 under memory pressure, at a cost in speed.
 
-**4-bit LLM (``llm-qlora``)**: the LLM's LoRA target linear weights are bitsandbytes NF4 with
-blocksize 64 and double quantization (``Linear4bit``'s default ``compress_statistics``): half a
-byte per weight, one uint8 scale per 64 weights and one fp32 scale per 256 of those
-(:data:`NF4_BYTES` = 0.5159). Everything else (embeddings, LM head, norms, biases, the vision
-tower, the resampler) stays at the precision's dtype, trained LoRA and adapter weights fp32. The
-forward and backward of each 4-bit layer dequantize its weight to the compute dtype, so one
-such copy of the largest quantized layer is added to the weights. QLoRA is counted for a single
-process or DDP only.
+**4-bit weights (``llm-qlora``)**: the LLM's LoRA target linear weights and the frozen ViT block
+projections (qkv, attention output, MLP fc and proj) are bitsandbytes NF4 with blocksize 64 and
+double quantization: half a byte per weight, one uint8 scale per 64 weights and one fp32 scale
+per 256 of those (:data:`NF4_BYTES` = 0.5159). Everything else (embeddings, LM head, norms,
+biases, the patch embedding and position table, the resampler) stays at the precision's dtype,
+trained LoRA and adapter weights fp32. The forward and backward of each 4-bit layer dequantize
+its weight to the compute dtype, so one such copy of the largest quantized layer is added to the
+weights. QLoRA is counted for a single process or DDP only.
 
 Frozen weights follow the compute dtype under every engine (the trainer casts the parameters no
 unfreezing stage trains; DeepSpeed casts the whole module), and trained ones keep fp32 masters.
@@ -79,6 +79,7 @@ from monkeytune.model.loss import LOSS_CHUNK
 from monkeytune.model_size import check_fits_in_memory, estimate_parameters, memory_capacity  # noqa: F401
 from monkeytune.policy.components import canonical_name
 from monkeytune.policy.plan import Decision
+from monkeytune.policy.quantize import is_vision_4bit_weight
 
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -110,7 +111,7 @@ class ParamSummary:
         llm_lora: Whether peft LoRA adapters sit in the LLM.
         trainable_small: Trainable parameters in tensors under :data:`ADAM8BIT_MIN_SIZE`
             elements (fp32 moments under the 8-bit optimizers).
-        quantized: Frozen parameters stored as 4-bit NF4 (the LLM's linear weights under QLoRA).
+        quantized: Frozen parameters stored as 4-bit NF4 (QLoRA's LLM and ViT linear weights).
         largest_quantized: Elements of the largest 4-bit weight (dequantized while it computes).
     """
 
@@ -134,8 +135,10 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iter
         decisions: One per parameter, of a model with unquantized weights (e.g. built on the
             meta device, where QLoRA's layers stay ``nn.Linear``).
         config: The model configuration.
-        quantize: Names of the LLM linear layers stored in 4 bits (QLoRA's LoRA targets, e.g.
-            ``q_proj``); their frozen ``weight`` counts as NF4.
+        quantize: ``llm-qlora``'s LLM LoRA targets (e.g. ``q_proj``), empty when nothing is
+            4-bit. When given, the frozen ``weight`` of those LLM layers and of the ViT block
+            projections (:func:`~monkeytune.policy.quantize.is_vision_4bit_weight`) counts as
+            NF4, as ``llm-qlora`` quantises both.
     """
     decisions = list(decisions)
     targets = tuple(quantize)
@@ -180,10 +183,13 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iter
 
 
 def _is_quantized(d: Decision, targets: tuple[str, ...]) -> bool:
-    """A frozen LLM-layer linear weight of a target module (peft moves it to ``<target>.base_layer``)."""
-    if d.trainable or d.component != "llm_layers":
+    """A frozen ViT block projection weight or LLM target linear weight (peft: ``<target>.base_layer``)."""
+    if d.trainable or d.component not in ("llm_layers", "vision_tower"):
         return False
-    parts = canonical_name(d.name).split(".")
+    canon = canonical_name(d.name)
+    if d.component == "vision_tower":
+        return is_vision_4bit_weight(canon)
+    parts = canon.split(".")
     if parts[-1] != "weight":
         return False
     owner = parts[-3] if parts[-2] == "base_layer" else parts[-2]
