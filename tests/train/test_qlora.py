@@ -86,6 +86,110 @@ def test_qlora_leaves_vit_layers_that_train_unquantised():
     assert s.quantized == cfg.llm.num_layers * (4 * h * h + 3 * h * f) + vit
 
 
+def _quantised_tiny(seed: int = 0):
+    """A tiny model under llm-qlora (real 4-bit layers) whose LoRA and adapters are non-trivial."""
+    from monkeytune.config import get_config
+    from monkeytune.model import build_model
+
+    cfg = get_config("tiny")
+    cfg.vision.lora_dropout = 0.0  # outputs are compared in training mode (see _outputs)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    apply_plan(model, TrainPlan("llm-qlora", lora={"r": 4, "alpha": 8, "dropout": 0.0}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or name.endswith("lora_b"):
+                p.normal_(std=0.05)  # both start at zero; make the adapters matter
+    return model, dense
+
+
+def _stored_tensors(folder):
+    from safetensors.torch import load_file
+
+    return {f"{path.relative_to(folder)}:{k}": t for path in sorted(folder.rglob("*.safetensors"))
+            for k, t in load_file(str(path)).items()}
+
+
+def _outputs(model, ids, pixels):
+    """LLM logits of ``ids`` and ViT features of ``pixels`` (four windows and a global view).
+
+    Run in training mode (the models here have no dropout): in eval mode on a CPU, bitsandbytes
+    repacks 4-bit weights for its inference kernel, which needs output widths divisible by 32.
+    """
+    with torch.no_grad():
+        model.train()
+        return model(ids).logits.float(), model.vision(pixels, torch.tensor([0, 1, 2, 3, -1])).float()
+
+
+@pytest.mark.parametrize("mode", ["full", "adapters"])
+def test_qlora_final_folder_holds_dense_weights_that_load(tmp_path, mode):
+    """The final save of an llm-qlora model: dense, loadable weights (no packed NF4), trained tensors as trained."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+
+    from monkeytune.model.io import load_model, save_model
+    from monkeytune.train.final import save_final
+
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    model, dense = _quantised_tiny()
+    pixels = torch.randn(5, 3, 224, 224)
+    expected, features = _outputs(model, ids, pixels)  # the 4-bit model as trained
+    trained = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("vision.blocks.") and n.endswith("lora_b") for n in trained)
+    base_dir = None
+    if mode == "adapters":  # the adapters load on the unquantised model they were trained from
+        from monkeytune.model import build_model
+
+        base = build_model(model.config)
+        base.load_state_dict(dense)
+        base_dir = save_model(base, tmp_path / "base")
+    out = save_final(model, None, tmp_path / "final", mode, merge_llm_lora=mode == "full", base_model=base_dir)
+
+    stored = _stored_tensors(out)
+    assert stored and all(t.is_floating_point() for t in stored.values()), \
+        [k for k, t in stored.items() if not t.is_floating_point()][:5]
+    assert not [k for k in stored if "absmax" in k or "quant" in k]
+    loaded, _ = load_model(out)
+    if mode == "full":
+        # Dequantized bases plus the merged LLM LoRA give the 4-bit model's outputs (which computed in bf16).
+        logits, feats = _outputs(loaded, ids, pixels)
+        torch.testing.assert_close(logits, expected, rtol=0.02, atol=0.02)
+        torch.testing.assert_close(feats, features, rtol=0.02, atol=0.02)
+        vit = loaded.vision.blocks[0].attn.qkv.weight
+        assert vit.dtype == torch.float32 and not torch.equal(vit, dense["vision.blocks.0.attn.qkv.weight"])
+    else:
+        names = {k.split(":", 1)[1] for k in stored if k.startswith("model")}
+        assert names == {n for n in trained if not n.startswith("llm.")}  # trainable weights only
+        params = dict(loaded.named_parameters())
+        for name in names:
+            torch.testing.assert_close(params[name], trained[name], rtol=0, atol=0)
+        loaded.llm = PeftModel.from_pretrained(loaded.llm, str(out / "llm_lora"))
+        assert all(torch.isfinite(t).all() for t in _outputs(loaded, ids, pixels))
+    # The peft folder loads on the written base LLM (dequantized) with plain peft.
+    peft_llm = AutoPeftModelForCausalLM.from_pretrained(str(out / "llm_lora")).eval()
+    assert torch.isfinite(peft_llm(ids).logits).all()
+
+
+def test_dequantize_gives_the_weights_a_4bit_layer_computes_with():
+    """Also after an eval-mode CPU forward, where bitsandbytes repacks the weight for its inference kernel."""
+    from monkeytune.policy.quantize import _replace_linears, dequantize_4bit
+
+    torch.manual_seed(0)
+    root = torch.nn.Sequential(torch.nn.Linear(64, 96))
+    original = root[0].weight.detach().clone()
+    _replace_linears(root, lambda name: True, torch.bfloat16, torch.device("cpu"))
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = root.train()(x).float()
+        root.eval()(x)  # repacks where the CPU has AVX512-BF16
+        assert dequantize_4bit(root) == 1
+        layer = root[0]
+        assert type(layer) is torch.nn.Linear and layer.weight.dtype == torch.float32
+        assert not layer.weight.requires_grad
+        torch.testing.assert_close(root(x), expected, rtol=0.02, atol=0.02)
+    assert 0 < (layer.weight - original).abs().max() < original.abs().max() / 4  # NF4 rounding, not garbage
+
+
 def test_qlora_without_bitsandbytes_is_a_clear_error(monkeypatch):
     from monkeytune.config import get_config
     from monkeytune.model import build_model

@@ -147,3 +147,47 @@ def quantize_vision_4bit(model: nn.Module, keep: Iterable[str] = (), compute_dty
         vision.to(device)
     return replaced
 
+
+def dequantize_4bit(model: nn.Module, dtype: torch.dtype | None = None, device: torch.device | str | None = "cpu") -> int:
+    """Replace every bitsandbytes ``Linear4bit`` in ``model`` by a frozen ``nn.Linear`` holding its dequantized weight.
+
+    For writing a model trained on a 4-bit base as ordinary weights: the values are the ones
+    the run computed with (NF4 rounding included). A layer inside a peft LoRA wrapper is replaced
+    there (``unload()`` then returns the dense layer; peft's 4-bit merge no longer applies to it).
+
+    Args:
+        model: Any module.
+        dtype: Dtype of the dense weights and biases; ``None``: the dtype the weight had when it
+            was quantised.
+        device: Where the dense weights go; the default, the CPU, keeps a finished run from
+            needing GPU memory for a dense copy of its base. ``None``: the 4-bit weight's device.
+
+    Returns:
+        Number of layers replaced (0 when bitsandbytes is not installed: there can be none).
+    """
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return 0
+    import bitsandbytes as bnb  # noqa: PLC0415 - optional dependency, only here
+
+    replaced = 0
+    for parent in list(model.modules()):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, bnb.nn.Linear4bit):
+                continue
+            if getattr(child.weight.quant_state, "packing_format_for_cpu", False):
+                # An eval-mode CPU forward repacked the weight for bitsandbytes' inference kernel;
+                # writing the layer's state (its own code) restores the standard layout in place.
+                child.state_dict()
+            w = child.weight
+            dense = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+            dense = dense.to(device=device or w.device, dtype=dtype or w.quant_state.dtype)
+            layer = nn.Linear(child.in_features, child.out_features, bias=False, device="meta")
+            layer.weight = nn.Parameter(dense.reshape(child.out_features, child.in_features), requires_grad=False)
+            if child.bias is not None:
+                # The weight's dtype: bitsandbytes' forward casts a 4-bit layer's bias to its compute dtype in place.
+                bias = child.bias.detach().to(device=dense.device, dtype=dense.dtype)
+                layer.bias = nn.Parameter(bias, requires_grad=child.bias.requires_grad)
+            layer.train(child.training)
+            setattr(parent, child_name, layer)
+            replaced += 1
+    return replaced

@@ -14,6 +14,13 @@ loads the adapter with its base and no monkeytune code (this costs the LLM's siz
 the LLM either with the adapters merged in (``merge_llm_lora: true``) or without them (the base
 LLM; apply ``llm_lora/`` on top). The per-window ViT adapters are part of the ViT's own
 parameters and stay separate from the LLM LoRA in either case.
+
+Under ``llm-qlora`` the 4-bit layers of the LLM and the ViT are first dequantized on the CPU
+(:func:`~monkeytune.policy.quantize.dequantize_4bit`): the folder, ``llm_base/`` included, holds
+the dense weights the run computed with (NF4 rounding included) in the run's compute dtype, never
+packed NF4 bytes, and merging adds the LoRA deltas to those dense weights (for monkey-7b this
+takes about 17 GB of host memory in bf16). Adapter-only folders and checkpoints hold trained
+tensors only, which are never 4-bit.
 """
 
 from __future__ import annotations
@@ -187,17 +194,29 @@ def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: boo
     """Fill ``out_dir`` (see :func:`save_final`)."""
     from monkeytune.model.io import save_model
     from monkeytune.policy.presets import has_llm_lora
+    from monkeytune.policy.quantize import dequantize_4bit
 
     meta = dict(metadata or {})
-    if has_llm_lora(model):
+    lora = has_llm_lora(model)
+    if lora:
         lora_dir = out_dir / ADAPTER_FOLDER
         # Recorded where the folder will be once renamed into place, not in the temporary one.
         final_base = Path(final_dir or out_dir).resolve() / BASE_FOLDER
         save_peft_adapter(model.llm, lora_dir, base_model=final_base)
+    # A 4-bit base (llm-qlora) is written as the dense weights the run computed with, never as
+    # packed NF4 bytes (which no loader reads back); the dense copy is made on the CPU, of what
+    # is written: the whole model, or for adapter-only folders the base LLM of llm_base/.
+    written = model if mode == "full" else (model.llm if lora else None)
+    dense = written is not None and dequantize_4bit(written, dtype=dtype) > 0
+    if dense:
+        logger.info("4-bit layers dequantized for writing (%s)", dtype or "as quantised")
+    if lora:
         save_base_llm(model.llm, out_dir / BASE_FOLDER)
         meta["llm_lora"] = {"folder": ADAPTER_FOLDER, "merged": bool(merge_llm_lora), "base": BASE_FOLDER}
+        if merge_llm_lora and dense:
+            _merge_into_dense(model.llm)
         # Trainable flags of the rest survive unloading; the LoRA tensors leave with the wrapper.
-        model.llm = model.llm.merge_and_unload() if merge_llm_lora else model.llm.unload()
+        model.llm = model.llm.merge_and_unload() if merge_llm_lora and not dense else model.llm.unload()
         logger.info("LLM LoRA adapters written to %s (%s)", lora_dir, "merged into the model" if merge_llm_lora else "not merged")
     if mode == "adapters":
         if not any(p.requires_grad for p in model.parameters()):
@@ -207,3 +226,26 @@ def _write_final(model, tokenizer, out_dir: Path, mode: str, merge_llm_lora: boo
                    dtype=dtype)
         return
     save_model(model, out_dir, tokenizer=tokenizer, metadata=meta, dtype=dtype)
+
+
+def _merge_into_dense(llm: nn.Module) -> int:
+    """Add every active LoRA delta of a peft-wrapped LLM into its base layer's weight, in place.
+
+    For bases :func:`~monkeytune.policy.quantize.dequantize_4bit` made dense: peft's own merge
+    for 4-bit layers would re-quantise the sum (losing most of a small delta to NF4 rounding)
+    and cannot run on the dense layer anyway. Unload the wrapper afterwards.
+
+    Returns:
+        Number of layers merged into.
+    """
+    merged = 0
+    with torch.no_grad():
+        for module in llm.modules():
+            if not (hasattr(module, "lora_A") and hasattr(module, "get_delta_weight")):
+                continue
+            weight = module.get_base_layer().weight
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    weight += module.get_delta_weight(name).to(device=weight.device, dtype=weight.dtype)
+                    merged += 1
+    return merged
