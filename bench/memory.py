@@ -1,8 +1,8 @@
 """The training-memory estimate (``monkeytune.memory``) against a measured peak, side by side.
 
 For each policy (``monkey``, ``monkey-fix-llm``, ``full``, ``llm-qlora``) a fresh subprocess
-builds the ``mid`` preset, applies the plan (``llm-qlora`` quantises the LLM's linear layers to
-NF4 with bitsandbytes, on the CPU when there is no GPU), and runs two real training steps
+builds the ``mid`` preset, applies the plan (``llm-qlora`` quantises the LLM's and the ViT's frozen
+linear layers to NF4 with bitsandbytes, on the CPU when there is no GPU), and runs two real training steps
 (forward, backward, AdamW update) on one sample with an image. Measured: the peak memory of the second, steady-state step (the first
 creates the optimizer states) over the memory before the model was built, i.e. weights +
 gradients + optimizer states + activations. On CUDA

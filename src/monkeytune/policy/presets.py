@@ -109,6 +109,8 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
             ``target_modules``).
         quantize: Quantise the target linear layers to 4-bit first (QLoRA). On the meta device
             they stay unquantised (there are no values to quantise; see the module docstring).
+            The ViT's projections are quantised by
+            :func:`~monkeytune.policy.plan.prepare_model`, which knows what the plan trains.
 
     Returns:
         ``True`` if LoRA was added, ``False`` if the model already had it.
