@@ -86,6 +86,39 @@ def test_qlora_leaves_vit_layers_that_train_unquantised():
     assert s.quantized == cfg.llm.num_layers * (4 * h * h + 3 * h * f) + vit
 
 
+class Interrupt(Exception):
+    pass
+
+
+def test_qlora_resume_is_exact(make_config):
+    """Checkpoints hold the trained tensors only; a resume re-quantises the same 4-bit LLM and ViT bases."""
+    from monkeytune.train.metrics import read_metrics
+    from safetensors.torch import load_file
+
+    sections = dict(policy={"preset": "llm-qlora", "lora": {"r": 4}}, train={"max_steps": 4},
+                    checkpoint={"every": 2, "keep_last": 1}, optim={"lr": 1e-2})
+    ref = train(make_config("qref", **sections))
+    cfg = make_config("qcut", **sections)
+
+    def stop(row):
+        if row["step"] == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(cfg, on_step=stop)
+    saved = load_file(f"{cfg.checkpoint.output_dir}/checkpoints/step-00000002/weights.safetensors")
+    assert saved and all(t.is_floating_point() for t in saved.values())
+    assert set(saved) == {n for n, p in ref.model.named_parameters() if p.requires_grad}
+    assert not set(saved) & set(four_bit(ref.model))
+    resumed = train(cfg, resume="latest")
+    assert resumed.steps == 4 and len(resumed.losses) == 2
+    assert [r["loss"] for r in read_metrics(resumed.run_dir / "metrics.jsonl")] == \
+        [r["loss"] for r in read_metrics(ref.run_dir / "metrics.jsonl")]
+    ref_params = dict(ref.model.named_parameters())
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, ref_params[n]), n
+
+
 def _quantised_tiny(seed: int = 0):
     """A tiny model under llm-qlora (real 4-bit layers) whose LoRA and adapters are non-trivial."""
     from monkeytune.config import get_config
