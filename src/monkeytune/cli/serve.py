@@ -7,7 +7,6 @@ Gradio is not installed or the port is taken.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
@@ -40,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from monkeytune.serve.launch import NoModelError, exposure_warning, stop
+    from monkeytune.serve.launch import NoModelError, exposure_warning
 
     try:
         from monkeytune.serve.launch import start
@@ -67,12 +66,5 @@ def run(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        lingering = stop(app)
-    if lingering:
-        # The user asked the server to stop and it no longer serves, so a thread stuck in shutdown
-        # must not keep the process alive.
-        print(f"monkeytune serve: stopped; {', '.join(lingering)} still running, exiting without waiting",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(0)
+        app.close()
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -89,7 +88,7 @@ def start(
 ):
     """Load a model and start serving the chat page in the background.
 
-    Call ``app.block_thread()`` to serve until interrupted, :func:`stop` to stop.
+    Call ``app.block_thread()`` to serve until interrupted, ``app.close()`` to stop.
 
     Args:
         model_dir: Model folder; None serves the demo's trained model (see :func:`find_demo_model`).
@@ -146,21 +145,3 @@ def launch_app(engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT):
         footer_links=["api"],
     )
     return app, url
-
-
-def stop(app, timeout_s: float = 10.0) -> list[str]:
-    """Close a served app, waiting at most ``timeout_s``.
-
-    Gradio's ``close()`` joins its server threads. If a connection keeps one of them busy, that
-    join can outlast a user's Ctrl-C. So it runs in a daemon thread and is given ``timeout_s``.
-
-    Returns:
-        The names of the threads still running that would keep the process alive, plus
-        ``"close"`` when ``close()`` itself has not returned. Empty when the app stopped cleanly.
-    """
-    closer = threading.Thread(target=app.close, name="close", daemon=True)
-    closer.start()
-    closer.join(timeout_s)
-    alive = [closer.name] if closer.is_alive() else []
-    me = threading.current_thread()
-    return alive + [t.name for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
