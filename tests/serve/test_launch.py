@@ -76,9 +76,13 @@ def test_cli_serves_the_page_until_interrupted(parrot_dir, free_port):
     port = free_port()
     code = "import sys; from monkeytune.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}
+    # As Ctrl-C in a terminal: SIGINT handled in the child even when this run ignores it (a
+    # background job of a non-interactive shell does, children inherit that, and Python then
+    # never raises KeyboardInterrupt).
     proc = subprocess.Popen(
         [sys.executable, "-c", code, "serve", "--model", str(parrot_dir), "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         line = proc.stdout.readline()
