@@ -24,7 +24,8 @@ the right window's tokens:
   relative) distances from the region words and from the answer.
 
 Every training image is asked all eight questions (four regions, fine and coarse), as eight
-records. Evaluation records follow the Monkey VQA layout (``question_id``, ``image``,
+records. Each record names the 2x2 window that shows its answer (``window``, row-major), which
+the vision warm-up of stage 1 trains on (:mod:`monkeytune.train.vision_warmup`). Evaluation records follow the Monkey VQA layout (``question_id``, ``image``,
 ``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
 
 Splits never share an image nor an image content: every scene's ``content_key`` (its colours
@@ -173,6 +174,8 @@ def _question_record(sid: str, image: str, scene: Scene, kind: str, region: str,
     return {
         "id": f"{sid}-{kind}-{region}",
         "kind": kind,
+        # The grid window (row-major) that shows the answer: what the vision warm-up trains on.
+        "window": REGIONS.index(region),
         "conversations": [
             {"from": "user", "value": prompt(q, image)},
             {"from": "assistant", "value": scene.answer(region, kind)},

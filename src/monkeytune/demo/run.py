@@ -1,11 +1,14 @@
 """The demo run: data, three trainings, evaluation, report, for one task (``textures`` or ``digits``).
 
 1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
-   policy on one-question records mixing fine (texture) and coarse (colour) questions;
+   policy on one-question records mixing fine (texture or digit) and coarse (colour) questions,
+   after a grounded vision warm-up (:mod:`monkeytune.train.vision_warmup`) on the same records:
+   the tower and resampler first learn to tell the answers apart from the window each record
+   names, then the LLM learns to route the questions to them;
 2. ``stage2``: that model fine-tuned the Monkey way, ``monkey-fix-llm`` (LLM frozen; per-window
    LoRA and resampler train), on fine questions only;
 3. ``baseline``: the same architecture with a single global view (grid ``[0, 0]``), trained like
-   stage 1 for as many steps as stages 1 and 2 together;
+   stage 1 (its warm-up on the global view) for as many steps as stages 1 and 2 together;
 4. every model is evaluated with :func:`monkeytune.eval.runner.evaluate` on the held-out test
    split, exact match per question kind, and its visual tokens are probed
    (:mod:`monkeytune.eval.probe`); before training, a pixel-level classifier checks that the fine
@@ -95,9 +98,13 @@ class DemoSettings:
         steps1, steps2: Optimizer steps of stages 1 and 2; the baseline runs ``steps1 + steps2``.
         batch_size: Questions per optimizer step.
         lr1: Peak learning rate of the LLM in stage 1 and the baseline.
-        vision_lr1: Peak learning rate of the vision tower, its adapters and the resampler in
-            stage 1 and the baseline. The textures are learnt at 3e-4; at 1e-3 the tower settles
-            on the colours and never tells vertical stripes from the checkerboard.
+        warmup_steps: Steps of the vision warm-up before stage 1 and the baseline (batches of
+            ``batch_size`` records), at the warm-up's default rates (tower 3e-5, resampler 1e-3).
+        vision_lr1: Peak learning rate of the vision tower and its adapters in stage 1 and the
+            baseline. The digits are lost at 1e-4 and above (``bench/vision_direct.py``).
+        resampler_lr1: Peak learning rate of the resampler in stage 1 and the baseline: slow
+            enough that the LLM's loss does not wash out what the warm-up taught it (at 1e-3,
+            from scratch, it keeps only the colours).
         lr2: Peak learning rate of stage 2 (adapters and resampler), the official Monkey
             fine-tuning rate. The resampler is shared with the global view: trained on fine
             questions alone at 1e-4 it loses a quarter of the coarse answers, at 1e-3 nearly all.
@@ -119,7 +126,9 @@ class DemoSettings:
     steps2: int = 100
     batch_size: int = 64
     lr1: float = 1e-3
-    vision_lr1: float = 3e-4
+    warmup_steps: int = 800
+    vision_lr1: float = 3e-5
+    resampler_lr1: float = 1e-4
     lr2: float = 1e-5
     eval_batch_size: int = 64
     threads: int | None = None
@@ -132,7 +141,7 @@ class DemoSettings:
     def quick(cls, out_dir: str | Path, seed: int = 0, task: str = "textures") -> "DemoSettings":
         """A few samples and steps: exercises every step end to end in seconds (for tests)."""
         return cls(out_dir=Path(out_dir), task=task, seed=seed, n_train=4, n_val=1, n_test=2, steps1=2, steps2=2,
-                   batch_size=4, eval_batch_size=8, progress=False, examples=2)
+                   warmup_steps=2, batch_size=4, eval_batch_size=8, progress=False, examples=2)
 
 
 @dataclass
@@ -153,7 +162,7 @@ class StageResult:
 
 
 def _train_config(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str,
-                  train_file: Path, steps: int, lr: float, component_lr: dict[str, float]) -> "Any":
+                  train_file: Path, steps: int, lr: float, component_lr: dict[str, float], warmup_steps: int) -> "Any":
     from monkeytune.train.config_load import load_config
 
     gpu = torch.cuda.is_available()
@@ -166,15 +175,16 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: Mode
                   "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
         "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
         "log": {"progress": settings.progress, "plot": False},
+        "vision_warmup": {"steps": warmup_steps, "batch_size": settings.batch_size},
     }
     return load_config(data=raw)
 
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str, train_file: Path,
-           steps: int, lr: float, component_lr: dict[str, float] | None = None) -> StageResult:
+           steps: int, lr: float, component_lr: dict[str, float] | None = None, warmup_steps: int = 0) -> StageResult:
     from monkeytune.train.loop import train
 
-    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {})
+    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {}, warmup_steps)
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
@@ -276,14 +286,15 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     # The premise, checked on the pixels: a simple classifier reads the fine answer from the
     # windows but not from the global view.
     visibility = fine_detail_visibility(data.root, demo_model_config().image.window_size, settings.visibility_scenes)
-    slow_vision = {"vision": settings.vision_lr1, "resampler": settings.vision_lr1}
+    slow_vision = {"vision": settings.vision_lr1, "resampler": settings.resampler_lr1}
     stages: dict[str, StageResult] = {}
     stages["stage1"] = _train(settings, data, "stage1", ModelSpec(config=demo_model_config((2, 2))), "full",
-                             data.train, settings.steps1, settings.lr1, slow_vision)
+                             data.train, settings.steps1, settings.lr1, slow_vision, settings.warmup_steps)
     stages["stage2"] = _train(settings, data, "stage2", ModelSpec(from_dir=str(stages["stage1"].model_dir)),
                              "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
     stages["baseline"] = _train(settings, data, "baseline", ModelSpec(config=demo_model_config((0, 0))), "full",
-                               data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision)
+                               data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision,
+                               settings.warmup_steps)
     for name in STAGES:
         _evaluate(settings, data, stages[name])
     seconds = time.perf_counter() - start

@@ -46,6 +46,7 @@ from monkeytune.train.setup import (
     ensure_synthetic_data,
     hold_frozen_in_compute_dtype,
     load_model_and_tokenizer,
+    run_vision_warmup,
     resolve_run_model,
     total_steps,
 )
@@ -147,6 +148,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
                     record["precision"], record["device"])
 
         model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=resolved)
+        if cfg.vision_warmup.steps and not saved:  # a resumed run's checkpoint holds the warmed-up weights
+            run_vision_warmup(cfg, model, run_dir, acc.num_processes, acc.device, main)
         plan, schedule = build_schedule(cfg, model)
         sharded = is_sharded(acc)
         if sharded and schedule.stages:

@@ -286,3 +286,45 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
             f"window of train.grad_accum={cfg.train.grad_accum}; lower grad_accum or set train.max_steps"
         )
     return steps
+
+
+def run_vision_warmup(cfg: TrainConfig, model: nn.Module, run_dir: Path, num_processes: int, device: Any,
+                      main: bool) -> None:
+    """The run's grounded vision warm-up (``vision_warmup.steps > 0``), before step 1; see
+    :mod:`monkeytune.train.vision_warmup`. Its curve is logged and written to ``vision_warmup.json``.
+
+    Raises:
+        SetupError: a multi-process run, or no usable record.
+        DataError: a bad record (as the training data would raise it).
+    """
+    import json
+
+    from monkeytune.data.reading import load_samples
+    from monkeytune.train.vision_warmup import WINDOW_FIELD, VisionWarmupError, warm_up_vision, window_examples
+
+    if num_processes > 1:
+        raise SetupError(f"vision_warmup needs a single-process run ({num_processes} processes here): run this "
+                         "stage in one process, or warm up in a short one-process run and start this one from its "
+                         "final folder (model.from) with vision_warmup.steps 0")
+    # Bad records are the training data's to report (error or skip, as data.on_bad_sample says).
+    errors: list | None = [] if cfg.data.on_bad_sample == "skip" else None
+    samples = load_samples(cfg.data.train, errors, cfg.data.format, cfg.data.image_root, cfg.data.allow_empty_answers)
+    try:
+        examples, skipped = window_examples(samples, model.config.image.num_windows)
+        if not examples:
+            raise VisionWarmupError(f"no record of {', '.join(cfg.data.train)} has a '{WINDOW_FIELD}' field")
+    except VisionWarmupError as e:
+        raise SetupError(f"vision_warmup: {e}") from None
+    logger.info("vision warm-up: %d steps on %d records that name a window (%d without one, not used)",
+                cfg.vision_warmup.steps, len(examples), skipped)
+    home = next(model.parameters()).device
+    model.to(device)
+
+    def log(step: int, loss: float, accuracy: float) -> None:
+        logger.info("vision warm-up step %d: loss %.4f, accuracy %.1f%%", step, loss, 100 * accuracy)
+
+    result = warm_up_vision(model, examples, cfg.vision_warmup, cfg.train.seed, progress=log)
+    result.skipped = skipped
+    model.to(home)
+    if main:
+        (run_dir / "vision_warmup.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
