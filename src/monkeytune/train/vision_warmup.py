@@ -153,20 +153,24 @@ def warm_up_vision(model: nn.Module, examples: Sequence[WindowExample], settings
     processor = ImageProcessor(model.config.image)
     cache: dict[tuple[str, int], torch.Tensor] = {}
     cached_bytes = 0
+    wanted: dict[str, set[int]] = {}
+    for e in examples:
+        wanted.setdefault(e.image.source, set()).add(e.window)
 
     def view(example: WindowExample) -> torch.Tensor:
         nonlocal cached_bytes
         key = (example.image.source, example.window)
-        if key not in cache:
-            views = processor(open_image(example.image, model.config.image.max_pixels)).views
-            # Window -1 is the global view, the last one. float16 keeps the detail: its steps are
-            # ~0.001 of the normalised range, a 1-level texture ~0.015.
-            kept = views[example.window].to(torch.float16)
-            if cached_bytes + kept.numel() * 2 > VIEW_CACHE_BYTES:
-                return kept
-            cache[key] = kept
-            cached_bytes += kept.numel() * 2
-        return cache[key]
+        if key in cache:
+            return cache[key]
+        views = processor(open_image(example.image, model.config.image.max_pixels)).views
+        # Keep every view of this image that some record asks about: each image is decoded once.
+        # Window -1 is the global view, the last one. float16 keeps the detail: its steps are
+        # ~0.001 of the normalised range, a 1-level texture ~0.015.
+        for window in sorted(wanted[example.image.source]):
+            if cached_bytes < VIEW_CACHE_BYTES:
+                cache[(example.image.source, window)] = views[window].to(torch.float16)
+                cached_bytes += views[window].numel() * 2
+        return cache.get(key, views[example.window].to(torch.float16))
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
