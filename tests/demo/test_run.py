@@ -112,3 +112,19 @@ def test_the_demo_is_deterministic_across_processes(tmp_path):
 def test_serve_finds_the_demo_model_without_being_told(demo):
     # `monkeytune serve` with no --model looks where the demo writes its models.
     assert find_demo_model(demo.settings.out_dir) == demo.settings.out_dir / "models" / "stage2"
+
+
+def test_the_two_stage_example_is_the_demos_recipe():
+    from pathlib import Path
+
+    from monkeytune.train.config_load import load_config
+
+    folder = Path(__file__).resolve().parents[2] / "examples" / "from-scratch-two-stage"
+    stage1, stage2 = load_config(folder / "stage1.yaml"), load_config(folder / "stage2.yaml")
+    s = DemoSettings()
+    built = demo_model_config()
+    assert (stage1.model.config.vision, stage1.model.config.image) == (built.vision, built.image)
+    assert stage1.policy.preset == "full" and stage1.policy.lr == {"vision": s.vision_lr1, "resampler": s.resampler_lr1}
+    assert (stage1.optim.lr, stage1.train.max_steps, stage1.train.micro_batch_size) == (s.lr1, s.steps1, s.batch_size)
+    assert (stage1.vision_warmup.steps, stage1.vision_warmup.batch_size) == (s.warmup_steps, s.batch_size)
+    assert stage2.policy.preset == "monkey-fix-llm" and (stage2.optim.lr, stage2.train.max_steps) == (s.lr2, s.steps2)
