@@ -7,8 +7,10 @@ variant starts from the same random initialisation, sees the same batches and is
 same held-out windows, side by side in one run:
 
 * ``tower`` / ``resampler``: peak learning rates (0 freezes), AdamW, no warm-up;
-* ``readout``: ``resampler`` (the 4 visual tokens, flattened: what the LLM receives), ``vit``
-  (the 16 ViT tokens flattened, no pooling) or ``mean`` (the ViT tokens averaged).
+* ``readout``: ``resampler`` (the 4 visual tokens, flattened: what the LLM receives), ``window``
+  (the mean of the 4 RMS-normalised visual tokens: what the vision warm-up trains, and about
+  what the LLM's attention can read), ``vit`` (the 16 ViT tokens flattened, no pooling) or
+  ``mean`` (the ViT tokens averaged).
 
 Before training, a linear probe on the frozen random features of each readout gives the
 information the initialisation already carries.
@@ -33,6 +35,7 @@ from monkeytune.demo.generator import generate_dataset
 from monkeytune.demo.run import demo_model_config
 from monkeytune.demo.scene import REGIONS
 from monkeytune.model.monkey import MonkeyForCausalLM
+from monkeytune.train.vision_warmup import window_readout
 from monkeytune.vision.processor import ImageProcessor
 
 # (tower lr, resampler and head lr, readout)
@@ -42,6 +45,8 @@ VARIANTS = [
     (1e-4, 1e-3, "resampler"),
     (3e-5, 1e-3, "resampler"),
     (0.0, 1e-3, "resampler"),
+    (3e-5, 1e-3, "window"),
+    (0.0, 1e-3, "window"),
     (1e-3, 1e-3, "mean"),
     (1e-3, 1e-3, "vit"),
 ]
@@ -79,7 +84,10 @@ def readout(model: MonkeyForCausalLM, kind: str, views: torch.Tensor, slots: tor
     if kind == "vit":
         return feats.flatten(1)
     side = views.shape[-1] // model.config.vision.patch_size
-    return model.resampler(feats, (side, side)).flatten(1)
+    tokens = model.resampler(feats, (side, side))
+    if kind == "window":
+        return window_readout(tokens)
+    return tokens.flatten(1)
 
 
 def linear_probe(train_x, train_y, test_x, test_y, classes: int, steps: int = 300) -> float:
@@ -108,7 +116,7 @@ def train_variant(cfg, data, tower_lr: float, head_lr: float, kind: str, steps: 
     groups = [{"params": list(head.parameters()), "lr": head_lr}]
     if tower_lr:
         groups.append({"params": list(model.vision.parameters()), "lr": tower_lr})
-    if kind == "resampler":
+    if kind in ("resampler", "window"):
         groups.append({"params": list(model.resampler.parameters()), "lr": head_lr})
     opt = torch.optim.AdamW(groups, weight_decay=0.0)
     order = torch.Generator().manual_seed(seed)
@@ -152,7 +160,7 @@ def main() -> None:
     fresh = MonkeyForCausalLM(cfg)
     probes = {}
     sub = slice(0, min(2000, len(xtr)))
-    for kind in ("resampler", "vit", "mean"):
+    for kind in ("resampler", "window", "vit", "mean"):
         with torch.no_grad():
             train_x, test_x = readout(fresh, kind, xtr[sub], str_[sub]), readout(fresh, kind, xte, ste)
         probes[kind] = linear_probe(train_x, ytr[sub], test_x, yte, classes)

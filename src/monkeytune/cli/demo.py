@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=Path("outputs/demo"), help="output folder (default: outputs/demo)")
     p.add_argument("--task", choices=["textures", "digits", "all"], default="textures",
                    help="textures (default): synthetic 1-pixel textures, written to OUT; digits: UCI handwritten "
-                   "digits, written to OUT/digits (needs the demo extra; the recipe does not learn them yet); "
+                   "digits, written to OUT/digits (needs the demo extra); "
                    "all: both, one after the other")
     p.add_argument("--seed", type=int, default=0, help="seed of the data, initialisation and data order")
     p.add_argument("--quick", action="store_true", help="a few samples and steps: checks the pipeline in seconds")

@@ -159,6 +159,7 @@ class StageResult:
     accuracy: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
     probe: dict[str, Any] = field(default_factory=dict)
+    warmup: dict[str, Any] = field(default_factory=dict)  # the run's vision_warmup.json, if it warmed up
 
 
 def _train_config(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str,
@@ -202,7 +203,9 @@ def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, 
     final.parent.mkdir(parents=True, exist_ok=True)
     # Training recorded the data's prompt layout in the folder, so chat, serve and eval use it unasked.
     Path(result.final_dir).rename(final)
-    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds)
+    warm = Path(result.run_dir) / "vision_warmup.json"
+    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds,
+                       warmup=json.loads(warm.read_text(encoding="utf-8")) if warm.is_file() else {})
 
 
 def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> None:

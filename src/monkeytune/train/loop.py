@@ -46,8 +46,8 @@ from monkeytune.train.setup import (
     ensure_synthetic_data,
     hold_frozen_in_compute_dtype,
     load_model_and_tokenizer,
-    run_vision_warmup,
     resolve_run_model,
+    run_vision_warmup,
     total_steps,
 )
 from monkeytune.train.state import RUN_CONFIG_FILE, check_same_run, ever_trained_names, load_engine_state, load_model_state

@@ -7,13 +7,15 @@ what every token can carry (a colour) and a probe of the window tokens stays at 
 
 When the training records say which window holds the answer (a top-level ``"window"`` field, the
 row-major index of the grid window; 0 is the top-left), the warm-up trains the tower, its
-per-window adapters and the resampler directly on that: for ``vision_warmup.steps`` steps a linear head
-reads the named window's visual tokens and is trained, by cross-entropy, to give the record's
-answer among the answers its question takes in the data (a window answers "which colour?" and
-"which digit?" alike; without that, one head would have to give both). A question seen with a
-single answer (free-form data) is scored against every answer. The head reads the *mean* of the window's RMS-normalised tokens, because that is what the
-LLM can read later: its attention forms a weighted mean of the tokens it attends to, so a detail
-the mean does not carry would stay out of reach. The head is thrown away afterwards; the model's
+per-window adapters and the resampler directly on that. For ``vision_warmup.steps`` steps a
+linear head reads the named window's visual tokens and learns, by cross-entropy, the record's
+answer among the answers its question takes in the data: a window answers "which colour?" and
+"which digit?" alike, and one unconditioned head would have to give both. A question seen with a
+single answer (free-form data) is scored against every answer.
+
+The head reads the *mean* of the window's RMS-normalised tokens, because that is what the LLM
+can read later: its attention forms a weighted mean of the tokens it attends to, so a detail the
+mean does not carry would stay out of reach. The head is thrown away afterwards; the model's
 weights are all the warm-up leaves.
 
 A model without windows (the single-view baseline) warms its one view, the global view, on the
