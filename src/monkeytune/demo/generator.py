@@ -25,8 +25,9 @@ the right window's tokens:
 
 Every training image is asked all eight questions (four regions, fine and coarse), as eight
 records. Each record names the 2x2 window that shows its answer (``window``, row-major), which
-the vision warm-up of stage 1 trains on (:mod:`monkeytune.train.vision_warmup`). Evaluation records follow the Monkey VQA layout (``question_id``, ``image``,
-``question``, ``answer``) plus ``kind`` (``fine``/``coarse``) and ``region``.
+the vision warm-up of stage 1 trains on (:mod:`monkeytune.train.vision_warmup`). Evaluation
+records follow the Monkey VQA layout (``question_id``, ``image``, ``question``, ``answer``) plus
+``kind`` (``fine``/``coarse``) and ``region``.
 
 Splits never share an image nor an image content: every scene's ``content_key`` (its colours
 and textures) is unique across the whole data set, so no (content, question) pair repeats. The

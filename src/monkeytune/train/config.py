@@ -231,8 +231,8 @@ class LogSection:
 class VisionWarmupSection:
     """A grounded vision warm-up before step 1 (see :mod:`monkeytune.train.vision_warmup`).
 
-    It needs records with a ``window`` field (the grid window that holds the answer) and runs
-    only on a randomly initialised model, in a single process, and not when resuming.
+    It needs records with a ``window`` field (the grid window that holds the answer), is meant
+    for a vision path trained from scratch, runs in a single process, and is skipped on resume.
 
     Attributes:
         steps: Warm-up steps (0: none).
@@ -364,11 +364,12 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         if value < 0:
             raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
     # NaN and inf pass every comparison below unnoticed (an inf rate applies a NaN update).
-    for f in dataclasses.fields(cfg.optim):
-        value = getattr(cfg.optim, f.name)
-        for v in value if isinstance(value, list) else [value]:
-            if isinstance(v, float) and not math.isfinite(v):
-                raise ConfigError(f"{origin}: optim.{f.name} must be a finite number, got {v}")
+    for section in ("optim", "vision_warmup"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            value = getattr(getattr(cfg, section), f.name)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{origin}: {section}.{f.name} must be a finite number, got {v}")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ConfigError(f"{origin}: set train.epochs or train.max_steps")
     if not cfg.optim.lr > 0:
