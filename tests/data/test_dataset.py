@@ -185,3 +185,29 @@ def test_iteration_ends_after_the_last_sample(data, tok, cfg):
     assert ds[-1]["index"] == len(ds) - 1
     with pytest.raises(IndexError):
         ds[len(ds)]
+
+
+def test_view_cache_decodes_each_image_once_and_changes_nothing(data, tok, cfg, tmp_path):
+    plain = ConversationDataset(data, tok, cfg, max_length=256)
+    cached = ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=2**20)
+    first = [cached[i] for i in range(3)]
+    # a.png is shared by samples 0 and 1: two images processed, one drawn again from memory.
+    assert len(cached.view_cache) == 2 and cached.view_cache.hits == 1
+    (tmp_path / "img" / "a.png").unlink()
+    (tmp_path / "img" / "b.jpg").unlink()
+    with pytest.raises(DataError):
+        plain[0]
+    for i, item in enumerate(first):
+        again = cached[i]  # no file left to decode: these views come from the cache
+        assert torch.equal(again["pixel_values"], item["pixel_values"])
+        assert torch.equal(again["view_slots"], item["view_slots"])
+        assert torch.equal(again["input_ids"], item["input_ids"])
+
+
+def test_view_cache_keeps_the_first_images_within_its_budget(data, tok, cfg):
+    one_image = 5 * 3 * 28 * 28 * 4 + 5 * 8  # float32 views and int64 slots
+    ds = ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=one_image)
+    ds[0], ds[1]
+    assert len(ds.view_cache) == 1 and ds.view_cache.nbytes == one_image
+    with pytest.raises(ValueError, match="max_bytes"):
+        ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=-1)

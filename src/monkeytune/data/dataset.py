@@ -40,6 +40,7 @@ from monkeytune.data.records import (
     ImageRef,
     Sample,
 )
+from monkeytune.data.view_cache import ViewCache
 from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES, Encoded, render
 from monkeytune.tokenizer.base import Tokenizer
 from monkeytune.vision.image import ImageLoadError
@@ -152,6 +153,8 @@ class ConversationDataset(Dataset):
         allow_empty_answers: Accept assistant turns without text.
         strict: Raise the first record that cannot be parsed; otherwise such records are kept
             in :attr:`parse_errors` (the skip policy reports them).
+        view_cache_bytes: Keep each image's processed views in memory, up to this many bytes,
+            so an image asked about several times is decoded once (0: decode every time).
 
     Items are dicts:
         ``input_ids`` ``[L]`` int64, ``labels`` ``[L]`` int64 (``-100`` unsupervised),
@@ -173,6 +176,7 @@ class ConversationDataset(Dataset):
         image_root: str | None = None,
         allow_empty_answers: bool = False,
         strict: bool = True,
+        view_cache_bytes: int = 0,
     ):
         if template not in CONVERSATION_TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
@@ -203,6 +207,7 @@ class ConversationDataset(Dataset):
             self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
         )
         self._cache: dict[int, _Compact] = {}
+        self.view_cache = ViewCache(view_cache_bytes)
         if not self.samples and strict:
             raise ValueError(f"no usable samples in {', '.join(self.paths)}")
 
@@ -339,6 +344,11 @@ class ConversationDataset(Dataset):
         sample = self.samples[i]
         views, slots = [], []
         for ref in images:
+            cached = self.view_cache.get(ref.source)
+            if cached is not None:
+                views.append(cached[0])
+                slots.append(cached[1])
+                continue
             try:
                 processed = self.image_processor(open_image(ref, self.model_cfg.image.max_pixels))
             except ImageLoadError as e:
@@ -353,6 +363,7 @@ class ConversationDataset(Dataset):
                 )
             views.append(v)
             slots.append(processed.slots)
+            self.view_cache.put(ref.source, v, processed.slots)
         if views:
             pixel_values = torch.cat(views)
             view_slots = torch.cat(slots).to(torch.int64)

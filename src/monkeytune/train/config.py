@@ -65,6 +65,9 @@ class DataSection:
         report_file: Where skipped samples are reported; default ``<output_dir>/bad_samples.jsonl``.
         truncate_turns: Drop trailing text-only exchanges of over-long samples.
         num_workers: DataLoader worker processes.
+        view_cache_gib: Keep each image's processed views in memory, up to this many GiB per
+            process (each DataLoader worker holds its own), so an image that several samples
+            share is decoded once. 0 (default) decodes every time; the views are the same either way.
         shuffle: Shuffle the sample order each epoch (a pure function of seed and epoch).
         synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
             many samples (small images, captions and a trained tokenizer) there first.
@@ -83,6 +86,7 @@ class DataSection:
     report_file: str | None = None
     truncate_turns: bool = False
     num_workers: int = 0
+    view_cache_gib: float = 0.0
     shuffle: bool = True
     synthetic: int = 0
 
@@ -350,6 +354,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         "train.epochs": cfg.train.epochs,
         "train.max_steps": cfg.train.max_steps,
         "data.num_workers": cfg.data.num_workers,
+        "data.view_cache_gib": cfg.data.view_cache_gib,
         "data.synthetic": cfg.data.synthetic,
         "checkpoint.every": cfg.checkpoint.every,
         "checkpoint.keep_last": cfg.checkpoint.keep_last,
@@ -364,6 +369,8 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         if value < 0:
             raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
     # NaN and inf pass every comparison below unnoticed (an inf rate applies a NaN update).
+    if not math.isfinite(cfg.data.view_cache_gib):
+        raise ConfigError(f"{origin}: data.view_cache_gib must be a finite number, got {cfg.data.view_cache_gib}")
     for section in ("optim", "vision_warmup"):
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)

@@ -237,6 +237,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
         d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
         truncate_turns=d.truncate_turns, format=d.format, image_root=d.image_root,
         allow_empty_answers=d.allow_empty_answers, strict=not skip,
+        view_cache_bytes=int(d.view_cache_gib * 2**30),
     )
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")

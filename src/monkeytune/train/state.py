@@ -34,7 +34,7 @@ MUST_MATCH = (
 )
 # Changing these is harmless for resuming. The tokenizer is compared by content (fingerprint),
 # not by path.
-FREE = {"data.num_workers", "data.report_file", "data.synthetic", "model.tokenizer"} | {"checkpoint", "log"}
+FREE = {"data.num_workers", "data.view_cache_gib", "data.report_file", "data.synthetic", "model.tokenizer"} | {"checkpoint", "log"}
 
 
 def ever_trained_names(model: nn.Module, schedule: Any, step: int) -> list[str]:

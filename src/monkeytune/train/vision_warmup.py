@@ -139,6 +139,7 @@ def warm_up_vision(model: nn.Module, examples: Sequence[WindowExample], settings
         :class:`VisionWarmupResult`. The model's other weights are untouched and nothing else is kept.
     """
     from monkeytune.data.images import open_image
+    from monkeytune.data.view_cache import ViewCache
     from monkeytune.vision.processor import ImageProcessor
 
     if not examples:
@@ -153,26 +154,22 @@ def warm_up_vision(model: nn.Module, examples: Sequence[WindowExample], settings
     allowed[asked, labels] = True
     allowed[allowed.sum(1) < 2] = True
     processor = ImageProcessor(model.config.image)
-    cache: dict[tuple[str, int], torch.Tensor] = {}
-    cached_bytes = 0
+    cache = ViewCache(VIEW_CACHE_BYTES)
     wanted: dict[str, set[int]] = {}
     for e in examples:
         wanted.setdefault(e.image.source, set()).add(e.window)
 
     def view(example: WindowExample) -> torch.Tensor:
-        nonlocal cached_bytes
-        key = (example.image.source, example.window)
-        if key in cache:
-            return cache[key]
+        cached = cache.get((example.image.source, example.window))
+        if cached is not None:
+            return cached[0]
         views = processor(open_image(example.image, model.config.image.max_pixels)).views
         # Keep every view of this image that some record asks about: each image is decoded once.
         # Window -1 is the global view, the last one. float16 keeps the detail: its steps are
         # ~0.001 of the normalised range, a 1-level texture ~0.015.
         for window in sorted(wanted[example.image.source]):
-            if cached_bytes < VIEW_CACHE_BYTES:
-                cache[(example.image.source, window)] = views[window].to(torch.float16)
-                cached_bytes += views[window].numel() * 2
-        return cache.get(key, views[example.window].to(torch.float16))
+            cache.put((example.image.source, window), views[window].to(torch.float16))
+        return views[example.window].to(torch.float16)
 
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)

@@ -2,8 +2,11 @@
 
 Monkey gives every window position of the grid its own low-rank adapters inside the shared ViT,
 while the global view uses none. Holding the K adapters as ``[K, ...]`` tensors (rather than K
-modules) lets one batched matmul serve every view of every image in a batch: each view gathers the
-adapter of its slot and ``einsum`` does the rest. No Python loop over windows runs in the forward.
+modules) lets two dense matmuls serve every view of every image in a batch: each view is projected
+down by all K adapters at once (``K x rank`` features, a few dozen), everything but its own slot's
+features is zeroed by a gate, and one up projection sums what is left. No Python loop over windows,
+no per-view copy of adapter weights and no gather or scatter of views runs in the forward; the
+extra down projections cost ``K x rank / out_features`` of the base layer's work.
 """
 
 from __future__ import annotations
@@ -18,34 +21,31 @@ from torch import nn
 
 @dataclass(frozen=True)
 class SlotIndex:
-    """Which views carry an adapter, computed once per tower forward.
-
-    Finding the active views needs ``nonzero``, a device-to-host sync on GPUs; doing it once per
-    forward instead of in each of the ``3 x layers`` adapters keeps the tower free of syncs.
+    """Which adapter each view uses, computed once per tower forward.
 
     Attributes:
-        active: ``[M]`` indices of the views with an adapter (slot >= 0).
-        slots: ``[M]`` their slots.
-        num_views: N, the number of views in the batch.
-        pick: ``[M, K]`` float32 one-hot of ``slots`` over the K adapter slots. Adapters are
-            selected by contracting with it rather than by indexing (``lora_a[slots]``): the
-            backward of a gather accumulates the views of one slot in an order that varies from
-            process to process on a multi-threaded CPU, so runs with the same seed would drift
-            apart; a matmul gives the same selected weights exactly and a reproducible gradient.
+        slots: ``[N]`` int64 adapter slot per view, -1 for views without one.
+        pick: ``[N, K]`` float32 one-hot of ``slots`` over the K adapter slots; a view without an
+            adapter has a zero row. Gating by it rather than indexing (``lora_a[slots]``) keeps
+            the backward a plain matmul: the backward of a gather accumulates the views of one
+            slot in an order that varies from process to process on a multi-threaded CPU, so
+            runs with the same seed would drift apart.
     """
 
-    active: torch.Tensor
     slots: torch.Tensor
-    num_views: int
     pick: torch.Tensor
+
+    @property
+    def num_views(self) -> int:
+        return int(self.slots.shape[0])
 
     @classmethod
     def from_slots(cls, slots: torch.Tensor, num_slots: int) -> "SlotIndex":
         """Args: slots ``[N]`` int64, -1 for views without an adapter; num_slots: K."""
-        active = (slots >= 0).nonzero(as_tuple=True)[0]
-        chosen = slots[active]
-        pick = F.one_hot(chosen, num_slots).float() if num_slots else chosen.new_zeros(0, 0, dtype=torch.float32)
-        return cls(active, chosen, int(slots.shape[0]), pick)
+        if not num_slots:
+            return cls(slots, slots.new_zeros(slots.shape[0], 0, dtype=torch.float32))
+        pick = F.one_hot(slots.clamp(min=0), num_slots).float() * (slots >= 0).float()[:, None]
+        return cls(slots, pick)
 
 
 class MultiLoRA(nn.Module):
@@ -89,24 +89,15 @@ class MultiLoRA(nn.Module):
             ``[N, L, out_features]``: the delta to add to the base projection's output.
         """
         index = slots if isinstance(slots, SlotIndex) else SlotIndex.from_slots(slots, self.slots)
-        n, length, _ = x.shape
-        if index.active.numel() == 0:
-            return x.new_zeros(n, length, self.out_features)
-        xa = self.dropout(x[index.active])
-        # Each view's adapter, selected by a one-hot contraction (see SlotIndex.pick).
-        pick = index.pick.to(self.lora_a.dtype)  # [n_active, slots]
-        a = torch.einsum("ns,sri->nri", pick, self.lora_a)
-        b = torch.einsum("ns,sor->nor", pick, self.lora_b)
-        # Apply each view's adapter in one batched contraction.
-        down = torch.einsum("nli,nri->nlr", xa, a)
-        up = torch.einsum("nlr,nor->nlo", down, b)
-        up = up * (pick @ self.lora_scale).to(up.dtype)[:, None, None]
-        # The zeros take the dtype of the computed delta, not of x: under autocast the einsums
-        # run in bf16/fp16 while x (the fp32 residual stream) does not, and CUDA's index_copy
-        # refuses mixed dtypes. Out-of-place scatter keeps autograd happy and leaves global-view
-        # rows exactly zero.
-        out = up.new_zeros(n, length, self.out_features)
-        return out.index_copy(0, index.active, up)
+        k, r = self.slots, self.rank
+        # Every adapter's down projection of every view: [N, L, K * r], a few dozen features.
+        down = F.linear(self.dropout(x), self.lora_a.reshape(k * r, self.in_features))
+        # Keep each view's own slot at its gain; a view without an adapter keeps nothing, so its
+        # delta is exactly zero.
+        gate = (index.pick.to(self.lora_scale.dtype) * self.lora_scale).repeat_interleave(r, dim=1)
+        down = down * gate.to(down.dtype)[:, None, :]
+        # lora_b [K, out, r] laid out as [out, K * r] to match the down features' order.
+        return F.linear(down, self.lora_b.permute(1, 0, 2).reshape(self.out_features, k * r))
 
     def extra_repr(self) -> str:
         return f"slots={self.slots}, in={self.in_features}, out={self.out_features}, rank={self.rank}"

@@ -137,7 +137,7 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, D]
         x = x + resize_pos_embed(self.pos_embed, grid_hw)
         x = self.ln_pre(x)
-        index = SlotIndex.from_slots(slots, self.cfg.lora_slots)  # once per forward: the only host sync in the tower
+        index = SlotIndex.from_slots(slots, self.cfg.lora_slots)  # once per forward, shared by every adapter
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, index, use_reentrant=False)
