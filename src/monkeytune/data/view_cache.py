@@ -6,7 +6,8 @@ image again for every question. The cache keeps what an image was processed into
 image, so each is decoded once. The first images drawn stay; once the budget is spent, later ones
 are processed every time (nothing is evicted, so the cost of a full cache is never paid twice).
 
-Each DataLoader worker process holds its own cache.
+Each DataLoader worker process holds its own cache, for as long as the worker lives (training
+starts new workers each epoch; with ``num_workers: 0`` the cache lasts the whole run).
 """
 
 from __future__ import annotations

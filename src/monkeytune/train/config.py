@@ -66,8 +66,8 @@ class DataSection:
         truncate_turns: Drop trailing text-only exchanges of over-long samples.
         num_workers: DataLoader worker processes.
         view_cache_gib: Keep each image's processed views in memory, up to this many GiB per
-            process (each DataLoader worker holds its own), so an image that several samples
-            share is decoded once. 0 (default) decodes every time; the views are the same either way.
+            process, so an image that several samples share is decoded once. With
+            ``num_workers`` each worker holds its own, for one epoch (workers restart each epoch). 0 (default) decodes every time; the views are the same either way.
         shuffle: Shuffle the sample order each epoch (a pure function of seed and epoch).
         synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
             many samples (small images, captions and a trained tokenizer) there first.
