@@ -67,7 +67,8 @@ class DataSection:
         num_workers: DataLoader worker processes.
         view_cache_gib: Keep each image's processed views in memory, up to this many GiB per
             process, so an image that several samples share is decoded once. With
-            ``num_workers`` each worker holds its own, for one epoch (workers restart each epoch). 0 (default) decodes every time; the views are the same either way.
+            ``num_workers`` each worker holds its own, for one epoch (workers restart each
+            epoch). 0 (default) decodes every time; the views are the same either way.
         shuffle: Shuffle the sample order each epoch (a pure function of seed and epoch).
         synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
             many samples (small images, captions and a trained tokenizer) there first.
@@ -369,9 +370,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         if value < 0:
             raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
     # NaN and inf pass every comparison below unnoticed (an inf rate applies a NaN update).
-    if not math.isfinite(cfg.data.view_cache_gib):
-        raise ConfigError(f"{origin}: data.view_cache_gib must be a finite number, got {cfg.data.view_cache_gib}")
-    for section in ("optim", "vision_warmup"):
+    for section in ("data", "optim", "vision_warmup"):
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)
             for v in value if isinstance(value, list) else [value]:

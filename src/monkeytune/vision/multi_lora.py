@@ -24,7 +24,6 @@ class SlotIndex:
     """Which adapter each view uses, computed once per tower forward.
 
     Attributes:
-        slots: ``[N]`` int64 adapter slot per view, -1 for views without one.
         pick: ``[N, K]`` float32 one-hot of ``slots`` over the K adapter slots; a view without an
             adapter has a zero row. Gating by it rather than indexing (``lora_a[slots]``) keeps
             the backward a plain matmul: the backward of a gather accumulates the views of one
@@ -32,20 +31,14 @@ class SlotIndex:
             runs with the same seed would drift apart.
     """
 
-    slots: torch.Tensor
     pick: torch.Tensor
-
-    @property
-    def num_views(self) -> int:
-        return int(self.slots.shape[0])
 
     @classmethod
     def from_slots(cls, slots: torch.Tensor, num_slots: int) -> "SlotIndex":
         """Args: slots ``[N]`` int64, -1 for views without an adapter; num_slots: K."""
         if not num_slots:
-            return cls(slots, slots.new_zeros(slots.shape[0], 0, dtype=torch.float32))
-        pick = F.one_hot(slots.clamp(min=0), num_slots).float() * (slots >= 0).float()[:, None]
-        return cls(slots, pick)
+            return cls(slots.new_zeros(slots.shape[0], 0, dtype=torch.float32))
+        return cls(F.one_hot(slots.clamp(min=0), num_slots).float() * (slots >= 0).float()[:, None])
 
 
 class MultiLoRA(nn.Module):
