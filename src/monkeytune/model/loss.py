@@ -38,6 +38,7 @@ def supervised_loss(
     lm_head: nn.Module,
     chunk_size: int = LOSS_CHUNK,
     weights: torch.Tensor | None = None,
+    num_chunks: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of next-token cross-entropy over supervised positions, and their count.
 
@@ -49,11 +50,19 @@ def supervised_loss(
         chunk_size: Supervised positions per LM-head chunk.
         weights: Optional ``[B, T]`` weight of each target ``labels[b, t]`` (e.g. one over its
             sample's target count for a per-sample loss); the sum is then weighted.
+        num_chunks: Call the LM head exactly this many times (each chunk then holds at most
+            ``ceil(M / num_chunks)`` of the ``M`` supervised positions; trailing chunks may be
+            empty). Data-parallel trainers pass the same number on every rank: ZeRO-3 gathers
+            the head's weight at every call, so ranks that called it a different number of
+            times would wait on each other forever. Default: ``ceil(M / chunk_size)``, at least 1.
 
     Returns:
         ``(loss_sum, num_tokens)``: a float32 scalar and an int64 scalar. The per-token mean is
         ``loss_sum / num_tokens``; returning both lets a trainer normalise over a whole
         gradient-accumulation window or over data-parallel ranks.
+
+    Raises:
+        ValueError: ``num_chunks`` is below 1.
     """
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
@@ -61,18 +70,33 @@ def supervised_loss(
     selected = hidden[:, :-1][mask]  # [M, H]
     targets = targets[mask]
     w = None if weights is None else weights[:, 1:][mask].to(device=hidden.device, dtype=torch.float32)
+    reach = None
     if selected.shape[0] == 0:
-        # A zero loss whose graph still reaches every parameter, the LM head included, so that
-        # every data-parallel rank runs the same backward (DDP waits for each parameter's grad).
-        reach = hidden.sum() + lm_head(hidden[:, :1]).float().sum()
-        return reach * 0.0, num_tokens
-    if selected.shape[0] <= chunk_size:
-        return _chunk_ce_sum(selected, targets, lm_head, w), num_tokens
-    total = selected.new_zeros((), dtype=torch.float32)
-    for start in range(0, selected.shape[0], chunk_size):
-        end = start + chunk_size
+        # No target: a zero whose graph still reaches every parameter, the LM head included
+        # (DDP waits for each parameter's gradient, and every rank must run the same backward):
+        # the whole hidden state, and one position with weight 0 through the head.
+        reach = hidden.float().sum() * 0.0
+        selected, targets = hidden[:1, 0], labels.new_zeros(1)
+        w = hidden.new_zeros(1, dtype=torch.float32)
+    n = selected.shape[0]
+    if num_chunks is None:
+        num_chunks = -(-n // chunk_size)
+    elif num_chunks < 1:
+        raise ValueError(f"num_chunks must be at least 1, got {num_chunks}")
+    total = selected.new_zeros((), dtype=torch.float32) if reach is None else reach
+    if num_chunks == 1:
+        return total + _chunk_ce_sum(selected, targets, lm_head, w), num_tokens
+    size = -(-n // num_chunks)
+    for start in range(0, size * num_chunks, size):
+        end = start + size  # past n the chunk is empty: the head still runs, on no rows
         w_chunk = None if w is None else w[start:end]
         total = total + checkpoint(
             _chunk_ce_sum, selected[start:end], targets[start:end], lm_head, w_chunk, use_reentrant=False
         )
     return total, num_tokens
+
+
+def loss_chunk_count(labels: torch.Tensor, chunk_size: int = LOSS_CHUNK) -> int:
+    """LM-head calls :func:`supervised_loss` makes by default for ``labels`` ``[B, T]``."""
+    n = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return max(1, -(-n // chunk_size))

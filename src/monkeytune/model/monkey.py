@@ -272,6 +272,28 @@ class MonkeyForCausalLM(nn.Module):
         visual = visual.reshape(-1, visual.shape[-1]).to(embeds.dtype)
         return embeds.masked_scatter(pad_mask.unsqueeze(-1), visual)
 
+    def _idle_vision_path(self, embeds: torch.Tensor) -> torch.Tensor:
+        """A zero that has run the vision tower and resampler, for a training batch without images.
+
+        Data-parallel engines need every rank to run the same modules in every micro-batch:
+        FSDP2 and ZeRO-3 all-gather each module's weights when it runs, and DDP and ZeRO-2 reduce
+        the gradients of every trained weight. A rank whose micro-batch is text-only would skip
+        the tower and leave the others waiting (a hang under NCCL). So one blank window view
+        (slot -1: no adapter is selected, but every adapter runs, see ``MultiLoRA``) goes
+        through the tower and resampler, and its output is added multiplied by zero: the loss
+        and every gradient are exactly those of the text-only batch.
+
+        Args:
+            embeds: ``[B, T, D]`` the batch's input embeddings (for dtype and device).
+
+        Returns:
+            ``[]`` a zero scalar in ``embeds``' dtype, connected to every vision weight.
+        """
+        size = self.config.image.window_size
+        blank = torch.zeros(1, 3, size, size, device=embeds.device)
+        slots = torch.full((1,), -1, dtype=torch.int64, device=embeds.device)
+        return self.encode_images(blank, slots).sum().to(embeds.dtype) * 0.0
+
     # ------------------------------------------------------------------ LM
     def forward(
         self,
@@ -283,6 +305,7 @@ class MonkeyForCausalLM(nn.Module):
         view_slots: torch.Tensor | None = None,
         loss_chunk_size: int = LOSS_CHUNK,
         token_weights: torch.Tensor | None = None,
+        loss_chunks: int | None = None,
         **varlen: Any,
     ) -> MonkeyOutput:
         """Run the model.
@@ -300,6 +323,9 @@ class MonkeyForCausalLM(nn.Module):
             loss_chunk_size: Supervised positions per LM-head chunk.
             token_weights: Optional ``[B, T]`` weight of each target ``labels[b, t]``;
                 ``loss_sum`` is then the weighted sum (used for the per-sample loss).
+            loss_chunks: Exact number of LM-head calls for the loss (see
+                :func:`~monkeytune.model.loss.supervised_loss`); data-parallel trainers pass the
+                same number on every rank, since a sharded head is gathered at each call.
             **varlen: transformers' flash-attention varlen arguments of a padding-free batch
                 (``cu_seq_lens_q``/``_k`` ``[K + 1]`` int32, ``max_length_q``/``_k`` int, with
                 ``B = 1``; see :mod:`monkeytune.data.collate`), passed to the decoder.
@@ -312,6 +338,8 @@ class MonkeyForCausalLM(nn.Module):
         if unknown:
             raise TypeError(f"forward() got unexpected keyword arguments {sorted(unknown)}")
         embeds = self.embed_inputs(input_ids, pixel_values, view_slots)
+        if self.training and (pixel_values is None or pixel_values.shape[0] == 0):
+            embeds = embeds + self._idle_vision_path(embeds)
         decoder = self.llm.get_decoder()
         out = decoder(
             inputs_embeds=embeds,
@@ -325,7 +353,7 @@ class MonkeyForCausalLM(nn.Module):
         if labels is None:
             return MonkeyOutput(logits=head(hidden))
         loss_sum, num_tokens = supervised_loss(
-            hidden, labels, head, chunk_size=loss_chunk_size, weights=token_weights
+            hidden, labels, head, chunk_size=loss_chunk_size, weights=token_weights, num_chunks=loss_chunks
         )
         loss = loss_sum / num_tokens.clamp(min=1)
         return MonkeyOutput(loss=loss, loss_sum=loss_sum, num_tokens=num_tokens)

@@ -177,7 +177,7 @@ class TrainSection:
     seed: int = 42
     loss_norm: str = "per_token"
     max_bad_steps: int = 10
-    find_unused_parameters: bool = True
+    find_unused_parameters: bool = False
 
 
 @dataclass

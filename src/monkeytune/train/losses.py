@@ -75,15 +75,18 @@ class TrainingModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: dict[str, Any], token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, batch: dict[str, Any], token_weights: torch.Tensor | None = None,
+                loss_chunks: int | None = None) -> torch.Tensor:
         """Loss sum of one micro-batch: plain, or weighted per target when ``token_weights`` is given.
 
         Args:
             batch: A collated batch (keys the model does not take are ignored).
             token_weights: ``[B, T]`` per-target weights for the per-sample loss, or None.
+            loss_chunks: LM-head calls of the loss, the same on every rank (see
+                :func:`~monkeytune.model.loss.supervised_loss`); None: the batch's own count.
 
         Returns:
             A float32 scalar to divide by the step's count and backpropagate.
         """
         inputs = model_inputs(batch)
-        return self.model(**inputs, token_weights=token_weights).loss_sum
+        return self.model(**inputs, token_weights=token_weights, loss_chunks=loss_chunks).loss_sum

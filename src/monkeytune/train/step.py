@@ -24,6 +24,7 @@ from monkeytune.train.checkpoint import CheckpointManager
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.engine import Engine
 from monkeytune.train.final import assert_finite
+from monkeytune.model.loss import loss_chunk_count
 from monkeytune.train.losses import sample_weights, supervised_count
 from monkeytune.train.metrics import MetricsLog, Progress
 from monkeytune.train.sampler import Position
@@ -78,15 +79,19 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
     position = window[-1][0]
     per_sample = cfg.train.loss_norm == "per_sample"
 
-    # Window counts: supervised tokens (or samples) of the whole step, over every rank.
-    weights, totals = [], torch.zeros(3, dtype=torch.float64)
-    for b in batches:
-        totals[0] += supervised_count(b["labels"])
+    # Window counts: supervised tokens (or samples) of the whole step, over every rank, and the
+    # LM-head calls of each micro-batch, the most any rank needs (one gather for both): a
+    # sharded head is gathered at every call, so every rank must make the same number.
+    weights, counts = [], torch.zeros(3 + len(batches), dtype=torch.float64)
+    for i, b in enumerate(batches):
+        counts[0] += supervised_count(b["labels"])
         w, n = sample_weights(b["labels"], b.get("position_ids"))
-        totals[1] += n
-        totals[2] += float(b["seq_lens"].sum()) if "seq_lens" in b else b["input_ids"].numel()
+        counts[1] += n
+        counts[2] += float(b["seq_lens"].sum()) if "seq_lens" in b else b["input_ids"].numel()
+        counts[3 + i] = loss_chunk_count(b["labels"])
         weights.append(w if per_sample else None)
-    totals = acc.reduce(totals.to(acc.device), reduction="sum").cpu()
+    counts = acc.gather(counts.to(acc.device)).view(acc.num_processes, -1).cpu()
+    totals, head_calls = counts[:, :3].sum(0), counts[:, 3:].amax(0).long().tolist()
     denom = float(totals[1] if per_sample else totals[0])
     # The engine divides by grad_accum and averages over processes; undo both so each
     # micro-batch contributes exactly objective_sum / (count over the whole step).
@@ -95,10 +100,10 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
     # Forward and backward, one micro-batch at a time.
     engine.module.train()
     objective = torch.zeros((), dtype=torch.float64, device=acc.device)
-    for batch, w in zip(batches, weights):
+    for batch, w, calls in zip(batches, weights, head_calls):
         batch = ctx.send_to_device(batch, acc.device)
         with acc.accumulate(engine.module):
-            out = engine.module(batch, None if w is None else w.to(acc.device))
+            out = engine.module(batch, None if w is None else w.to(acc.device), loss_chunks=calls)
             objective += out.detach().double()
             engine.backward(out * scale)
     loss = float(acc.reduce(objective, reduction="sum")) / max(denom, 1.0)
