@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from monkeytune.config import ImageConfig, get_config
 from monkeytune.model import ImageTokenMismatch, build_model
+from monkeytune.model.loss import loss_chunk_count, supervised_loss
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +175,55 @@ def test_batch_without_supervised_tokens_reaches_every_trainable_parameter(model
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     model.zero_grad()
     assert not missing, missing[:5]
+
+
+def test_text_only_training_batch_runs_the_vision_path_and_adds_exactly_zero(model):
+    # Sharded engines gather each module's weights when it runs: a rank whose micro-batch has no
+    # image must still run the tower and resampler, and its loss and gradients must be exactly
+    # those of the text alone.
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    labels = ids.clone()
+    ran = []
+    hooks = [m.register_forward_hook(lambda *_: ran.append(1)) for m in (model.vision, model.resampler)]
+    try:
+        model.eval()
+        plain = model(ids, labels=labels)
+        assert not ran  # inference and scoring skip it
+        model.train()
+        model.zero_grad()
+        out = model(ids, labels=labels)
+        assert len(ran) == 2
+    finally:
+        for h in hooks:
+            h.remove()
+        model.eval()
+    assert torch.equal(out.loss_sum, plain.loss_sum)
+    out.loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    vision_grads = [p.grad for n, p in model.named_parameters() if n.startswith(("vision.", "resampler."))]
+    model.zero_grad()
+    assert not missing, missing[:5]
+    assert all(not g.any() for g in vision_grads)
+
+
+@pytest.mark.parametrize("supervised, calls", [(0, 1), (0, 3), (5, 1), (5, 4), (9, 2)])
+def test_loss_calls_the_head_exactly_the_given_number_of_times(supervised, calls):
+    # ZeRO-3 gathers the head at every call: ranks must make the same number, whatever their data.
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 11, bias=False)
+    labels = torch.full((2, 6), -100)
+    labels.view(-1)[torch.randperm(12)[:supervised]] = torch.randint(0, 11, (supervised,))
+    forwards = []
+    head.register_forward_hook(lambda *_: forwards.append(1))
+    loss, n = supervised_loss(hidden, labels, head, chunk_size=4, num_chunks=calls)
+    assert len(forwards) == calls and n.item() == int((labels[:, 1:] != -100).sum())
+    logits = head(hidden[:, :-1]).reshape(-1, 11)
+    ref = F.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(loss, ref)
+    loss.backward()
+    assert hidden.grad is not None and head.weight.grad is not None
+    assert loss_chunk_count(labels, chunk_size=4) == max(1, -(-n.item() // 4))
 
 
 def test_windows_without_adapters_run_on_the_shared_tower():

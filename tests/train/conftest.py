@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -65,3 +66,36 @@ def make_config(synthetic, tmp_path):
         return load_config(data=data)
 
     return make
+
+
+LONG_ANSWER = " " + " ".join(["a red square on a blue background"] * 9)  # about 110 tokens
+
+
+@pytest.fixture(scope="session")
+def uneven(synthetic):
+    """48 records as data comes: ranks see different kinds and lengths at the same step.
+
+    With ``data.shuffle: false`` and micro-batches of 4 dealt round-robin to 2 ranks, step 1
+    gives rank 0 four images with long answers (four LM-head chunks) while rank 1 draws four
+    text-only records with one-word answers; step 2 the other way round. The other steps are
+    the synthetic records as written (a fifth text-only, mixed within micro-batches).
+    """
+    train_file, _ = synthetic
+    records = [json.loads(line) for line in train_file.read_text().splitlines()]
+    with_image = [r for r in records if "<img>" in r["conversations"][0]["value"]]
+
+    def long(i: int) -> dict:
+        image = with_image[i % len(with_image)]["conversations"][0]["value"].split("</img>")[0] + "</img>"
+        return {"id": f"long-{i}", "conversations": [
+            {"from": "user", "value": f"{image} Describe the image."},
+            {"from": "assistant", "value": LONG_ANSWER}]}
+
+    def text(i: int) -> dict:
+        return {"id": f"text-{i}", "conversations": [
+            {"from": "user", "value": f"What is {i % 9 + 1} plus 1? Answer:"},
+            {"from": "assistant", "value": f" {i % 9 + 2}"}]}
+
+    head = [long(i) for i in range(4)] + [text(i) for i in range(8)] + [long(i) for i in range(4, 8)]
+    path = train_file.with_name("uneven.jsonl")
+    path.write_text("".join(json.dumps(r) + "\n" for r in head + records[16:]))
+    return path

@@ -47,3 +47,18 @@ def test_tiny_cpu_example_runs(tmp_path, monkeypatch, capsys):
     assert code == 0, capsys.readouterr().err
     assert (tmp_path / "runs" / "tiny-cpu" / "metrics.jsonl").is_file()
     assert (tmp_path / "runs" / "tiny-cpu" / "loss.png").is_file()
+
+
+def test_cli_refuses_llm_qlora_under_fsdp2_in_one_line(make_config, tmp_path, capsys, monkeypatch):
+    """The engine is faked (no processes): the refusal comes before the model is built, as exit code 2."""
+    import importlib
+
+    loop = importlib.import_module("monkeytune.train.loop")  # the package's `train` attribute is the function
+    monkeypatch.setattr(loop, "engine_of", lambda accelerator: "fsdp2")
+    path = tmp_path / "qlora.yaml"
+    make_config("qlora-fsdp2", policy={"preset": "llm-qlora"}).save(path)
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "policy.preset llm-qlora is not supported under fsdp2" in err
+    assert not (tmp_path / "qlora-fsdp2").exists()  # refused before the run folder is claimed

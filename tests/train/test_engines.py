@@ -1,8 +1,10 @@
 """Engines for real: DeepSpeed ZeRO-2/3, FSDP2 and a two-machine launch, as CPU processes under `accelerate launch`.
 
 Each engine trains the micro model from the shipped accelerate config (``--num_processes 2``
-overriding its 8 GPUs; DeepSpeed's CPU accelerator, or FSDP2, over gloo) and is compared with one process
-that sees the same global batches: losses within 1e-5 (relative), sharded checkpoints with the
+overriding its 8 GPUs; DeepSpeed's CPU accelerator, or FSDP2, over gloo) on data where the ranks
+differ at the same step (one draws only text-only records while the other draws images with long
+answers; gloo aborts at once on the collective mismatch that would hang NCCL), and is compared
+with one process that sees the same global batches: losses within 1e-5 (relative), sharded checkpoints with the
 engine's state that resume to the same losses and weights, a final save that gathers full weights
 into a normal model folder, a trainable-only final save, and the run record naming the engine.
 Two launchers with ``--num_machines 2`` meeting on loopback stand for two machines.
@@ -71,10 +73,13 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture
-def engine_sections(micro_model):
+def engine_sections(micro_model, uneven):
     micro_model["vision"]["lora_dropout"] = 0.0
     return dict(
         model={"config": micro_model},
+        # Data as it comes: at steps 1 and 2 one rank draws only text-only records while the
+        # other draws images with answers four LM-head chunks long (see the `uneven` fixture).
+        data={"train": str(uneven), "shuffle": False, "max_length": 192},
         policy={"preset": "monkey"},  # a frozen ViT beside trained parts, as in the official recipe
         train={"epochs": 1, "micro_batch_size": 4, "grad_accum": 1},
         checkpoint={"every": 3, "final_save": "full"},

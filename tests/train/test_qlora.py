@@ -37,6 +37,7 @@ def test_qlora_steps_move_lora_and_leave_the_4bit_base(make_config, precision, c
     block = start.vision.blocks[0]
     for layer in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
         assert isinstance(layer, bnb.nn.Linear4bit) and layer.weight.quant_state.blocksize == 64
+        # apply_plan alone (no run precision) keeps QLoRA's default bf16 compute for fp32 weights.
         assert layer.weight.quant_state.nested and layer.compute_dtype == torch.bfloat16
     # What stays full precision: the patch embedding, norms, positions, resampler, adapters.
     assert start.vision.patch_embed.weight.is_floating_point() and start.vision.pos_embed.is_floating_point()
@@ -47,12 +48,36 @@ def test_qlora_steps_move_lora_and_leave_the_4bit_base(make_config, precision, c
 
     result = train(cfg)
     assert result.steps == 3 and all(torch.isfinite(torch.tensor(result.losses)))
+    # The run's 4-bit layers computed in train.precision's dtype (fp32 runs in fp32, not bf16).
+    layers = [m for m in result.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+    assert len(layers) == len(base) and {m.compute_dtype for m in layers} == {want}
     after = dict(result.model.named_parameters())
     for n, t in base.items():
         assert isinstance(after[n], bnb.nn.Params4bit) and not after[n].requires_grad
         assert torch.equal(after[n], t), n
     moved = [n for n, t in lora.items() if not torch.equal(after[n].detach().to(t.dtype), t)]
     assert sorted(moved) == sorted(lora)  # every LLM LoRA matrix and every per-window adapter tensor trained
+
+
+@pytest.mark.parametrize("precision,dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                             ("fp16", torch.float16)])
+def test_qlora_4bit_layers_compute_in_the_run_precision(make_config, precision, dtype):
+    """The weights load in fp32 under every precision; the 4-bit LLM and ViT layers compute in the precision's dtype."""
+    from monkeytune.train.setup import build_schedule
+
+    cfg = make_config(f"qdtype-{precision}", policy={"preset": "llm-qlora", "lora": {"r": 4}},
+                      train={"precision": precision})
+    model, _ = load_model_and_tokenizer(cfg)
+    assert next(model.vision.blocks[0].attn.qkv.parameters()).dtype == torch.float32
+    build_schedule(cfg, model)  # what a run does to prepare the model (LoRA, 4-bit layers)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 2 * 7 + 4 and sum(n.startswith("vision.") for n in layers) == 4
+    assert {m.compute_dtype for m in layers.values()} == {dtype}
+    # A run passes the precision it really computes in (fp16 without a GPU loss scaler is fp32).
+    model, _ = load_model_and_tokenizer(cfg)
+    build_schedule(cfg, model, "fp32")
+    assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.float32}
 
 
 def test_qlora_leaves_vit_layers_that_train_unquantised():

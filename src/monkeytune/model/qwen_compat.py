@@ -23,10 +23,22 @@ copied or patched:
   position ids, and chooses ``alpha`` from them: a forward whose positions start at 0 is a fresh
   prompt (``alpha`` from its length), any other continues a cached sequence (``alpha`` kept).
   Its cos/sin tables are float32, so the attention modules rotate q and k in float32.
-* A function registered with ``transformers.AttentionInterface`` (and the base implementation's
-  mask builder with ``AttentionMaskInterface``) rounds q and k back to the value dtype, applies
-  log-n from the query and key lengths it is given, and calls the base implementation (``sdpa``
-  by default). The model selects it with ``set_attn_implementation``.
+* A function registered with ``transformers.AttentionInterface`` under ``monkeytune_qwen_<base>``
+  (and the base implementation's mask builder with ``AttentionMaskInterface``) rounds q, k and v
+  to the compute dtype, applies log-n from the query and key lengths it is given, and calls the
+  base implementation (``sdpa`` by default, or ``flash_attention_2``).
+
+How the base implementation is dispatched: transformers keys some work on the implementation
+*name*, and only the base's own name works there. :func:`apply_compat` therefore first selects
+the base with ``set_attn_implementation(base)``, so transformers checks it and loads its kernels
+(the flash-attn kernels load only for the exact name ``flash_attention_2``), and then names the
+compat function in ``config._attn_implementation``; the name keeps the base as its suffix, so
+name-keyed checks (``"flash" in name``: generation, chunked masks, packed-sequence lengths) still
+see a flash implementation. The compat function calls the base with a view of the attention
+module whose ``config._attn_implementation`` is the base's name (everything else is the module
+itself), because the flash function passes that name to its kernel loader. The base function and
+mask builder are looked up at call time, so a later registration under the base name is used.
+Padding-free packing (varlen ``cu_seq_lens_*`` keyword arguments) reaches the base unchanged.
 
 Under bf16/fp16 the KV cache therefore keeps keys in float32 (and values too in transformers
 releases whose cache takes the first key's dtype): they are rounded to the compute dtype when
@@ -145,9 +157,25 @@ def _compute_dtype(module: nn.Module, value: torch.Tensor) -> torch.dtype:
     return weight.dtype if weight is not None and weight.is_floating_point() else value.dtype
 
 
+class _BaseView:
+    """``target`` as the base attention implementation sees it: ``target`` itself, but for ``overrides``."""
+
+    def __init__(self, target: Any, **overrides: Any):
+        self.__dict__.update(overrides)
+        self._target = target
+
+    def __getattr__(self, attr: str) -> Any:  # only reached for names not in ``overrides``
+        return getattr(self._target, attr)
+
+
+def _as_base(module: nn.Module, base: str) -> _BaseView:
+    """``module`` whose ``config._attn_implementation`` reads ``base`` (flash loads its kernel by this name)."""
+    config = _BaseView(module.config, _attn_implementation=base, _attn_implementation_internal=base)
+    return _BaseView(module, config=config)
+
+
 def _compat_attention(base: str):
     """An attention function for ``AttentionInterface``: official rounding and log-n, then ``base``."""
-    inner = AttentionInterface()[base]
 
     def attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
         # q and k come out of the float32 rotary in float32; the official code rounds them back
@@ -161,9 +189,19 @@ def _compat_attention(base: str):
             end = key.shape[-2]
             index = torch.arange(end - query.shape[-2], end, device=query.device)
             query = query * logn_scale(index, settings["seq_length"], query.dtype)[:, None]
-        return inner(module, query, key, value, attention_mask, **kwargs)
+        inner = AttentionInterface()[base]
+        return inner(_as_base(module, base), query, key, value, attention_mask, **kwargs)
 
     return attention
+
+
+def _compat_mask(base: str):
+    """A mask builder for ``AttentionMaskInterface``: the one registered for ``base``."""
+
+    def mask(*args, **kwargs):
+        return AttentionMaskInterface()[base](*args, **kwargs)
+
+    return mask
 
 
 def _register(base: str) -> str:
@@ -177,7 +215,7 @@ def _register(base: str) -> str:
     name = ATTENTION_PREFIX + base
     if name not in attention_names:
         AttentionInterface.register(name, _compat_attention(base))
-        AttentionMaskInterface.register(name, AttentionMaskInterface()[base])
+        AttentionMaskInterface.register(name, _compat_mask(base))
     return name
 
 
@@ -200,9 +238,16 @@ def apply_compat(llm: nn.Module, compat: CompatConfig) -> nn.Module:
     underlying = current.removeprefix(ATTENTION_PREFIX)
     # "eager" has no entry in the interface (models fall back to their own eager code); sdpa
     # computes the same attention.
-    name = _register("sdpa" if underlying == "eager" else underlying)
+    requested = "sdpa" if underlying == "eager" else underlying
+    _register(requested)  # refuses an unknown base before the attention is switched
+    # transformers checks the base and loads its kernels under the base's own name; it may
+    # resolve it to another implementation (e.g. a kernels-hub flash build), which is then wrapped.
+    llm.set_attn_implementation(requested)
+    name = _register(cfg._attn_implementation or requested)
     cfg.qwen_compat = compat.to_dict()
-    llm.set_attn_implementation(name)
+    # Named on the config, not through set_attn_implementation: transformers would try to load
+    # flash kernels under the compat name. The compat function hands the base its own name.
+    cfg._attn_implementation = name
     return llm
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
 from torch import nn
 
 from monkeytune.policy.components import canonical_name, component_of, named_parameters, unwrap_model
@@ -124,14 +125,17 @@ class Decision:
     decided_by: str
 
 
-def prepare_model(model: nn.Module, plan: TrainPlan, later: Sequence[TrainPlan] = ()) -> bool:
+def prepare_model(model: nn.Module, plan: TrainPlan, later: Sequence[TrainPlan] = (),
+                  compute_dtype: torch.dtype | None = None) -> bool:
     """Structural changes a preset needs before its parameters exist (peft LoRA on the LLM, 4-bit layers).
 
     Under ``llm-qlora`` the LLM's LoRA targets and the ViT block projections whose weight no plan
     trains become 4-bit (:mod:`monkeytune.policy.quantize`). That happens once, together with the
     LoRA injection, so the first call decides: pass every unfreezing stage's plan in ``later``
     then (:meth:`~monkeytune.policy.unfreeze.UnfreezeSchedule.validate` does) so that a ViT layer
-    a later stage trains stays full precision.
+    a later stage trains stays full precision. ``compute_dtype`` is the dtype those 4-bit layers
+    compute in (a training run passes its precision's); ``None`` derives it from the weights
+    (:func:`~monkeytune.policy.quantize.compute_dtype_for`).
 
     Idempotent. Returns ``True`` when the model was changed.
     """
@@ -140,10 +144,10 @@ def prepare_model(model: nn.Module, plan: TrainPlan, later: Sequence[TrainPlan] 
         return False
     qlora = preset.llm_lora == "qlora"
     bare = unwrap_model(model)
-    changed = inject_llm_lora(bare, plan.lora, quantize=qlora)
+    changed = inject_llm_lora(bare, plan.lora, quantize=qlora, compute_dtype=compute_dtype)
     if changed and qlora:
         keep = {d.name for p in (plan, *later) for d in resolve_plan(bare, p, check=False) if d.trainable}
-        quantize_vision_4bit(bare, keep)
+        quantize_vision_4bit(bare, keep, compute_dtype)
     return changed
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from monkeytune.policy.quantize import compute_dtype_for, qlora_unavailable_reason, quantize_llm_4bit
@@ -96,7 +97,8 @@ def has_llm_lora(model: nn.Module) -> bool:
     return llm is not None and any("lora_" in n for n, _ in llm.named_parameters())
 
 
-def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, quantize: bool = False) -> bool:
+def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, quantize: bool = False,
+                    compute_dtype: torch.dtype | None = None) -> bool:
     """Wrap ``model.llm`` with peft LoRA (idempotent).
 
     After this, LLM parameter names gain peft's prefixes, e.g.
@@ -111,6 +113,8 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
             they stay unquantised (there are no values to quantise; see the module docstring).
             The ViT's projections are quantised by
             :func:`~monkeytune.policy.plan.prepare_model`, which knows what the plan trains.
+        compute_dtype: The dtype the 4-bit layers compute in (a run's ``train.precision``);
+            ``None`` derives it from the LLM's weights (:func:`compute_dtype_for`).
 
     Returns:
         ``True`` if LoRA was added, ``False`` if the model already had it.
@@ -128,7 +132,7 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
 
     weight = next(model.llm.parameters())
     if quantize and not weight.is_meta:
-        quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), compute_dtype_for(weight))
+        quantize_llm_4bit(model.llm, tuple(opts["target_modules"]), compute_dtype or compute_dtype_for(weight))
     cfg = LoraConfig(
         r=int(opts["r"]), lora_alpha=int(opts["alpha"]), lora_dropout=float(opts["dropout"]),
         target_modules=list(opts["target_modules"]), bias="none",

@@ -17,6 +17,11 @@ trained adapter stay at the precision's dtype.
 Quantisation runs on the CUDA GPU when there is one, else on the CPU through bitsandbytes' CPU
 backend (bitsandbytes >= 0.45: correct but slow, for small models and tests). On the meta device
 nothing is quantised (there are no values); :mod:`monkeytune.memory` counts those weights as NF4.
+
+In a training run the 4-bit layers compute in ``train.precision``'s dtype (bf16, fp16 or fp32;
+the weights themselves are loaded in fp32 either way). The preset is refused under FSDP2 and
+DeepSpeed ZeRO-3 (:func:`qlora_engine_reason`), whose parameter sharding flattens the packed
+weights and their quant state.
 """
 
 from __future__ import annotations
@@ -44,14 +49,48 @@ def qlora_unavailable_reason() -> str | None:
             "(pip install bitsandbytes). Use preset llm-lora (LoRA on an unquantised LLM) instead.")
 
 
+# Engines whose sharding flattens parameters into shards/partitions: bitsandbytes' packed 4-bit
+# weights and the quant state attached to them do not survive that.
+QLORA_REFUSED_ENGINES = ("fsdp2", "deepspeed-zero3")
+
+
+def qlora_engine_reason(preset: str, engine: str) -> str | None:
+    """Why policy preset ``preset`` cannot train under ``engine``, or ``None`` when it can.
+
+    Only ``llm-qlora`` is refused, and only under :data:`QLORA_REFUSED_ENGINES`; it runs
+    single-process, under DDP and under DeepSpeed ZeRO-2 (which shards optimizer state and
+    gradients, not the parameters).
+    """
+    if preset != "llm-qlora" or engine not in QLORA_REFUSED_ENGINES:
+        return None
+    return (f"policy.preset llm-qlora is not supported under {engine} (its parameter sharding flattens "
+            "bitsandbytes' 4-bit weights and their quant state): run it single-process, under ddp or "
+            "deepspeed-zero2, or choose another preset (e.g. llm-lora)")
+
+
 def is_vision_4bit_weight(canonical: str) -> bool:
     """Whether a (canonical) parameter name is the weight of a ViT block projection ``llm-qlora`` stores in 4 bits."""
     return _VISION_WEIGHT.match(canonical) is not None
 
 
 def compute_dtype_for(weight: torch.Tensor) -> torch.dtype:
-    """The dtype 4-bit layers compute in: the weights' own half dtype, else bfloat16 (as QLoRA does)."""
+    """The dtype 4-bit layers compute in when no precision is given: the weights' own half dtype, else bfloat16.
+
+    A training run passes its precision instead (:func:`compute_dtype_of_precision`): its
+    weights are loaded in fp32 whatever ``train.precision`` is.
+    """
     return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+
+
+PRECISION_COMPUTE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype_of_precision(precision: str) -> torch.dtype:
+    """The dtype 4-bit layers compute in under a run's precision (``bf16``, ``fp16`` or ``fp32``)."""
+    try:
+        return PRECISION_COMPUTE_DTYPES[precision]
+    except KeyError:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {sorted(PRECISION_COMPUTE_DTYPES)}") from None
 
 
 def _device() -> torch.device:

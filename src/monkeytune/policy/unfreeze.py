@@ -169,13 +169,17 @@ class UnfreezeSchedule:
         start = self.stages[index].start_step if index >= 0 else 0
         return StageState(index, start, plan, mult)
 
-    def validate(self, model: nn.Module) -> None:
-        """Resolve every stage's plan on ``model`` so rule errors surface before training starts."""
+    def validate(self, model: nn.Module, compute_dtype: torch.dtype | None = None) -> None:
+        """Resolve every stage's plan on ``model`` so rule errors surface before training starts.
+
+        This prepares the model too (:func:`~monkeytune.policy.plan.prepare_model`); under
+        ``llm-qlora`` its 4-bit layers compute in ``compute_dtype`` (``None``: derived from the weights).
+        """
         from monkeytune.policy.plan import prepare_model, resolve_plan  # noqa: PLC0415
 
         steps = list(dict.fromkeys([0] + [s.start_step for s in self.stages]))
         # Every stage's plan: a layer some stage trains is not quantised (llm-qlora).
-        prepare_model(model, self.plan, later=[self.stage_at(step).plan for step in steps])
+        prepare_model(model, self.plan, later=[self.stage_at(step).plan for step in steps], compute_dtype=compute_dtype)
         for step in steps:
             resolve_plan(model, self.stage_at(step).plan)
 

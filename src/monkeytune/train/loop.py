@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=resolved)
         if cfg.vision_warmup.steps and not saved:  # a resumed run's checkpoint holds the warmed-up weights
             run_vision_warmup(cfg, model, run_dir, acc.num_processes, acc.device, main)
-        plan, schedule = build_schedule(cfg, model)
+        plan, schedule = build_schedule(cfg, model, compute_precision(acc, cfg))  # llm-qlora: the 4-bit compute dtype
         sharded = is_sharded(acc)
         if sharded and schedule.stages:
             raise SetupError(f"policy.unfreeze stages need a single-process or DDP run: {engine_of(acc)} fixes the "

@@ -65,7 +65,9 @@ def check_environment(cfg: TrainConfig) -> None:
 
 
 def check_run_support(cfg: TrainConfig, engine: str, device_type: str) -> None:
-    """Refuse an optimizer or attention this engine/device cannot run (one line, no fallback).
+    """Refuse an optimizer, preset or attention this engine/device cannot run (one line, no fallback).
+
+    Called before the model is built, so nothing is loaded, quantised or sharded first.
 
     Args:
         cfg: The run configuration.
@@ -74,9 +76,13 @@ def check_run_support(cfg: TrainConfig, engine: str, device_type: str) -> None:
     """
     import importlib.util
 
+    from monkeytune.policy.quantize import qlora_engine_reason
     from monkeytune.train.optim import optimizer_unavailable_reason
 
     reason = optimizer_unavailable_reason(cfg.optim.name, engine, device_type)
+    if reason:
+        raise SetupError(reason)
+    reason = qlora_engine_reason(cfg.policy.preset, engine)
     if reason:
         raise SetupError(reason)
     if cfg.train.attention == "flash_attention_2":
@@ -261,14 +267,20 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     return dataset, collator, sampler
 
 
-def build_schedule(cfg: TrainConfig, model: nn.Module):
-    """``(plan, unfreeze schedule)`` from the ``policy`` section, validated on ``model``."""
+def build_schedule(cfg: TrainConfig, model: nn.Module, precision: str | None = None):
+    """``(plan, unfreeze schedule)`` from the ``policy`` section, validated on ``model``.
+
+    Validation prepares the model (peft LoRA; under ``llm-qlora`` the 4-bit layers, which compute
+    in ``precision``'s dtype: default ``train.precision``; a run passes the precision it really
+    computes in, :func:`~monkeytune.train.engine.compute_precision`).
+    """
     from monkeytune.policy import TrainPlan, UnfreezeSchedule
+    from monkeytune.policy.quantize import compute_dtype_of_precision
 
     p = cfg.policy
     plan = TrainPlan.from_config({"preset": p.preset, "rules": p.rules, "lora": p.lora}, source="policy")
     schedule = UnfreezeSchedule.from_config(plan, p.unfreeze, source="policy.unfreeze")
-    schedule.validate(model)
+    schedule.validate(model, compute_dtype_of_precision(precision or cfg.train.precision))
     return plan, schedule
 
 
