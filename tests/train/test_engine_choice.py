@@ -24,3 +24,37 @@ def test_requested_engine(env, engine):
 def test_engines_monkeytune_does_not_run_are_refused(env, message):
     with pytest.raises(EngineError, match=message):
         requested_engine(env)
+
+
+def test_deepspeed_reduces_gradients_in_the_configured_dtype_and_refuses_another(make_config):
+    # A real plugin as accelerate builds it from the shipped config; configure_engine fills it in.
+    from types import SimpleNamespace
+
+    from accelerate.utils import DeepSpeedPlugin
+
+    from monkeytune.train.engine import configure_engine
+
+    def accelerator(ds_config):
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+        return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=2)
+
+    base = {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True}}
+    acc = accelerator(dict(base))
+    configure_engine(acc, make_config())
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    assert ds["communication_data_type"] == "fp32" and ds["data_types"]["grad_accum_dtype"] == "fp32"
+    acc = accelerator(dict(base))
+    configure_engine(acc, make_config(train={"grad_reduce_dtype": "bf16"}))
+    assert acc.state.deepspeed_plugin.deepspeed_config["communication_data_type"] == "bf16"
+    with pytest.raises(EngineError, match="sets communication_data_type bf16 but train.grad_reduce_dtype is fp32"):
+        configure_engine(accelerator({**base, "communication_data_type": "bf16"}), make_config())
+
+
+def test_the_process_group_timeout_is_a_setting(make_config):
+    from datetime import timedelta
+
+    from monkeytune.train.engine import make_accelerator
+
+    acc = make_accelerator(make_config(train={"ddp_timeout": 5400}))
+    assert acc.init_handler.timeout == timedelta(seconds=5400)
+    assert make_config().train.ddp_timeout == 7200

@@ -163,8 +163,16 @@ class TrainSection:
         loss_norm: ``per_token`` (every supervised token of the optimizer step weighs the
             same) or ``per_sample`` (every sample weighs the same).
         max_bad_steps: Stop after this many consecutive steps with a non-finite loss or gradient.
-        find_unused_parameters: Let DDP tolerate parameters a batch does not use (the vision
-            side of a text-only batch).
+        find_unused_parameters: Let DDP tolerate parameters a batch does not use. Not needed
+            for text-only batches (they run the vision path too, multiplied by zero); DDP then
+            skips a walk of the autograd graph every step.
+        grad_reduce_dtype: ``fp32`` or ``bf16``: the dtype gradients are accumulated over
+            micro-batches and reduced across processes in, on every engine (DeepSpeed's
+            ``data_types.grad_accum_dtype`` and ``communication_data_type``, FSDP2's
+            ``reduce_dtype``, a DDP communication hook). ``bf16`` halves the traffic.
+        ddp_timeout: Seconds a process waits in a collective before the run fails (the process
+            group timeout). Generous, because rank 0 alone writes checkpoints and the final save
+            while the others wait at a barrier; a monkey-7b ZeRO-2 checkpoint is ~114 GB.
     """
 
     epochs: int = 1
@@ -178,6 +186,8 @@ class TrainSection:
     loss_norm: str = "per_token"
     max_bad_steps: int = 10
     find_unused_parameters: bool = False
+    grad_reduce_dtype: str = "fp32"
+    ddp_timeout: int = 7200
 
 
 @dataclass
@@ -337,6 +347,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     _choice(cfg.train.attention, ATTENTIONS, "train.attention", origin)
     _choice(cfg.train.precision, tuple(PRECISIONS), "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
+    _choice(cfg.train.grad_reduce_dtype, ("fp32", "bf16"), "train.grad_reduce_dtype", origin)
     _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)
     for part in cfg.train.gradient_checkpointing:
         _choice(part, CHECKPOINTABLE, "train.gradient_checkpointing entries", origin)
@@ -345,6 +356,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         "train.micro_batch_size": cfg.train.micro_batch_size,
         "train.grad_accum": cfg.train.grad_accum,
         "train.max_bad_steps": cfg.train.max_bad_steps,
+        "train.ddp_timeout": cfg.train.ddp_timeout,
         "log.every": cfg.log.every,
         "vision_warmup.batch_size": cfg.vision_warmup.batch_size,
     }

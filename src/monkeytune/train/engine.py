@@ -25,9 +25,10 @@ import json
 import logging
 import os
 import platform
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -106,9 +107,12 @@ def make_accelerator(cfg: TrainConfig):
     divides by them, and the loop normalises by the step's token count itself. The scheduler
     is stepped by the loop once per optimizer step, not by the engine.
     """
+    from datetime import timedelta
+
     from accelerate import Accelerator, PartialState
     from accelerate.state import AcceleratorState, GradientState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils.dataclasses import DDPCommunicationHookType
 
     wanted = requested_engine()
     if wanted == "fsdp2":
@@ -127,18 +131,23 @@ def make_accelerator(cfg: TrainConfig):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     cpu = not torch.cuda.is_available()
+    # Rank 0 alone writes checkpoints while the others wait in a barrier: the default 10-minute
+    # NCCL timeout can end a run during its last save.
+    timeout = timedelta(seconds=cfg.train.ddp_timeout)
     if wanted.startswith("deepspeed") and cpu:
         # DeepSpeed runs on CPUs with its CPU accelerator over gloo; accelerate's CPU mode would
         # drop the DeepSpeed plugin, so the process group is formed here instead.
-        PartialState(backend="gloo")
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters)
+        PartialState(backend="gloo", timeout=timeout)
+    # bf16 gradient reduction under DDP is a communication hook; fp32 gradients reduce as they are.
+    hook = DDPCommunicationHookType.BF16 if cfg.train.grad_reduce_dtype == "bf16" else DDPCommunicationHookType.NO
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=cfg.train.find_unused_parameters, comm_hook=hook)
     acc = Accelerator(
         # A multi-process CPU group (gloo) forms only when accelerate is told to use the CPU.
         cpu=cpu and wanted in ("ddp", "fsdp2"),
         mixed_precision=MIXED_PRECISION[cfg.train.precision],
         gradient_accumulation_steps=cfg.train.grad_accum,
         step_scheduler_with_optimizer=False,
-        kwargs_handlers=[ddp],
+        kwargs_handlers=[ddp, InitProcessGroupKwargs(timeout=timeout)],
         **accelerator_kwargs(cfg),  # log.trackers
     )
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
@@ -166,6 +175,12 @@ def configure_engine(accelerator, cfg: TrainConfig) -> None:
 
     monkeytune feeds batches itself (its sampler must resume exactly), so the engine learns the
     batch arithmetic here; gradient clipping left at ``auto`` follows ``optim.grad_clip``.
+    Gradients accumulate and reduce in ``train.grad_reduce_dtype``: DeepSpeed's own default
+    under bf16 is bf16 for both, where DDP and FSDP2 use fp32, so one configuration would train
+    differently per engine.
+
+    Raises:
+        EngineError: the DeepSpeed config sets a gradient dtype other than ``train.grad_reduce_dtype``.
     """
     plugin = getattr(accelerator.state, "deepspeed_plugin", None)
     if plugin is None:
@@ -176,6 +191,13 @@ def configure_engine(accelerator, cfg: TrainConfig) -> None:
     ds["train_batch_size"] = cfg.train.micro_batch_size * cfg.train.grad_accum * accelerator.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = cfg.optim.grad_clip
+    wanted = cfg.train.grad_reduce_dtype
+    for key, table in (("communication_data_type", ds), ("grad_accum_dtype", ds.setdefault("data_types", {}))):
+        given = table.get(key, "auto")
+        if given not in ("auto", None, wanted):
+            raise EngineError(f"the DeepSpeed config sets {key} {given} but train.grad_reduce_dtype is {wanted}: "
+                              f"remove {key} from the DeepSpeed config (monkeytune sets it from train.grad_reduce_dtype)")
+        table[key] = wanted
 
 
 def is_sharded(accelerator) -> bool:
@@ -183,21 +205,30 @@ def is_sharded(accelerator) -> bool:
     return engine_of(accelerator) in ("fsdp2", "fsdp1", "deepspeed-zero2", "deepspeed-zero3")
 
 
-def shard_fsdp2(module: torch.nn.Module, precision: str) -> torch.nn.Module:
+def shard_fsdp2(module: torch.nn.Module, precision: str, reduce: str = "fp32") -> torch.nn.Module:
     """Shard the training module with FSDP2: each LLM decoder layer, each ViT block, then the rest.
 
     Call before the optimizer is built: FSDP2 replaces the parameters with sharded ones (the
-    names and ``requires_grad`` stay). bf16 runs compute in bf16 and reduce gradients in fp32.
+    names and ``requires_grad`` stay). bf16 runs compute in bf16; gradients accumulate and
+    reduce in ``reduce`` (``train.grad_reduce_dtype``).
     """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     model = module.model
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if precision == "bf16" else MixedPrecisionPolicy()
+    reduce_dtype = torch.bfloat16 if reduce == "bf16" else torch.float32
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=reduce_dtype) \
+        if precision == "bf16" else MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower() in ("1", "true", "yes")
-    units = list(model.llm.get_decoder().layers) + list(model.vision.blocks)
-    for unit in units:
-        fully_shard(unit, mp_policy=mixed, reshard_after_forward=reshard)
+    for block in model.vision.blocks:
+        fully_shard(block, mp_policy=mixed, reshard_after_forward=reshard)
+    # A decoder layer's inputs arrive in the compute dtype already (the previous layer's output),
+    # and its keyword arguments carry the rotary cos/sin, which the Qwen compat layer keeps in
+    # fp32 so that q and k rotate in fp32 as the official code does: casting them would round
+    # the rotation to bf16 under FSDP2 only.
+    layer_policy = MixedPrecisionPolicy(param_dtype=mixed.param_dtype, reduce_dtype=mixed.reduce_dtype,
+                                        cast_forward_inputs=False)
+    for layer in model.llm.get_decoder().layers:
+        fully_shard(layer, mp_policy=layer_policy, reshard_after_forward=reshard)
     # The root's inputs keep their dtype: the per-sample loss weights must stay fp32 (the model
     # casts pixel values to its own dtype itself).
     root = MixedPrecisionPolicy(param_dtype=mixed.param_dtype, reduce_dtype=mixed.reduce_dtype,
@@ -254,6 +285,31 @@ class Engine:
     def updates_in_backward(self) -> bool:
         """DeepSpeed applies the update inside its backward at the window's end; it cannot be skipped."""
         return self.name.startswith("deepspeed")
+
+    def grad_reduce_dtype(self, configured: str) -> str:
+        """The dtype gradients accumulate and reduce in: DeepSpeed's own report, else ``configured``.
+
+        Args:
+            configured: ``train.grad_reduce_dtype`` (what DDP's hook and FSDP2's policy were given).
+        """
+        if not self.updates_in_backward:
+            return {"fp32": "float32", "bf16": "bfloat16"}[configured]
+        reduce, accumulate = self.module.communication_data_type, self.module.get_data_types()[1]
+        names = [str(d).removeprefix("torch.") for d in (reduce, accumulate)]
+        return names[0] if reduce == accumulate else f"{names[0]} (accumulated in {names[1]})"
+
+    @contextmanager
+    def accumulate(self) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: gradients sync at the window's last one.
+
+        accelerate skips DDP's gradient all-reduce inside a window, and DeepSpeed knows the window
+        itself; FSDP2 is told here, since accelerate does not know the model is FSDP2-sharded
+        and would otherwise let it reduce-scatter after every micro-batch.
+        """
+        with self.accelerator.accumulate(self.module):
+            if self.name == "fsdp2":
+                self.module.set_requires_gradient_sync(self.accelerator.sync_gradients)
+            yield
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss)

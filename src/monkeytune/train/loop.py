@@ -168,7 +168,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             logger.info("frozen weights held in %s: %.2f GiB less", precision, saved_bytes / 2**30)
         module = TrainingModule(model)
         if engine_of(acc) == "fsdp2":
-            module = shard_fsdp2(module, cfg.train.precision)  # before the optimizer: it replaces the parameters
+            # before the optimizer: it replaces the parameters
+            module = shard_fsdp2(module, cfg.train.precision, cfg.train.grad_reduce_dtype)
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
         dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
         trained_with = training_record(cfg.data.template, dataset, tokenizer,
@@ -193,6 +194,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             module, optimizer = acc.prepare(module, optimizer)
         check_engine(acc, cfg)
         engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
+        logger.info("gradients accumulate and reduce in %s", engine.grad_reduce_dtype(cfg.train.grad_reduce_dtype))
         if saved:
             load_engine_state(resume_dir, engine, sharded)
             logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,

@@ -34,7 +34,8 @@ MUST_MATCH = (
 )
 # Changing these is harmless for resuming. The tokenizer is compared by content (fingerprint),
 # not by path.
-FREE = {"data.num_workers", "data.view_cache_gib", "data.report_file", "data.synthetic", "model.tokenizer"} | {"checkpoint", "log"}
+FREE = {"data.num_workers", "data.view_cache_gib", "data.report_file", "data.synthetic", "model.tokenizer",
+        "train.ddp_timeout"} | {"checkpoint", "log"}
 
 
 def ever_trained_names(model: nn.Module, schedule: Any, step: int) -> list[str]:
