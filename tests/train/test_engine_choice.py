@@ -1,8 +1,10 @@
 """Which engine the launcher asked for, read from the environment `accelerate launch` sets."""
 
 import pytest
+import torch
 
 from monkeytune.train.engine import EngineError, requested_engine
+from monkeytune.train.setup import Loading
 
 
 @pytest.mark.parametrize("env,engine", [
@@ -58,3 +60,44 @@ def test_the_process_group_timeout_is_a_setting(make_config):
     acc = make_accelerator(make_config(train={"ddp_timeout": 5400}))
     assert acc.init_handler.timeout == timedelta(seconds=5400)
     assert make_config().train.ddp_timeout == 7200
+
+
+def test_gpu_defaults_load_with_workers_and_pinned_memory(make_config):
+    from monkeytune.train.setup import configure_device
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)  # a device name needs no GPU
+    assert configure_device(make_config(), cpu, 1) == Loading(0, False)
+    before = torch.get_float32_matmul_precision()
+    try:
+        loading = configure_device(make_config(), gpu, 1)
+        assert loading.pin_memory and 1 <= loading.num_workers <= 4
+        assert torch.get_float32_matmul_precision() == "high"
+        torch.set_float32_matmul_precision(before)
+        assert configure_device(make_config(train={"tf32": False}), gpu, 1).pin_memory
+        assert torch.get_float32_matmul_precision() == before
+        assert configure_device(make_config(data={"num_workers": 0}), gpu, 2).num_workers == 0
+        assert configure_device(make_config(data={"num_workers": 3}), cpu, 2).num_workers == 3
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def test_a_vision_warmup_that_cannot_fit_the_gpu_is_refused(caplog):
+    from monkeytune.model import build_model
+    from monkeytune.train.setup import SetupError, check_warmup_fits
+
+    with torch.device("meta"):
+        big = build_model("monkey-7b")  # ViT-bigG: 1.99B vision parameters, 1024 patches a view
+    weights = sum(p.numel() * 4 for p in big.parameters())
+    vision = sum(p.numel() for m in (big.vision, big.resampler) for p in m.parameters())
+    per_view = 20 * 4 * 1024 * 1664 * 48  # the docstring's 20 [patches, width] fp32 tensors a block
+    need = weights + 12 * vision + 64 * per_view
+    with pytest.raises(SetupError, match=r"vision_warmup needs about \d+\.\d GiB .* 80.0 GiB"):
+        check_warmup_fits(big, 80 * 2**30, batch_size=64)
+    check_warmup_fits(big, need + 1, batch_size=64)  # fits, but not by much
+    assert "vision_warmup:" in caplog.text
+    with pytest.raises(SetupError):
+        check_warmup_fits(big, need - 1, batch_size=64)
+    caplog.clear()
+    tiny = build_model("tiny")
+    check_warmup_fits(tiny, 80 * 2**30, batch_size=64)
+    assert "vision_warmup:" not in caplog.text

@@ -109,3 +109,13 @@ def test_sharded_engines_and_missing_bitsandbytes_are_refused(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an installation without it looks like
     reason = optimizer_unavailable_reason("adamw_bnb_8bit", "single", "cpu")
     assert reason.startswith("optim.name adamw_bnb_8bit needs the bitsandbytes package, which is not installed")
+
+
+def test_adamw_is_fused_only_when_every_parameter_is_on_a_gpu():
+    from monkeytune.train.optim import use_fused_adamw
+
+    cpu = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    assert not use_fused_adamw(cpu) and not use_fused_adamw([{"params": []}])
+    if torch.cuda.is_available():
+        gpu = [{"params": [torch.nn.Parameter(torch.zeros(2, device="cuda"))]}]
+        assert use_fused_adamw(gpu) and not use_fused_adamw(gpu + cpu)

@@ -8,6 +8,7 @@ FSDP2 on GPUs) is chosen by the launcher and checked in :mod:`monkeytune.train.e
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +43,7 @@ from monkeytune.train.setup import (
     check_engine,
     check_environment,
     check_run_support,
+    configure_device,
     effective_config,
     ensure_synthetic_data,
     hold_frozen_in_compute_dtype,
@@ -113,6 +115,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     check_environment(cfg)
     acc = make_accelerator(cfg)
     check_run_support(cfg, engine_of(acc), acc.device.type)
+    loading = configure_device(cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
     main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
     lock = claim_run_dir(run_dir, acc)
@@ -146,6 +149,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         record = write_run_record(run_dir, acc, cfg)
         logger.info("engine %s, %d process(es), precision %s, device %s", record["engine"], record["world_size"],
                     record["precision"], record["device"])
+        logger.info("data loading: %d worker(s) per process%s", loading.num_workers,
+                    ", pinned memory" if loading.pin_memory else "")
 
         model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=resolved)
         if cfg.vision_warmup.steps and not saved:  # a resumed run's checkpoint holds the warmed-up weights
@@ -210,7 +215,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
             fingerprint=fingerprint,
         )
-        stream = micro_batches(dataset, sampler, collator, position, cfg.data.num_workers, cfg.train.seed)
+        stream = micro_batches(dataset, sampler, collator, position, loading.num_workers, cfg.train.seed,
+                               pin_memory=loading.pin_memory)
         result = TrainResult(run_dir, start_step, last_checkpoint=resume_dir)
         for step in range(start_step + 1, steps_total + 1):
             _enter_stage(ctx, schedule.stage_at(step - 1), step - 1)

@@ -146,6 +146,7 @@ def micro_batches(
     start: Position,
     num_workers: int = 0,
     seed: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[tuple[Position, dict[str, Any]]]:
     """Endless stream of ``(position after this batch, batch)`` from ``start``, epoch after epoch.
 
@@ -167,6 +168,7 @@ def micro_batches(
             num_workers=num_workers,
             generator=torch.Generator().manual_seed(int(seed) * 7919 + epoch),
             persistent_workers=False,
+            pin_memory=pin_memory,  # on a GPU: page-locked batches copy without blocking the step
         )
         for batch in loader:
             if isinstance(batch, _Failed):

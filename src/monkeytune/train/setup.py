@@ -112,6 +112,36 @@ def select_attention(model: nn.Module, attention: str) -> None:
         apply_compat(model.llm, compat)
 
 
+@dataclasses.dataclass(frozen=True)
+class Loading:
+    """How batches reach the device: DataLoader workers and pinned host memory."""
+
+    num_workers: int
+    pin_memory: bool
+
+
+def configure_device(cfg: TrainConfig, device: torch.device, local_processes: int) -> Loading:
+    """The defaults that differ on a GPU: TF32 matmuls, loader workers, pinned memory.
+
+    Args:
+        cfg: The run configuration (``train.tf32``, ``data.num_workers``).
+        device: Where this process computes.
+        local_processes: Processes on this machine (they share its CPUs).
+
+    Returns:
+        The loader settings; on a CUDA GPU, TF32 is switched on as ``train.tf32`` says.
+    """
+    import os
+
+    gpu = device.type == "cuda"
+    if gpu and cfg.train.tf32:
+        torch.set_float32_matmul_precision("high")
+    workers = cfg.data.num_workers
+    if workers is None:
+        workers = min(4, max(1, (os.cpu_count() or 1) // max(1, local_processes))) if gpu else 0
+    return Loading(num_workers=workers, pin_memory=gpu)
+
+
 def check_engine(accelerator, cfg: TrainConfig) -> None:
     """After ``prepare``: the engine must accumulate exactly ``train.grad_accum`` micro-batches."""
     if accelerator.gradient_accumulation_steps != cfg.train.grad_accum:
@@ -301,6 +331,41 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     return steps
 
 
+def check_warmup_fits(model: nn.Module, total: int, batch_size: int) -> None:
+    """Refuse a vision warm-up that cannot fit the GPU, and warn when it may not.
+
+    The warm-up moves the whole model to the GPU and trains the tower and resampler in fp32 with
+    AdamW, one window view per record: the model's weights as held, 12 more bytes per vision
+    parameter (gradient, two moments), and each view's activations through every ViT block
+    (about 20 ``[patches, width]`` fp32 tensors a block: norms, q/k/v, attention, the MLP's
+    hidden layer and residuals). It is meant for a small vision path trained from scratch; with
+    ViT-bigG one view alone keeps ~6 GiB of activations.
+
+    Args:
+        model: The model (a model on the meta device will do).
+        total: The GPU's memory in bytes.
+        batch_size: ``vision_warmup.batch_size``.
+
+    Raises:
+        SetupError: the estimate exceeds the GPU's memory.
+    """
+    vision = [p for part in (model.vision, model.resampler) for p in part.parameters()]
+    cfg = model.config
+    patches = (cfg.image.window_size // cfg.vision.patch_size) ** 2
+    per_view = 20 * 4 * patches * cfg.vision.width * cfg.vision.layers
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    need = weights + 12 * sum(p.numel() for p in vision) + batch_size * per_view
+    if need > total:
+        raise SetupError(f"vision_warmup needs about {need / 2**30:.1f} GiB (the model, fp32 AdamW states of the "
+                         f"{sum(p.numel() for p in vision) / 1e6:.0f}M vision parameters and {per_view / 2**30:.2f} GiB "
+                         f"of activations per view x batch_size {batch_size}), more than this GPU's "
+                         f"{total / 2**30:.1f} GiB: lower vision_warmup.batch_size or set vision_warmup.steps 0 (the "
+                         "warm-up is meant for a small vision path trained from scratch)")
+    if need > 0.8 * total:
+        logger.warning("vision_warmup: about %.1f GiB of this GPU's %.1f GiB by the estimate; lower "
+                       "vision_warmup.batch_size if it runs out of memory", need / 2**30, total / 2**30)
+
+
 def run_vision_warmup(cfg: TrainConfig, model: nn.Module, run_dir: Path, num_processes: int, device: Any,
                       main: bool) -> None:
     """The run's grounded vision warm-up (``vision_warmup.steps > 0``), before step 1; see
@@ -330,6 +395,9 @@ def run_vision_warmup(cfg: TrainConfig, model: nn.Module, run_dir: Path, num_pro
         raise SetupError(f"vision_warmup: {e}") from None
     logger.info("vision warm-up: %d steps on %d records that name a window (%d without one, not used)",
                 cfg.vision_warmup.steps, len(examples), skipped)
+    if torch.device(device).type == "cuda":
+        check_warmup_fits(model, torch.cuda.get_device_properties(torch.device(device)).total_memory,
+                          cfg.vision_warmup.batch_size)
     home = next(model.parameters()).device
     model.to(device)
 

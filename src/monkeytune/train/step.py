@@ -101,7 +101,7 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
     engine.module.train()
     objective = torch.zeros((), dtype=torch.float64, device=acc.device)
     for batch, w, calls in zip(batches, weights, head_calls):
-        batch = ctx.send_to_device(batch, acc.device)
+        batch = ctx.send_to_device(batch, acc.device, non_blocking=True)  # pinned batches copy asynchronously
         with engine.accumulate():
             out = engine.module(batch, None if w is None else w.to(acc.device), loss_chunks=calls)
             objective += out.detach().double()
