@@ -18,9 +18,9 @@ def poison(monkeypatch, bad_calls):
     original = TrainingModule.forward
     calls = {"n": 0}
 
-    def forward(self, batch, token_weights=None):
+    def forward(self, batch, token_weights=None, loss_chunks=None):
         calls["n"] += 1
-        out = original(self, batch, token_weights)
+        out = original(self, batch, token_weights, loss_chunks)
         return out * float("nan") if bad_calls(calls["n"]) else out
 
     monkeypatch.setattr(TrainingModule, "forward", forward)
