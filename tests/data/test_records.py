@@ -93,3 +93,18 @@ def test_json_list_errors_give_record_index_and_line(tmp_path, h):
     with pytest.raises(DataError) as info:
         load_samples(broken)
     assert (info.value.kind, info.value.line, info.value.index) == ("malformed_json", 3, 1)
+
+
+def test_json_list_lines_follow_each_record_however_long(tmp_path):
+    # Records spread over 1 to 4 lines each (the running line count must stay exact), compared
+    # with the line each record's '{' is on in the text itself.
+    from monkeytune.data.reading import iter_raw_records
+
+    records = [{"id": str(i), "text": "x"} for i in range(40)]
+    parts = [json.dumps(r, indent=None if i % 4 == 0 else 1) + "\n" * (i % 3) for i, r in enumerate(records)]
+    text = "[\n" + ",\n".join(parts) + "]\n"
+    (tmp_path / "d.json").write_text(text)
+    starts = [i for i, c in enumerate(text) if c == "{"]
+    expected = [text.count("\n", 0, p) + 1 for p in starts]
+    got = [(index, line, obj["id"]) for index, line, obj in iter_raw_records(tmp_path / "d.json")]
+    assert got == [(i, expected[i], str(i)) for i in range(40)]
