@@ -98,3 +98,32 @@ def test_error_mode_names_a_bad_sample_before_the_first_step(make_config, synthe
     err = capsys.readouterr().err
     assert f"{bad}:6 (record 5): conversations[0].value: image file not found" in err
     assert "Traceback" not in err and not (tmp_path / "err" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+def test_a_table_with_embedded_images_trains_like_its_jsonl(kind, make_config, synthetic, tmp_path):
+    # The LLaVA records in a table whose image column holds the PNG bytes (datasets.Image), and
+    # the same records as JSON Lines naming the files: identical batches, so identical losses,
+    # and a resume from the table's checkpoint continues exactly.
+    import datasets
+
+    train_file, _ = synthetic
+    llava = tmp_path / "llava.jsonl"
+    images = train_file.parent / "images"
+    _as_llava(train_file, llava, images)
+    rows = [json.loads(line) for line in llava.read_text().splitlines()]
+    for r in rows:
+        r["images"] = [{"bytes": (images / name).read_bytes(), "path": None} for name in r.pop("image", [])]
+    ds = datasets.Dataset.from_list(rows)
+    features = ds.features.copy()
+    features["images"] = datasets.Sequence(datasets.Image())
+    ds = ds.cast(features)
+    path = tmp_path / ("train.parquet" if kind == "parquet" else "saved")
+    ds.to_parquet(str(path)) if kind == "parquet" else ds.save_to_disk(str(path))
+    steps = {"max_steps": 3, "epochs": 0}
+    reference = train(make_config("jsonl", data={"train": str(llava), "image_root": str(images)}, train=steps))
+    table = train(make_config("table", data={"train": str(path)}, train=steps, checkpoint={"every": 2}))
+    assert table.losses == reference.losses and len(table.losses) == 3
+    resumed = train(make_config("table", data={"train": str(path)}, train=steps, checkpoint={"every": 2}),
+                    resume="latest")
+    assert resumed.losses == table.losses[2:]

@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = data_sub.add_parser(
         "check",
         help="validate records, roles, image tags, images and lengths; non-zero exit on errors",
-        description="Validate conversation files (JSON list or JSON Lines) as training would see them.",
+        description="Validate conversation files (JSON list, JSON Lines, or parquet / arrow tables and "
+                    "save_to_disk folders with embedded images) as training would see them.",
     )
     c.add_argument("files", nargs="+", metavar="FILE", help="data file(s)")
     c.add_argument(

@@ -15,7 +15,9 @@
     ``{"messages": [{"role": "user", "content": [{"type": "text", "text": "What?"},
     {"type": "image_url", "image_url": {"url": "file:///data/x.png"}}]}, ...]}``; parts of type
     ``text``, ``image`` (``"image": PATH``) and ``image_url`` (a path, ``file://`` URL or
-    ``data:image/...;base64`` URI, as a string or ``{"url": ...}``).
+    ``data:image/...;base64`` URI, as a string or ``{"url": ...}``). A part ``{"type": "image"}``
+    without a payload takes the next image of the record's ``images`` list, as in the chat layout
+    that ``datasets`` and TRL use for vision data.
 
 Detection, per file, over all of its records (``data.format: auto``, the default):
 
@@ -158,10 +160,11 @@ class _Parser:
             raw.append((role_raw, role, parts, text_field))
         if images is not None and images[1] < len(images[0]):
             n_used, refs = images[1], images[0]
+            mark = "image part" if self.fmt == "openai" else f"{PLACEHOLDER} placeholder"
             raise self.err(
                 IMAGE_MISMATCH,
-                f"{n_used} {PLACEHOLDER} placeholder{'s' if n_used != 1 else ''} but {len(refs)} images listed; "
-                f"put one {PLACEHOLDER} where each image belongs",
+                f"{n_used} {mark}{'s' if n_used != 1 else ''} but {len(refs)} images listed; "
+                f"put one {mark} where each image belongs",
                 refs[n_used].field,
             )
         return self.build(obj, key, raw)
@@ -169,10 +172,12 @@ class _Parser:
     def listed_images(self, obj: dict) -> list | None:
         """``[refs, used]`` for the formats that list images apart from the text, else ``None``."""
         present = [k for k in ("image", "images") if k in obj and obj[k] is not None]
-        if self.fmt in ("monkey", "openai"):
+        if self.fmt == "openai" and present == ["images"]:
+            pass  # the chat layout of datasets and TRL: bare image parts take them in order
+        elif self.fmt in ("monkey", "openai"):
             if present:
                 how = ("<img>path</img> tags in the text" if self.fmt == "monkey"
-                       else "content parts of type image or image_url")
+                       else "content parts of type image or image_url (and an images list for bare image parts)")
                 other = "llava or sharegpt" if self.fmt == "monkey" else "sharegpt"
                 raise self.err(
                     MALFORMED_RECORD,
@@ -215,7 +220,7 @@ class _Parser:
 
     def parts(self, content: Any, fld: str, images: list | None) -> list[Part]:
         if self.fmt == "openai" and isinstance(content, list):
-            return self.content_parts(content, fld)
+            return self.content_parts(content, fld, images)
         if not isinstance(content, str):
             raise self.err(MALFORMED_RECORD, f"must be a string, got {type(content).__name__}", fld)
         if self.fmt == "monkey":
@@ -242,7 +247,15 @@ class _Parser:
                 images[1] += 1
         return out
 
-    def content_parts(self, content: list, fld: str) -> list[Part]:
+    def next_listed(self, images: list, fld: str) -> ImageRef:
+        """The next image of the record's ``images`` list, for a bare image part."""
+        refs, used = images
+        if used >= len(refs):
+            raise self.err(IMAGE_MISMATCH, f"image part number {used + 1} has no image: the record lists {len(refs)}", fld)
+        images[1] += 1
+        return refs[used]
+
+    def content_parts(self, content: list, fld: str, images: list | None = None) -> list[Part]:
         out: list[Part] = []
         for k, part in enumerate(content):
             where = f"{fld}[{k}]"
@@ -252,6 +265,8 @@ class _Parser:
                 if not isinstance(text, str):
                     raise self.err(MALFORMED_RECORD, "a text part needs a string 'text'", f"{where}.text")
                 out.append(text)
+            elif kind == "image" and part.get("image") is None and images is not None:
+                out.append(self.next_listed(images, f"{where}.image"))
             elif kind == "image":
                 out.append(self.ref(part.get("image"), f"{where}.image"))
             elif kind == "image_url":

@@ -4,6 +4,8 @@ Every format names images differently (``<img>path</img>``, an ``image`` field, 
 ``images`` list, ``image_url`` parts); all of them go through :func:`resolve_image`:
 
 * ``data:image/<type>;base64,...`` is kept as it is (an inline image, decoded when loaded);
+* ``table:...`` is kept too: an image stored in a parquet or arrow table
+  (:mod:`monkeytune.data.tables`), read from it when loaded;
 * ``file://`` URLs become the path they name (percent-escapes decoded);
 * ``http://`` and ``https://`` are refused: nothing is downloaded during training;
 * ``~`` expands to the home folder;
@@ -26,6 +28,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from monkeytune.data.records import MISSING_IMAGE, UNREADABLE_IMAGE, ImageRef
+from monkeytune.data.tables import EMBEDDED, embedded_bytes
 from monkeytune.vision.image import ImageLoadError, image_file_problem, load_image
 
 
@@ -46,6 +49,8 @@ def resolve_image(written: str, data_file: str, image_root: str | None = None) -
     ref = written.strip()
     if not ref:
         raise ValueError("empty image reference")
+    if ref.startswith(EMBEDDED):  # an image stored in a table, as monkeytune.data.tables names it
+        return ref
     if ref.startswith("data:"):
         head = ref.split(",", 1)[0]
         if "," not in ref or not head.startswith("data:image/") or not head.endswith(";base64"):
@@ -76,17 +81,25 @@ def open_image(ref: ImageRef, max_pixels: int) -> Image.Image:
     Raises:
         ImageLoadError: naming the file (or the inline image) and the reason.
     """
-    if not ref.inline:
+    if not ref.inline and not ref.embedded:
         return load_image(ref.source, max_pixels)
-    data = _inline_bytes(ref.source)
+    data = _inline_bytes(ref.source) if ref.inline else _embedded_bytes(ref)
+    what = "inline image" if ref.inline else "image"
     try:
         image = Image.open(io.BytesIO(data))
     except Exception as e:  # PIL raises several types for non-images
-        raise ImageLoadError(f"inline image {ref.display()}: not a recognised image ({type(e).__name__})") from e
+        raise ImageLoadError(f"{what} {ref.display()}: not a recognised image ({type(e).__name__})") from e
     try:
         return load_image(image, max_pixels)
     except ImageLoadError as e:
-        raise ImageLoadError(str(e).replace("<in-memory", f"inline {ref.display()} <")) from e
+        raise ImageLoadError(str(e).replace("<in-memory", f"{what} {ref.display()} <")) from e
+
+
+def _embedded_bytes(ref: ImageRef) -> bytes:
+    try:
+        return embedded_bytes(ref.source)
+    except ValueError as e:
+        raise ImageLoadError(f"image {ref.display()}: {e}") from e
 
 
 def image_problem(ref: ImageRef, max_pixels: int, decode: bool) -> tuple[str, str] | None:
@@ -99,6 +112,8 @@ def image_problem(ref: ImageRef, max_pixels: int, decode: bool) -> tuple[str, st
             open_image(ref, max_pixels)
         elif ref.inline:
             _inline_bytes(ref.source)
+        elif ref.embedded:
+            _embedded_bytes(ref)
         else:
             problem = image_file_problem(ref.source)
             if problem is not None:

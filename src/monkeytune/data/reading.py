@@ -1,6 +1,7 @@
 """Reading data files line by line into samples: a bad line is named, the rest still read.
 
-A file is a JSON list (first non-blank character ``[``) or JSON Lines. Bytes are decoded one
+A file is a JSON list (first non-blank character ``[``) or JSON Lines; parquet and arrow files,
+shard folders and ``save_to_disk`` folders are read row by row (:mod:`monkeytune.data.tables`). Bytes are decoded one
 line at a time, so an invalid UTF-8 byte makes that line (or, in a JSON list, the record
 spanning it) an error naming the line and byte column, and every other line is still read.
 A file that cannot be read at all (missing, a directory, a symlink loop, no permission) is one
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
+from monkeytune.data.tables import is_table, iter_table_records
 
 
 def _read_bytes(path: str) -> bytes:
@@ -79,6 +81,9 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
             JSON list.
     """
     path = str(path)
+    if is_table(path):
+        yield from iter_table_records(path)
+        return
     lines, bad = _decode_lines(_read_bytes(path), path)
     first = next((ln for ln in lines if ln.strip()), "")
     if first.lstrip().startswith("["):

@@ -104,7 +104,8 @@ class ImageRef:
     """One image of a sample, resolved once by :func:`monkeytune.data.images.resolve_image`.
 
     Attributes:
-        source: Absolute file path, or a ``data:image/...;base64,`` URI for an inline image.
+        source: Absolute file path, a ``data:image/...;base64,`` URI for an inline image, or a
+            ``table:`` reference to an image stored in a table (:mod:`monkeytune.data.tables`).
         field: Where the record names it, e.g. ``images[1]`` or ``conversations[0].value``.
     """
 
@@ -115,10 +116,20 @@ class ImageRef:
     def inline(self) -> bool:
         return self.source.startswith("data:")
 
+    @property
+    def embedded(self) -> bool:
+        """Stored in a table's cell (:mod:`monkeytune.data.tables`), read when decoded."""
+        return self.source.startswith("table:")
+
     def display(self) -> str:
-        """The source for messages: inline images shortened to their media type."""
+        """The source for messages: inline images shortened to their media type, embedded ones
+        to their table's file name, row and cell."""
         if self.inline:
             return self.source.split(",", 1)[0] + ",..."
+        if self.embedded:
+            table, _, cell = self.source[len("table:"):].rpartition("#")
+            row, column, item = cell.split("/")
+            return f"{table.rsplit('/', 1)[-1]} row {row}, {column}" + (f"[{item}]" if item != "-1" else "")
         return self.source
 
 

@@ -75,7 +75,9 @@ def run_fingerprint(cfg: TrainConfig, tokenizer_dir: str | None) -> dict[str, An
         tokenizer_dir: The tokenizer folder the run uses (None: the ``model.from`` folder's own).
     """
     out: dict[str, Any] = {
-        "data": {str(p): file_fingerprint(p) for p in cfg.data.train if Path(p).is_file()},
+        # A folder of table shards or a save_to_disk folder: the files directly in it.
+        "data": {str(p): file_fingerprint(p) if Path(p).is_file() else folder_fingerprint(p)
+                 for p in cfg.data.train if Path(p).exists()},
         "model_config": model_config_dict(cfg),
     }
     if tokenizer_dir and Path(tokenizer_dir).is_dir():
@@ -101,7 +103,11 @@ def load_fingerprint(folder: Path) -> dict[str, Any] | None:
 
 
 def _describe(fp: dict[str, Any] | None) -> str:
-    return "absent" if fp is None else f"{fp['size']} bytes, hash {fp['hash'][:12]}"
+    if fp is None:
+        return "absent"
+    if "size" not in fp:  # a folder: its files' fingerprints
+        return f"a folder of {len(fp)} files, {sum(f['size'] for f in fp.values())} bytes"
+    return f"{fp['size']} bytes, hash {fp['hash'][:12]}"
 
 
 def _files_differ(label: str, old: dict[str, Any], new: dict[str, Any]) -> list[str]:

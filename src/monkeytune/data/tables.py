@@ -1,0 +1,180 @@
+"""Tabular training data as public sets ship it: parquet and arrow files, shard folders, ``save_to_disk``.
+
+A data path is tabular when it is a ``.parquet`` or ``.arrow`` file, a folder of such shards, or
+a folder written by ``datasets.Dataset.save_to_disk`` (it holds ``state.json``). Each row is one
+record, with the same four layouts as JSON (:mod:`monkeytune.data.formats`); the columns are the
+record's fields (``conversations`` or ``messages``, ``image`` or ``images``, ``id``).
+
+Images may sit inside the table, the way ``datasets.Image`` stores them: a ``{"bytes", "path"}``
+struct, or a list of them. Such an image is not copied out of the table: the record holds a
+reference, ``table:<file>#<row>/<column>/<item>`` (:func:`embedded_ref`), and
+:func:`embedded_bytes` reads the bytes when the image is decoded, from the table kept open once
+per process. Arrow files and ``save_to_disk`` folders are memory-mapped, so DataLoader workers
+share their pages; parquet shards are converted once to memory-mapped arrow in ``datasets``'
+cache (keyed by the files' content), as ``datasets.load_dataset`` does. A struct without bytes
+names an image file by its ``path``, resolved like a path in JSON.
+
+In the chat layout of ``datasets`` and TRL (``openai`` here), a content part ``{"type": "image"}``
+without a payload takes the next image of the ``images`` column.
+
+Errors name the file and the row (``x.parquet (record 12)``): rows are records.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from monkeytune.data.records import DATA_FILE, DataError
+
+TABLE_SUFFIXES = (".parquet", ".arrow")
+SAVED_MARK = "state.json"  # written by save_to_disk beside dataset_info.json and the arrow shards
+EMBEDDED = "table:"
+IMAGE_COLUMNS = ("image", "images")
+
+# Tables opened in this process, by their path: rows are read from them when a record or an
+# embedded image is needed (workers open their own on first use).
+_OPEN: dict[str, Any] = {}
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as a table (see the module docstring)."""
+    p = Path(path)
+    if p.is_file():
+        return p.suffix in TABLE_SUFFIXES
+    if p.is_dir():
+        return (p / SAVED_MARK).is_file() or any(q.suffix in TABLE_SUFFIXES for q in p.iterdir())
+    return False
+
+
+def _shards(folder: Path, suffix: str) -> list[str]:
+    return sorted(str(q) for q in folder.iterdir() if q.is_file() and q.suffix == suffix)
+
+
+def open_table(path: str | os.PathLike):
+    """The ``datasets.Dataset`` of a tabular path, opened once per process.
+
+    Image columns (``datasets.Image``) are read undecoded, as ``{"bytes", "path"}`` structs.
+
+    Raises:
+        DataError: ``data_file`` when the path cannot be read as a table.
+    """
+    key = os.path.abspath(path)
+    table = _OPEN.get(key)
+    if table is not None:
+        return table
+    import datasets  # noqa: PLC0415 - heavy, and only tabular data needs it
+
+    p = Path(key)
+    try:
+        if p.is_dir() and (p / SAVED_MARK).is_file():
+            table = datasets.load_from_disk(key)
+        elif p.is_dir():
+            parquet, arrow = _shards(p, ".parquet"), _shards(p, ".arrow")
+            if parquet and arrow:
+                raise DataError(DATA_FILE, "the folder mixes parquet and arrow shards; keep one kind", key)
+            table = _from_parquet(parquet) if parquet else _from_arrow(arrow)
+        elif p.suffix == ".parquet":
+            table = _from_parquet([key])
+        else:
+            table = _from_arrow([key])
+    except DataError:
+        raise
+    except Exception as e:  # pyarrow and datasets raise many types for unreadable files
+        raise DataError(DATA_FILE, f"cannot read it as a table: {type(e).__name__}: {e}", key) from None
+    if isinstance(table, datasets.DatasetDict):
+        raise DataError(DATA_FILE, f"it holds several splits ({', '.join(table)}); name the split's folder", key)
+    for name, feature in table.features.items():
+        table = _undecoded(table, name, feature)
+    _OPEN[key] = table
+    return table
+
+
+def _from_parquet(files: list[str]):
+    import datasets  # noqa: PLC0415
+
+    return datasets.Dataset.from_parquet(files if len(files) > 1 else files[0])
+
+
+def _from_arrow(files: list[str]):
+    import datasets  # noqa: PLC0415
+
+    parts = []
+    for f in files:
+        try:
+            parts.append(datasets.Dataset.from_file(f))  # the stream format save_to_disk writes
+        except Exception:  # noqa: BLE001 - an arrow IPC file, as pyarrow writes it
+            import pyarrow as pa  # noqa: PLC0415
+
+            with pa.memory_map(f) as source:
+                parts.append(datasets.Dataset(pa.ipc.open_file(source).read_all()))
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _undecoded(table, name: str, feature):
+    """``table`` with image column ``name`` read as structs rather than PIL images."""
+    import datasets  # noqa: PLC0415
+
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return table.cast_column(name, datasets.Image(decode=False))
+    inner = getattr(feature, "feature", None)
+    if isinstance(feature, (list, datasets.Sequence)) and isinstance(inner if inner is not None else
+                                                                    (feature[0] if feature else None), datasets.Image):
+        return table.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
+    return table
+
+
+def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any]]:
+    """Yield ``(row, None, record)`` for every row of a tabular path, as JSON files yield records.
+
+    Embedded images in the ``image``/``images`` columns become :func:`embedded_ref` strings.
+
+    Raises:
+        DataError: ``data_file`` when the path cannot be read as a table.
+    """
+    key = os.path.abspath(path)
+    table = open_table(key)
+    for row, record in enumerate(table):
+        for column in IMAGE_COLUMNS:
+            if record.get(column) is not None:
+                record[column] = _refs(record[column], key, row, column)
+        yield row, None, record
+
+
+def _refs(value: Any, key: str, row: int, column: str) -> Any:
+    def one(item: Any, k: int) -> Any:
+        if isinstance(item, dict) and "bytes" in item:
+            if item["bytes"] is not None:
+                return embedded_ref(key, row, column, k)
+            return item.get("path")  # an image file named by the struct
+        return item
+
+    if isinstance(value, list):
+        return [one(item, k) for k, item in enumerate(value)]
+    return one(value, -1)
+
+
+def embedded_ref(key: str, row: int, column: str, item: int) -> str:
+    """The source string of an image stored in a table (``item`` -1: the cell is one image)."""
+    return f"{EMBEDDED}{key}#{row}/{column}/{item}"
+
+
+def embedded_bytes(source: str) -> bytes:
+    """The bytes of an image stored in a table, from its :func:`embedded_ref` string.
+
+    Raises:
+        ValueError: the reference is malformed or its cell holds no bytes.
+    """
+    key, _, where = source[len(EMBEDDED):].rpartition("#")
+    try:
+        row, column, item = where.split("/")
+        value = open_table(key)[int(row)][column]
+        if int(item) >= 0:
+            value = value[int(item)]
+    except (ValueError, IndexError, KeyError, TypeError) as e:
+        raise ValueError(f"no embedded image at {source!r} ({type(e).__name__}: {e})") from None
+    data = value.get("bytes") if isinstance(value, dict) else None
+    if not data:
+        raise ValueError(f"the table cell {column}[{item}] of row {row} holds no image bytes")
+    return data
