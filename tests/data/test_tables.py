@@ -160,3 +160,24 @@ def test_a_missing_turns_column_and_an_unreadable_table_are_one_line_errors(tmp_
     broken.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(DataError, match="broken.parquet: cannot read it as a table"):
         load_samples(broken)
+
+
+def test_convert_packages_any_input_as_parquet_and_reads_it_back(tmp_path, tok, cfg, capsys):
+    from monkeytune.cli import main
+
+    rows = llava_rows()
+    jsonl = as_jsonl(rows, tmp_path)  # image files on disk
+    out = tmp_path / "packaged" / "train.parquet"
+    assert main(["data", "convert", str(jsonl), str(out)]) == 0
+    assert "read as llava; wrote 4 records" in capsys.readouterr().out
+    reference = items(jsonl, tok, cfg)
+    for image in tmp_path.glob("img*.png"):
+        image.unlink()  # the parquet holds its own copies
+    got = items(out, tok, cfg)
+    assert [x["num_images"] for x in got] == [1, 1, 0, 1]
+    assert_same_items(got, reference)
+    # And a table converts back to JSON Lines with its images written as files.
+    back = tmp_path / "back.jsonl"
+    assert main(["data", "convert", str(out), str(back)]) == 0
+    assert len(list((tmp_path / "back_images").iterdir())) == 3
+    assert_same_items(items(back, tok, cfg), got)

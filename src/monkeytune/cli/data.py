@@ -53,13 +53,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     v = data_sub.add_parser(
         "convert",
-        help="write any supported format as Monkey <img>path</img> JSON Lines, for inspection",
-        description="Read IN in any supported format (monkey, llava, sharegpt, openai) and write OUT "
-        "as Monkey-format JSON Lines with absolute image paths; inline base64 images are written "
-        "as files into OUT's folder (OUT-stem_images/).",
+        help="write any supported input as Monkey JSON Lines (for inspection) or as parquet with the images inside",
+        description="Read IN in any supported format (monkey, llava, sharegpt, openai; JSON, JSON Lines or a "
+        "table) and write OUT: as Monkey-format JSON Lines with absolute image paths (images held in "
+        "the input are written as files into OUT's folder, OUT-stem_images/), or, when OUT ends in "
+        ".parquet, as one parquet file of sharegpt rows with every image's bytes inside.",
     )
-    v.add_argument("input", metavar="IN", help="data file")
-    v.add_argument("output", metavar="OUT", help="JSON Lines file to write")
+    v.add_argument("input", metavar="IN", help="data file, table or save_to_disk folder")
+    v.add_argument("output", metavar="OUT", help="JSON Lines file, or .parquet file, to write")
     _format_options(v)
     v.set_defaults(func=run_convert)
 
