@@ -128,28 +128,54 @@ def _undecoded(table, name: str, feature):
 def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any]]:
     """Yield ``(row, None, record)`` for every row of a tabular path, as JSON files yield records.
 
-    Embedded images in the ``image``/``images`` columns become :func:`embedded_ref` strings.
+    Embedded images in the ``image``/``images`` columns become :func:`embedded_ref` strings;
+    their bytes are not read here (only whether a cell holds bytes, and its path).
 
     Raises:
         DataError: ``data_file`` when the path cannot be read as a table.
     """
     key = os.path.abspath(path)
     table = open_table(key)
-    for row, record in enumerate(table):
-        for column in IMAGE_COLUMNS:
-            if record.get(column) is not None:
-                record[column] = _refs(record[column], key, row, column)
+    image_columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    arrow = table.with_format("arrow")[:]  # zero-copy over the memory-mapped data
+    cells = {c: _image_cells(arrow.column(c)) for c in image_columns}
+    text = table.select_columns([c for c in table.column_names if c not in image_columns])
+    for row, record in enumerate(text):
+        for column in image_columns:
+            record[column] = _refs(cells[column][row], key, row, column)
         yield row, None, record
+
+
+def _image_cells(column) -> list:
+    """Per row: None, or ``(has_bytes, path)`` for a struct cell, or a list of them for a list cell."""
+    import pyarrow as pa  # noqa: PLC0415
+
+    column = column.combine_chunks()
+
+    def structs(array) -> list:
+        if not pa.types.is_struct(array.type) or array.type.get_field_index("bytes") < 0:
+            return array.to_pylist()  # plain values (paths): kept as they are
+        has = array.field("bytes").is_valid().to_pylist()
+        paths = array.field("path").to_pylist() if array.type.get_field_index("path") >= 0 else [None] * len(array)
+        valid = array.is_valid().to_pylist()
+        return [(h, p) if v else None for h, p, v in zip(has, paths, valid)]
+
+    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+        items = structs(column.flatten())  # the values of this (possibly sliced) array, from its first offset
+        offsets, valid = column.offsets.to_pylist(), column.is_valid().to_pylist()
+        base = offsets[0]
+        return [items[offsets[i] - base:offsets[i + 1] - base] if valid[i] else None for i in range(len(column))]
+    return structs(column)
 
 
 def _refs(value: Any, key: str, row: int, column: str) -> Any:
     def one(item: Any, k: int) -> Any:
-        if isinstance(item, dict) and "bytes" in item:
-            if item["bytes"] is not None:
-                return embedded_ref(key, row, column, k)
-            return item.get("path")  # an image file named by the struct
+        if isinstance(item, tuple):  # (has_bytes, path) of a datasets.Image cell
+            return embedded_ref(key, row, column, k) if item[0] else item[1]
         return item
 
+    if value is None:
+        return None
     if isinstance(value, list):
         return [one(item, k) for k, item in enumerate(value)]
     return one(value, -1)
