@@ -105,10 +105,12 @@ def assert_same_items(a, b):
 def test_tables_with_embedded_images_give_the_jsonl_items(kind, tmp_path, tok, cfg):
     rows = llava_rows()
     path = write(table(rows), kind, tmp_path)
+    files = sorted(path.rglob("*")) if path.is_dir() else [path]
     reference = items(as_jsonl(rows, tmp_path), tok, cfg)
     got = items(path, tok, cfg)
     assert_same_items(got, reference)
     assert [x["num_images"] for x in got] == [1, 1, 0, 1]
+    assert (sorted(path.rglob("*")) if path.is_dir() else [path]) == files  # nothing written beside the data
 
 
 def test_image_lists_and_the_chat_layout_of_datasets(tmp_path, tok, cfg):

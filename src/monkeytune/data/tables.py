@@ -55,7 +55,8 @@ def _shards(folder: Path, suffix: str) -> list[str]:
 def open_table(path: str | os.PathLike):
     """The ``datasets.Dataset`` of a tabular path, opened once per process.
 
-    Image columns (``datasets.Image``) are read undecoded, as ``{"bytes", "path"}`` structs.
+    Nothing is written beside the data: image cells are read through arrow as stored
+    (``{"bytes", "path"}`` structs), not cast or decoded by ``datasets``.
 
     Raises:
         DataError: ``data_file`` when the path cannot be read as a table.
@@ -85,8 +86,6 @@ def open_table(path: str | os.PathLike):
         raise DataError(DATA_FILE, f"cannot read it as a table: {type(e).__name__}: {e}", key) from None
     if isinstance(table, datasets.DatasetDict):
         raise DataError(DATA_FILE, f"it holds several splits ({', '.join(table)}); name the split's folder", key)
-    for name, feature in table.features.items():
-        table = _undecoded(table, name, feature)
     _OPEN[key] = table
     return table
 
@@ -110,19 +109,6 @@ def _from_arrow(files: list[str]):
             with pa.memory_map(f) as source:
                 parts.append(datasets.Dataset(pa.ipc.open_file(source).read_all()))
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def _undecoded(table, name: str, feature):
-    """``table`` with image column ``name`` read as structs rather than PIL images."""
-    import datasets  # noqa: PLC0415
-
-    if isinstance(feature, datasets.Image) and feature.decode:
-        return table.cast_column(name, datasets.Image(decode=False))
-    inner = getattr(feature, "feature", None)
-    if isinstance(feature, (list, datasets.Sequence)) and isinstance(inner if inner is not None else
-                                                                    (feature[0] if feature else None), datasets.Image):
-        return table.cast_column(name, datasets.Sequence(datasets.Image(decode=False)))
-    return table
 
 
 def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any]]:
@@ -195,7 +181,8 @@ def embedded_bytes(source: str) -> bytes:
     key, _, where = source[len(EMBEDDED):].rpartition("#")
     try:
         row, column, item = where.split("/")
-        value = open_table(key)[int(row)][column]
+        # Read through arrow: the cell as stored, never decoded to a PIL image by datasets.
+        value = open_table(key).with_format("arrow")[int(row)].column(column)[0].as_py()
         if int(item) >= 0:
             value = value[int(item)]
     except (ValueError, IndexError, KeyError, TypeError) as e:
