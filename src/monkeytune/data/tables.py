@@ -34,8 +34,10 @@ EMBEDDED = "table:"
 IMAGE_COLUMNS = ("image", "images")
 
 # Tables opened in this process, by their path: rows are read from them when a record or an
-# embedded image is needed (workers open their own on first use).
+# embedded image is needed (workers open their own on first use). Beside each dataset, its
+# arrow table (zero-copy over the memory-mapped files), for reading cells as stored.
 _OPEN: dict[str, Any] = {}
+_ARROW: dict[str, Any] = {}
 
 
 def is_table(path: str | os.PathLike) -> bool:
@@ -90,6 +92,13 @@ def open_table(path: str | os.PathLike):
     return table
 
 
+def _arrow(key: str):
+    """The arrow table of an opened tabular path (as stored: image cells are structs)."""
+    if key not in _ARROW:
+        _ARROW[key] = open_table(key).with_format("arrow")[:]
+    return _ARROW[key]
+
+
 def _from_parquet(files: list[str]):
     import datasets  # noqa: PLC0415
 
@@ -123,8 +132,7 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, int | Non
     key = os.path.abspath(path)
     table = open_table(key)
     image_columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
-    arrow = table.with_format("arrow")[:]  # zero-copy over the memory-mapped data
-    cells = {c: _image_cells(arrow.column(c)) for c in image_columns}
+    cells = {c: _image_cells(_arrow(key).column(c)) for c in image_columns}
     text = table.select_columns([c for c in table.column_names if c not in image_columns])
     for row, record in enumerate(text):
         for column in image_columns:
@@ -182,7 +190,7 @@ def embedded_bytes(source: str) -> bytes:
     try:
         row, column, item = where.split("/")
         # Read through arrow: the cell as stored, never decoded to a PIL image by datasets.
-        value = open_table(key).with_format("arrow")[int(row)].column(column)[0].as_py()
+        value = _arrow(key).column(column)[int(row)].as_py()
         if int(item) >= 0:
             value = value[int(item)]
     except (ValueError, IndexError, KeyError, TypeError) as e:
