@@ -7,8 +7,8 @@ each size and format, a fresh process builds the training dataset as ``monkeytun
 (parse every record, render and check every sample, then collate the first batch) and reports:
 
 * ``first_batch_s``: seconds from the start of reading to the first collated batch;
-* ``peak_rss_mb``: the process's peak resident memory (``ru_maxrss``), and ``per_record_b``,
-  its growth per record over the smallest size.
+* ``peak_rss_mb``: the process's peak resident memory (``VmHWM``), and ``per_record_b``, its
+  growth per record over the smallest size.
 
 "before" is the code of the branch point (``--before``, default the merge base with ``main``,
 extracted with ``git archive``), "after" the working tree, in the same invocation. The
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 WORKER = r'''
-import json, resource, sys, time
+import json, sys, time
 import torch
 from monkeytune.config import get_config
 from monkeytune.data import Collator, ConversationDataset
@@ -47,8 +47,9 @@ for i in range(len(ds)):  # what training does before its first step: render and
     ds.scan(i)
 batch = Collator(tok.pad_id)([ds[i] for i in range(8)])
 seconds = time.perf_counter() - t0
-print(json.dumps({"records": len(ds), "first_batch_s": seconds,
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+# VmHWM: this process's own peak (ru_maxrss would start from the parent's at the fork).
+peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"records": len(ds), "first_batch_s": seconds, "peak_rss_mb": peak_kb / 1024}))
 '''
 
 
