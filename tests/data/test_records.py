@@ -108,3 +108,23 @@ def test_json_list_lines_follow_each_record_however_long(tmp_path):
     expected = [text.count("\n", 0, p) + 1 for p in starts]
     got = [(index, line, obj["id"]) for index, line, obj in iter_raw_records(tmp_path / "d.json")]
     assert got == [(i, expected[i], str(i)) for i in range(40)]
+
+
+@pytest.mark.parametrize("layout", ["jsonl", "json-list", "minified-list"])
+def test_each_record_reads_back_alone_from_its_byte_span(tmp_path, layout):
+    # Records are kept as their place in the file, not as objects: the span must give the
+    # record back, with non-ASCII text before it and a byte-order mark at the start.
+    from monkeytune.data.reading import iter_spans, read_span
+
+    records = [{"id": str(i), "text": "é" * i + "漢字" * (i % 3), "n": [i, {"k": "ü"}]} for i in range(12)]
+    if layout == "jsonl":
+        text = "\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n"
+    elif layout == "json-list":
+        text = json.dumps(records, ensure_ascii=False, indent=2)
+    else:
+        text = json.dumps(records, ensure_ascii=False)
+    path = tmp_path / "d.json"
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    got = list(iter_spans(path))
+    assert [obj for _, _, obj, _ in got] == records
+    assert [read_span(str(path), span) for _, _, _, span in got] == records

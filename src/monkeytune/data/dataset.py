@@ -2,9 +2,11 @@
 
 The chain, shared by training and ``monkeytune data check`` (which runs it dry):
 
-1. **parse** (at construction, JSON only): every record, whatever its format, becomes a
-   :class:`~monkeytune.data.records.Sample` whose images sit where their placeholders were;
-2. **render** (:meth:`ConversationDataset.prepare`, cached): a cheap size check on the raw text,
+1. **parse** (checked at construction, then again each time a sample is used; only its place in
+   the file is kept, :class:`~monkeytune.data.reading.Samples`): every record, whatever its
+   format, becomes a :class:`~monkeytune.data.records.Sample` whose images sit where their
+   placeholders were;
+2. **render** (:meth:`ConversationDataset.prepare`, its length kept): a cheap size check on the raw text,
    then :func:`~monkeytune.data.templates.render` to ids and labels, then the fit to
    ``max_length``; no image is opened;
 3. **load views** (:meth:`ConversationDataset.load`): decode each image into its views.
@@ -30,7 +32,7 @@ from torch.utils.data import Dataset
 
 from monkeytune.config import ModelConfig
 from monkeytune.data.images import image_problem, open_image
-from monkeytune.data.reading import load_samples
+from monkeytune.data.reading import Samples
 from monkeytune.data.records import (
     MISSING_IMAGE,
     TEMPLATE,
@@ -117,8 +119,8 @@ def size_problem(sample: Sample, max_length: int) -> DataError | None:
 
 
 class _Compact:
-    """A sample rendered with one placeholder per image, stored small: ids as int32, labels as
-    one supervised bit per token. :meth:`expand` gives the model-ready form."""
+    """A sample rendered with one placeholder per image, small while it lives: ids as int32,
+    labels as one supervised bit per token. :meth:`expand` gives the model-ready form."""
 
     __slots__ = ("ids", "supervised", "n_images", "dropped")
 
@@ -203,10 +205,13 @@ class ConversationDataset(Dataset):
         self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.parse_errors: list[DataError] = []
         self.formats: dict[str, str] = {}
-        self.samples: list[Sample] = load_samples(
+        # The samples' places, parsed again when used: memory does not grow with their text.
+        self.samples = Samples(
             self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
         )
-        self._cache: dict[int, _Compact] = {}
+        # What rendering found, 8 bytes a sample (-1: not rendered yet in this process).
+        self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
+        self._dropped = np.zeros(len(self.samples), dtype=np.int16)
         self.view_cache = ViewCache(view_cache_bytes)
         if not self.samples and strict:
             raise ValueError(f"no usable samples in {', '.join(self.paths)}")
@@ -222,22 +227,23 @@ class ConversationDataset(Dataset):
     @property
     def num_truncated(self) -> int:
         """Samples rendered so far that ``truncate_turns`` shortened."""
-        return sum(1 for c in self._cache.values() if c.dropped)
+        return int((self._dropped > 0).sum())
 
     # -- step 2: render (text only) ----------------------------------------------------------
 
-    def render(self, i: int, compact: bool = False) -> Prepared:
+    def render(self, i: int, compact: bool = False, sample: Sample | None = None) -> Prepared:
         """Render sample ``i`` and fit it to ``max_length``, without caching (no image is opened).
 
         Args:
             i: Sample index.
-            compact: Render one placeholder per image (the cached form) instead of
+            compact: Render one placeholder per image (the compact form) instead of
                 ``tokens_per_image``; lengths are still judged at the full size.
+            sample: ``self.samples[i]`` when the caller has it already.
 
         Raises:
             DataError: ``template`` (a system turn with ``monkey``) or ``too_long``.
         """
-        s = self.samples[i]
+        s = sample if sample is not None else self.samples[i]
         if s.system is not None and self.template == "monkey":
             first = s.turns[0].field.split("[")[0]  # conversations or messages
             role_key = "from" if s.turns[0].field.endswith(".value") else "role"
@@ -268,38 +274,48 @@ class ConversationDataset(Dataset):
     def prepare(self, i: int) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int]:
         """``(input_ids [L], labels [L], images, truncated_exchanges)`` of sample ``i``.
 
-        Rendered once and cached compactly (each image block holds one pad id), so packing's
-        length pass and the later item build tokenize each sample once.
+        Rendered each time (the record is read back and parsed too): nothing of a sample's text
+        stays in memory between uses, only its length (:meth:`length`).
         """
-        c = self._compact(i)
-        ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
-        return ids, labels, self.samples[i].images[: c.n_images], c.dropped
+        ids, labels, images, dropped, _ = self._prepared(i)
+        return ids, labels, images, dropped
 
-    def _compact(self, i: int) -> _Compact:
-        c = self._cache.get(i)
-        if c is None:
-            # Rendered with one placeholder per image: no list of tokens_per_image pads is built
-            # only to be compressed again (1280 per image for Monkey).
-            p = self.render(i, compact=True)
-            c = self._cache[i] = _Compact(p.encoded, p.truncated_exchanges)
+    def _prepared(self, i: int) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int, Sample]:
+        sample = self.samples[i]
+        c = self._compact(i, sample)
+        ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
+        return ids, labels, sample.images[: c.n_images], c.dropped, sample
+
+    def _compact(self, i: int, sample: Sample | None = None) -> _Compact:
+        # Rendered with one placeholder per image: no list of tokens_per_image pads is built
+        # only to be compressed again (1280 per image for Monkey).
+        p = self.render(i, compact=True, sample=sample)
+        c = _Compact(p.encoded, p.truncated_exchanges)
+        self._lengths[i] = len(c.ids) + c.n_images * (self.tokens_per_image - 1)
+        self._dropped[i] = c.dropped
         return c
 
     def length(self, i: int) -> int:
-        """Token count of sample ``i`` (rendered once, cached)."""
-        c = self._compact(i)
-        return int(len(c.ids) + c.n_images * (self.tokens_per_image - 1))
+        """Token count of sample ``i`` (rendered once; the count is kept)."""
+        if self._lengths[i] < 0:
+            self._compact(i)
+        return int(self._lengths[i])
 
     def lengths(self) -> list[int | None]:
         """Token counts of all samples (renders text only; images are counted, not opened)."""
         return [self.length(i) for i in range(len(self.samples))]
 
-    def image_errors(self, i: int, decode: bool, memo: dict[str, tuple[str, str] | None] | None = None) -> list[DataError]:
+    def image_errors(self, i: int, decode: bool, memo: dict[str, tuple[str, str] | None] | None = None,
+                     sample: Sample | None = None) -> list[DataError]:
         """Dry-run image check of sample ``i``: the file system only, or a full decode.
+
+        Args:
+            sample: ``self.samples[i]`` when the caller has it already.
 
         Returns:
             One ``missing_image`` or ``unreadable_image`` error per bad image, naming its field.
         """
-        s = self.samples[i]
+        s = sample if sample is not None else self.samples[i]
         errors = []
         for ref in s.images:
             if memo is not None and ref.source in memo:
@@ -313,14 +329,15 @@ class ConversationDataset(Dataset):
         return errors
 
     def scan(self, i: int) -> None:
-        """The chain run dry on sample ``i`` as training starts: render (cached) and ``stat``
-        every image, without decoding.
+        """The chain run dry on sample ``i`` as training starts: render (its length is kept) and
+        ``stat`` every image, without decoding.
 
         Raises:
             DataError: the first problem found.
         """
-        self._compact(i)
-        for err in self.image_errors(i, decode=False)[:1]:
+        sample = self.samples[i]
+        self._compact(i, sample)
+        for err in self.image_errors(i, decode=False, sample=sample)[:1]:
             raise err
 
     # -- step 3: load the views --------------------------------------------------------------
@@ -340,8 +357,7 @@ class ConversationDataset(Dataset):
             DataError: any problem with the sample (``missing_image``, ``unreadable_image``,
                 ``too_long`` ...), never silently fixed.
         """
-        ids, labels, images, _ = self.prepare(i)
-        sample = self.samples[i]
+        ids, labels, images, _, sample = self._prepared(i)
         views, slots = [], []
         for ref in images:
             cached = self.view_cache.get(ref.source)

@@ -14,11 +14,13 @@ import errno
 import json
 import os
 import stat
-from typing import Any, Iterator, Sequence
+from array import array
+from collections.abc import Sequence
+from typing import Any, Iterator
 
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
-from monkeytune.data.tables import is_table, iter_table_records
+from monkeytune.data.tables import is_table, iter_table_records, table_record
 
 
 def _read_bytes(path: str) -> bytes:
@@ -46,15 +48,20 @@ def _read_bytes(path: str) -> bytes:
         raise fail(e.strerror or str(e)) from None
 
 
-def _decode_lines(data: bytes, path: str) -> tuple[list[str], dict[int, DataError]]:
-    """Lines as text, and a located error for every line that is not valid UTF-8.
+def _decode_lines(data: bytes, path: str) -> tuple[list[str], dict[int, DataError], array]:
+    """Lines as text, a located error for every line that is not valid UTF-8, and where each
+    line starts in the file (``starts[k]``: line ``k + 1``'s first byte; one entry more, one
+    past the end of the last line plus its newline).
 
     A bad line is kept with U+FFFD in place of its bad bytes so a JSON list stays parseable.
     """
+    offset = 0
     if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]  # a UTF-8 byte-order mark, as some editors write
-    lines, bad = [], {}
+        data, offset = data[3:], 3  # a UTF-8 byte-order mark, as some editors write
+    lines, bad, starts = [], {}, array("q")
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        starts.append(offset)
+        offset += len(raw) + 1
         try:
             lines.append(raw.decode("utf-8"))
         except UnicodeDecodeError as e:
@@ -66,11 +73,12 @@ def _decode_lines(data: bytes, path: str) -> tuple[list[str], dict[int, DataErro
                 lineno,
             )
             lines.append(raw.decode("utf-8", errors="replace"))
-    return lines, bad
+    starts.append(offset)
+    return lines, bad, starts
 
 
 def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
-    """Yield ``(index, line, obj)`` for every record of a JSON-list or JSON-Lines file.
+    """Yield ``(index, line, obj)`` for every record of a JSON-list or JSON-Lines file (or a table).
 
     ``obj`` is a :class:`DataError` (``malformed_json``) for a line that is not valid UTF-8 or
     not valid JSON, and reading goes on. A JSON list whose structure breaks raises it, since
@@ -80,14 +88,26 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
         DataError: ``data_file`` when the file cannot be read; ``malformed_json`` for a broken
             JSON list.
     """
+    for index, line, obj, _ in iter_spans(path):
+        yield index, line, obj
+
+
+def iter_spans(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any, tuple[int, int] | None]]:
+    """:func:`iter_raw_records` with each record's byte span ``(start, end)`` in the file.
+
+    The span reads the record back alone (:func:`read_span`). It is None for table rows (a row
+    is read back by its index) and in a JSON list with invalid UTF-8, whose text positions no
+    longer match the file's bytes.
+    """
     path = str(path)
     if is_table(path):
-        yield from iter_table_records(path)
+        for row, line, obj in iter_table_records(path):
+            yield row, line, obj, None
         return
-    lines, bad = _decode_lines(_read_bytes(path), path)
+    lines, bad, starts = _decode_lines(_read_bytes(path), path)
     first = next((ln for ln in lines if ln.strip()), "")
     if first.lstrip().startswith("["):
-        yield from _iter_json_list(lines, bad, path)
+        yield from _iter_json_list(lines, bad, path, None if bad else starts[0])
         return
     index = 0
     for lineno, raw in enumerate(lines, start=1):
@@ -102,14 +122,17 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
                 obj = json.loads(raw)
             except json.JSONDecodeError as e:
                 obj = DataError(MALFORMED_JSON, f"invalid JSON: {e.msg} (column {e.colno})", path, lineno, index)
-        yield index, lineno, obj
+        yield index, lineno, obj, (starts[lineno - 1], starts[lineno] - 1)
         index += 1
 
 
-def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str) -> Iterator[tuple[int, int, Any]]:
+def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str,
+                    first_byte: int | None) -> Iterator[tuple[int, int, Any, tuple[int, int] | None]]:
     # Decode the list element by element so that each record keeps the line it starts on;
-    # json.load would only give us the index.
+    # json.load would only give us the index. ``first_byte``: where the text starts in the
+    # file, when its positions map to the file's bytes (no repaired line); spans then follow.
     text = "\n".join(lines)
+    bytes_at = _ByteOffsets(text, first_byte) if first_byte is not None else None
     decoder = json.JSONDecoder()
     pos = text.index("[") + 1
     index = 0
@@ -150,7 +173,7 @@ def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str) -> I
             # gives the line of the bad byte.
             first = broken[0]
             obj = DataError(first.kind, f"line {first.line}: {first.reason}", path, start_line, index)
-        yield index, start_line, obj
+        yield index, start_line, obj, None if bytes_at is None else (bytes_at(pos), bytes_at(end))
         index += 1
         pos = skip_ws(end)
         if pos >= len(text):
@@ -162,6 +185,137 @@ def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str) -> I
         if text[pos] != ",":
             raise fail(pos, "expected ',' or ']' between records")
         pos += 1
+
+
+class _ByteOffsets:
+    """Byte offsets in the file of increasing positions in its decoded text (a running count)."""
+
+    def __init__(self, text: str, first_byte: int):
+        self.text, self.pos, self.byte = text, 0, first_byte
+
+    def __call__(self, p: int) -> int:
+        self.byte += len(self.text[self.pos:p].encode("utf-8"))
+        self.pos = p
+        return self.byte
+
+
+def read_span(path: str, span: tuple[int, int]) -> Any:
+    """The record at byte ``span`` of a JSON or JSON Lines file, decoded (see :func:`iter_spans`)."""
+    with open(path, "rb") as f:
+        f.seek(span[0])
+        return json.loads(f.read(span[1] - span[0]).decode("utf-8"))
+
+
+class Samples(Sequence):
+    """The valid samples of one or more data files, parsed again each time one is used.
+
+    Construction reads every record once to decide each file's format (``auto``) and once more
+    to parse and check it; bad records go to ``errors`` (or the first raises), as with
+    :func:`load_samples`. For a valid sample only its place stays in memory, in arrays of
+    fixed-size numbers (about 40 bytes a sample): its file, its byte span (a JSON record) or row
+    (a table), its line and index. ``samples[i]`` reads that record back and parses it, so the
+    memory of a run does not grow with the text of its records. Records that cannot be read
+    back by position (a JSON list holding invalid UTF-8) are kept as decoded objects.
+
+    Args: as :func:`load_samples`.
+
+    Raises:
+        DataError: on the first problem when ``errors`` is ``None``.
+        ValueError: an unknown ``format``.
+    """
+
+    def __init__(
+        self,
+        paths: str | os.PathLike | Sequence[str | os.PathLike],
+        errors: list[DataError] | None = None,
+        format: str = "auto",
+        image_root: str | None = None,
+        allow_empty_answers: bool = False,
+        formats: dict[str, str] | None = None,
+    ):
+        if format not in FORMAT_CHOICES:
+            raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMAT_CHOICES)}")
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        self.image_root, self.allow_empty_answers = image_root, allow_empty_answers
+        self._files: list[str] = []
+        self._formats: list[str] = []
+        self._file = array("i")
+        self._start, self._end, self._line, self._index = array("q"), array("q"), array("q"), array("q")
+        self._kept: dict[int, Any] = {}
+
+        def fault(e: DataError) -> None:
+            if errors is None:
+                raise e
+            errors.append(e)
+
+        for path in map(str, paths):
+            try:
+                fmt = format if format != "auto" else detect_format(_records_until_fault(path), path)
+            except DataError as e:
+                fault(e)
+                continue
+            if formats is not None:
+                formats[path] = fmt
+            self._files.append(path)
+            self._formats.append(fmt)
+            records = iter_spans(path)
+            try:
+                for index, line, obj, span in records:
+                    try:
+                        if isinstance(obj, DataError):
+                            raise obj
+                        parse_record(obj, fmt, path, line, index, image_root, allow_empty_answers)
+                    except DataError as e:
+                        fault(e)
+                        continue
+                    if span is None and not is_table(path):
+                        self._kept[len(self._index)] = obj
+                    self._add(len(self._files) - 1, span, line, index)
+            except DataError as e:
+                fault(e)  # a file that cannot be read, or a JSON list that breaks: the records before it stay
+
+    def _add(self, file: int, span: tuple[int, int] | None, line: int | None, index: int) -> None:
+        self._file.append(file)
+        self._start.append(span[0] if span else -1)
+        self._end.append(span[1] if span else -1)
+        self._line.append(-1 if line is None else line)
+        self._index.append(index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"sample index {i} out of range for {len(self)} samples")
+        i %= len(self)
+        path, fmt = self._files[self._file[i]], self._formats[self._file[i]]
+        index, line = self._index[i], (None if self._line[i] < 0 else self._line[i])
+        if i in self._kept:
+            obj = self._kept[i]
+        elif self._start[i] < 0:
+            obj = table_record(path, index)
+        else:
+            obj = read_span(path, (self._start[i], self._end[i]))
+        return parse_record(obj, fmt, path, line, index, self.image_root, self.allow_empty_answers)
+
+
+def _records_until_fault(path: str) -> Iterator[tuple[int, int | None, Any]]:
+    """A file's records for format detection; a JSON list that breaks ends them (the fault is
+    reported by the parsing pass) and a file that cannot be read raises."""
+    records = iter_spans(path)
+    while True:
+        try:
+            index, line, obj, _ = next(records)
+        except StopIteration:
+            return
+        except DataError as e:
+            if e.kind == DATA_FILE:
+                raise
+            return
+        yield index, line, obj
 
 
 def load_samples(
@@ -191,36 +345,4 @@ def load_samples(
         DataError: on the first problem when ``errors`` is ``None``.
         ValueError: an unknown ``format``.
     """
-    if format not in FORMAT_CHOICES:
-        raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMAT_CHOICES)}")
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    samples: list[Sample] = []
-
-    def fault(e: DataError) -> None:
-        if errors is None:
-            raise e
-        errors.append(e)
-
-    for path in map(str, paths):
-        records: list[tuple[int, int, Any]] = []
-        try:
-            for rec in iter_raw_records(path):
-                records.append(rec)
-        except DataError as e:
-            fault(e)  # the records before a JSON-list fault are still checked below
-        try:
-            fmt = detect_format(records, path) if format == "auto" else format
-        except DataError as e:
-            fault(e)
-            continue
-        if formats is not None:
-            formats[path] = fmt
-        for index, line, obj in records:
-            try:
-                if isinstance(obj, DataError):
-                    raise obj
-                samples.append(parse_record(obj, fmt, path, line, index, image_root, allow_empty_answers))
-            except DataError as e:
-                fault(e)
-    return samples
+    return list(Samples(paths, errors, format, image_root, allow_empty_answers, formats))

@@ -38,6 +38,7 @@ IMAGE_COLUMNS = ("image", "images")
 # arrow table (zero-copy over the memory-mapped files), for reading cells as stored.
 _OPEN: dict[str, Any] = {}
 _ARROW: dict[str, Any] = {}
+_TEXT: dict[str, Any] = {}  # each table without its image columns, for reading one row's record
 
 
 def is_table(path: str | os.PathLike) -> bool:
@@ -138,6 +139,19 @@ def iter_table_records(path: str | os.PathLike) -> Iterator[tuple[int, int | Non
         for column in image_columns:
             record[column] = _refs(cells[column][row], key, row, column)
         yield row, None, record
+
+
+def table_record(path: str | os.PathLike, row: int) -> dict:
+    """Row ``row`` of a tabular path as :func:`iter_table_records` gives it (read alone)."""
+    key = os.path.abspath(path)
+    table = open_table(key)
+    image_columns = [c for c in IMAGE_COLUMNS if c in table.column_names]
+    if key not in _TEXT:
+        _TEXT[key] = table.select_columns([c for c in table.column_names if c not in image_columns])
+    record = _TEXT[key][row]
+    for column in image_columns:
+        record[column] = _refs(_image_cells(_arrow(key).column(column).slice(row, 1))[0], key, row, column)
+    return record
 
 
 def _image_cells(column) -> list:
