@@ -8,11 +8,10 @@ images, the trained byte-level BPE tokenizer), so the ratios compare like with l
 
 * ``plain``: one pass over the data set, one sample per item, batches of ``--batch``;
 * ``packed``: the packing plan (token counts of every sample) and one pass over the packed
-  rows; the old pipeline tokenized every sample twice here (once for the plan, once for the
-  row), the new one renders once and keeps a compact copy;
+  rows (each sample is rendered for the plan and again for its row: since records stay in their
+  files, no rendering is kept in memory);
 * ``text plan`` and ``text rows``: the text side of ``packed`` alone, in one process: the plan's
-  token counts, then each row's samples rendered again (before) or taken from the cache
-  (after). ``text rows`` isolates what the cache saves.
+  token counts, then each row's samples rendered.
 
 Every record gets one more exchange of ``--extra-words`` words each way, so texts have the
 length of multi-turn instruction data rather than the synthetic set's one-line captions.
