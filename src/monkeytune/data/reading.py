@@ -259,6 +259,7 @@ class Samples(Sequence):
                 formats[path] = fmt
             self._files.append(path)
             self._formats.append(fmt)
+            table = is_table(path)
             records = iter_spans(path)
             try:
                 for index, line, obj, span in records:
@@ -269,7 +270,7 @@ class Samples(Sequence):
                     except DataError as e:
                         fault(e)
                         continue
-                    if span is None and not is_table(path):
+                    if span is None and not table:
                         self._kept[len(self._index)] = obj
                     self._add(len(self._files) - 1, span, line, index)
             except DataError as e:
