@@ -7,8 +7,8 @@ each size and format, a fresh process builds the training dataset as ``monkeytun
 (parse every record, render and check every sample, then collate the first batch) and reports:
 
 * ``first_batch_s``: seconds from the start of reading to the first collated batch;
-* ``peak_rss_mb``: the process's peak resident memory (``VmHWM``), and ``per_record_b``, its
-  growth per record over the smallest size.
+* ``peak_rss_mb`` and ``rss_mb``: the process's peak resident memory (``VmHWM``) and what it
+  holds with the dataset ready (``VmRSS``), and their growth per record over the smallest size.
 
 "before" is the code of the branch point (``--before``, default the merge base with ``main``,
 extracted with ``git archive``), "after" the working tree, in the same invocation. The
@@ -47,9 +47,11 @@ for i in range(len(ds)):  # what training does before its first step: render and
     ds.scan(i)
 batch = Collator(tok.pad_id)([ds[i] for i in range(8)])
 seconds = time.perf_counter() - t0
-# VmHWM: this process's own peak (ru_maxrss would start from the parent's at the fork).
-peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-print(json.dumps({"records": len(ds), "first_batch_s": seconds, "peak_rss_mb": peak_kb / 1024}))
+# VmHWM: this process's own peak (ru_maxrss would start from the parent's at the fork); VmRSS:
+# what it holds now, with the dataset ready (the peak also counts what reading held for a while).
+status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("Vm")}
+print(json.dumps({"records": len(ds), "first_batch_s": seconds, "peak_rss_mb": status["VmHWM"] / 1024,
+                  "rss_mb": status["VmRSS"] / 1024}))
 '''
 
 
@@ -113,7 +115,8 @@ def main() -> None:
         tmp = Path(tmp)
         tok = write_synthetic_dataset(tmp / "tok" / "train.jsonl", 16, seed=0, image_size=32)
         old_src = _extract(before, tmp / "before")
-        print(f"{'records':>8} {'format':<8} {'code':<7} {'first batch s':>14} {'peak RSS MB':>12}  status", flush=True)
+        print(f"{'records':>8} {'format':<8} {'code':<7} {'first batch s':>14} {'peak RSS MB':>12} {'RSS MB':>7}  status",
+              flush=True)
         for n in sizes:
             folder = tmp / f"n{n}"
             as_list, as_lines = write_llava(folder, n)
@@ -124,14 +127,17 @@ def main() -> None:
                     r = _run(src, data, tok, args.cap)
                     results.setdefault(str(n), {}).setdefault(fmt, {})[code] = r
                     print(f"{n:>8} {fmt:<8} {code:<7} {r.get('first_batch_s', float('nan')):>14.1f} "
-                          f"{r.get('peak_rss_mb', float('nan')):>12.0f}  {r['status']}", flush=True)
+                          f"{r.get('peak_rss_mb', float('nan')):>12.0f} {r.get('rss_mb', float('nan')):>7.0f}  "
+                          f"{r['status']}", flush=True)
     small = str(sizes[0])
     for n in map(str, sizes[1:]):
         for fmt, runs in results[n].items():
             for code, r in runs.items():
                 base = results[small][fmt][code]
                 if r["status"] == "ok" and base["status"] == "ok":
-                    r["per_record_b"] = round((r["peak_rss_mb"] - base["peak_rss_mb"]) * 2**20 / (int(n) - int(small)))
+                    for key in ("peak_rss_mb", "rss_mb"):
+                        if key in r and key in base:
+                            r[f"per_record_b ({key})"] = round((r[key] - base[key]) * 2**20 / (int(n) - int(small)))
     print(json.dumps({"before_rev": before, "sizes": sizes, "results": results}))
 
 

@@ -23,9 +23,23 @@ from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
 from monkeytune.data.tables import is_table, iter_table_records, table_record
 
 
+def _fail(path: str, what: str) -> DataError:
+    return DataError(DATA_FILE, f"cannot read data file: {what}", path)
+
+
 def _read_bytes(path: str) -> bytes:
+    with _open(path) as f:
+        try:
+            return f.read()
+        except OSError as e:
+            raise _fail(path, e.strerror or str(e)) from None
+
+
+def _open(path: str):
+    """The data file opened for reading bytes, or a ``data_file`` error that says why not."""
+
     def fail(what: str) -> DataError:
-        return DataError(DATA_FILE, f"cannot read data file: {what}", path)
+        return _fail(path, what)
 
     try:
         st = os.stat(path)
@@ -40,8 +54,7 @@ def _read_bytes(path: str) -> bytes:
     if stat.S_ISDIR(st.st_mode):
         raise fail("it is a directory; list the data files inside it")
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return open(path, "rb")
     except PermissionError:
         raise fail("permission denied") from None
     except OSError as e:
@@ -104,26 +117,46 @@ def iter_spans(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any, 
         for row, line, obj in iter_table_records(path):
             yield row, line, obj, None
         return
+    with _open(path) as f:
+        if not _is_json_list(f):
+            yield from _iter_json_lines(f, path)
+            return
     lines, bad, starts = _decode_lines(_read_bytes(path), path)
-    first = next((ln for ln in lines if ln.strip()), "")
-    if first.lstrip().startswith("["):
-        yield from _iter_json_list(lines, bad, path, None if bad else starts[0])
-        return
-    index = 0
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        obj: Any
-        if lineno in bad:
-            obj = bad[lineno]
-            obj.index = index
-        else:
+    yield from _iter_json_list(lines, bad, path, None if bad else starts[0])
+
+
+def _is_json_list(f) -> bool:
+    """Whether the file's first non-blank character is ``[`` (a byte-order mark skipped)."""
+    head = f.read(1 << 16)
+    while head and not head.lstrip(b"\xef\xbb\xbf \t\r\n"):
+        head = f.read(1 << 16)
+    f.seek(0)
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"[")
+
+
+def _iter_json_lines(f, path: str) -> Iterator[tuple[int, int, Any, tuple[int, int]]]:
+    # Line by line from the file: memory holds one line, whatever the file's size.
+    index, offset = 0, 0
+    try:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3  # a UTF-8 byte-order mark, as some editors write
+            raw = raw[:-1] if raw.endswith(b"\n") else raw
+            if not raw.strip():
+                continue
+            obj: Any
             try:
-                obj = json.loads(raw)
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                obj = DataError(MALFORMED_JSON, f"invalid UTF-8 at byte {e.start + 1} of the line "
+                                f"({raw[e.start:e.start + 4]!r}); re-encode the file as UTF-8", path, lineno, index)
             except json.JSONDecodeError as e:
                 obj = DataError(MALFORMED_JSON, f"invalid JSON: {e.msg} (column {e.colno})", path, lineno, index)
-        yield index, lineno, obj, (starts[lineno - 1], starts[lineno] - 1)
-        index += 1
+            yield index, lineno, obj, (start, start + len(raw))
+            index += 1
+    except OSError as e:
+        raise _fail(path, e.strerror or str(e)) from None
 
 
 def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str,
