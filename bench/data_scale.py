@@ -24,11 +24,12 @@ import json
 import os
 import subprocess
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from data_loading import _extract, _git  # noqa: E402 - the branch point's code, as that benchmark takes it
 
 WORKER = r'''
 import json, sys, time
@@ -53,20 +54,6 @@ status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/
 print(json.dumps({"records": len(ds), "first_batch_s": seconds, "peak_rss_mb": status["VmHWM"] / 1024,
                   "rss_mb": status["VmRSS"] / 1024}))
 '''
-
-
-def _git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _extract(rev: str, into: Path) -> Path:
-    into.mkdir(parents=True, exist_ok=True)
-    archive = into / "src.tar"
-    with open(archive, "wb") as f:
-        subprocess.run(["git", "archive", rev, "src"], cwd=ROOT, check=True, stdout=f)
-    with tarfile.open(archive) as t:
-        t.extractall(into, filter="data")
-    return into / "src"
 
 
 def write_llava(folder: Path, n: int) -> tuple[Path, Path]:
