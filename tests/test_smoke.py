@@ -17,3 +17,16 @@ def test_cli_smoke(capsys):
     assert main(["smoke"]) == 0
     out = capsys.readouterr().out
     assert "visual tokens     : 320" in out
+
+
+def test_the_command_line_answers_help_without_loading_heavy_libraries():
+    # `monkeytune --help` (and a typo in an argument) must not wait seconds for torch.
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom monkeytune.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'accelerate', 'datasets') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+    assert "train" in out.stdout and "serve" in out.stdout

@@ -71,15 +71,17 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from monkeytune.config import ModelConfig
-from monkeytune.model.loss import LOSS_CHUNK
 # Sizing a configuration before it is built lives in model_size; re-exported for callers of this module.
 from monkeytune.model_size import check_fits_in_memory, estimate_parameters, memory_capacity  # noqa: F401
-from monkeytune.policy.components import canonical_name
-from monkeytune.policy.plan import Decision
-from monkeytune.policy.quantize import is_vision_4bit_weight
+
+if TYPE_CHECKING:
+    from monkeytune.policy.plan import Decision
+
+# The policy and loss modules import torch: they are imported where used, so that reading this
+# module's tables (the CLI's choices) loads nothing heavy.
 
 PRECISIONS = {"bf16": 2, "fp16": 2, "fp32": 4}
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -140,6 +142,8 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iter
             projections (:func:`~monkeytune.policy.quantize.is_vision_4bit_weight`) counts as
             NF4, as ``llm-qlora`` quantises both.
     """
+    from monkeytune.policy.components import canonical_name  # noqa: PLC0415 - see the imports
+
     decisions = list(decisions)
     targets = tuple(quantize)
     quantized = [d.numel for d in decisions if targets and _is_quantized(d, targets)]
@@ -184,6 +188,9 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iter
 
 def _is_quantized(d: Decision, targets: tuple[str, ...]) -> bool:
     """A frozen ViT block projection weight or LLM target linear weight (peft: ``<target>.base_layer``)."""
+    from monkeytune.policy.components import canonical_name  # noqa: PLC0415
+    from monkeytune.policy.quantize import is_vision_4bit_weight  # noqa: PLC0415
+
     if d.trainable or d.component not in ("llm_layers", "vision_tower"):
         return False
     canon = canonical_name(d.name)
@@ -340,6 +347,8 @@ def activation_bytes(
         lm = tokens * llm_layers * llm_layer * a
     resampler = vis_tokens * 5 * v.output_dim * a if s.resampler_grad else 0
     # Final norm input/output sit before the head whenever anything trains.
+    from monkeytune.model.loss import LOSS_CHUNK  # noqa: PLC0415 - see the imports
+
     loss = min(tokens, LOSS_CHUNK) * llm.vocab_size * 12 + tokens * 2 * h * a
     parts = {"vision": vision, "resampler": resampler, "llm": lm + peak_layer, "loss": loss}
     parts["total"] = sum(parts.values())

@@ -11,8 +11,8 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monkeytune.serve.engine import DEFAULT_TIME_LIMIT_S, TEMPLATE_LABELS
-    from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, DEMO_ROOT
+    from monkeytune.prompts import TEMPLATES
+    from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S, DEMO_ROOT
 
     p = subparsers.add_parser(
         "serve",
@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
     p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
-    p.add_argument("--template", choices=sorted(TEMPLATE_LABELS), default=None,
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                    help="preselected prompt template (default: the one the model folder records, else chatml for "
                    "chat models, else vqa with a warning)")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MiB (default 20)")

@@ -27,4 +27,8 @@ def register_auto_classes() -> None:
     AutoModelForCausalLM.register(MonkeyConfig, MonkeyForCausalLM, exist_ok=True)
 
 
+# Whoever imports the model registers it: ``import monkeytune`` arranges that this module is
+# imported as soon as transformers is (see monkeytune/__init__.py).
+register_auto_classes()
+
 __all__ = ["MonkeyConfig", "register_auto_classes", "ImageTokenMismatch", "MonkeyForCausalLM", "MonkeyOutput", "build_llm", "build_model"]

@@ -12,10 +12,26 @@ Gradio is an optional dependency (``pip install monkeytune[serve]``); :mod:`.app
 :func:`start` import it, the rest does not.
 """
 
-from monkeytune.serve.engine import TEMPLATE_LABELS, ChatEngine, Exchange, settings_from_form
-from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, NoModelError, exposure_warning, find_demo_model, launch_app, start
-from monkeytune.serve.tiling import TilingView, describe_tiling, draw_tiling
-from monkeytune.serve.uploads import UploadError, UploadLimits, check_upload
+import importlib
+from typing import Any
+
+# Public name -> its module, imported when first used: the engine imports torch and transformers,
+# and the command line reads the launch defaults without them.
+_EXPORTS = {
+    **dict.fromkeys(["TEMPLATE_LABELS", "ChatEngine", "Exchange", "settings_from_form"], "monkeytune.serve.engine"),
+    **dict.fromkeys(["DEFAULT_HOST", "DEFAULT_PORT", "NoModelError", "exposure_warning", "find_demo_model",
+                     "launch_app", "start"], "monkeytune.serve.launch"),
+    **dict.fromkeys(["TilingView", "describe_tiling", "draw_tiling"], "monkeytune.serve.tiling"),
+    **dict.fromkeys(["UploadError", "UploadLimits", "check_upload"], "monkeytune.serve.uploads"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'monkeytune.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
 
 __all__ = [
     "ChatEngine",

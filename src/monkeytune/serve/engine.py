@@ -22,6 +22,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from monkeytune.generate import GenerationSettings, TokenStreamer, default_template, generate_ids, prompt_ids, stop_ids
 from monkeytune.prompts import user_text
+from monkeytune.serve.launch import DEFAULT_TIME_LIMIT_S
 from monkeytune.serve.tiling import TilingView, describe_tiling
 from monkeytune.serve.uploads import UploadLimits
 
@@ -36,9 +37,6 @@ TEMPLATE_LABELS = {
     "raw": "Raw text",
 }
 MAX_NEW_TOKENS = 2048
-# A 100,000-character question once held the single generation slot for 91 s; prompts are now
-# bounded by the model's length, and no answer may hold the slot longer than this.
-DEFAULT_TIME_LIMIT_S = 120.0
 
 
 @dataclass

@@ -12,6 +12,9 @@ __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "DEMO_ROOT", "NoModelError", "exposur
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
+# A 100,000-character question once held the single generation slot for 91 s; prompts are now
+# bounded by the model's length, and no answer may hold the slot longer than this.
+DEFAULT_TIME_LIMIT_S = 120.0
 DEMO_ROOT = Path("outputs/demo")
 # The demo writes its models to <root>/models/<stage>; the Monkey-way fine-tuned one is served
 # first, then its from-scratch starting point (the single-view baseline only as a last resort).
