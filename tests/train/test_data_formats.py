@@ -127,3 +127,20 @@ def test_a_table_with_embedded_images_trains_like_its_jsonl(kind, make_config, s
     resumed = train(make_config("table", data={"train": str(path)}, train=steps, checkpoint={"every": 2}),
                     resume="latest")
     assert resumed.losses == table.losses[2:]
+
+
+def test_a_second_run_starts_from_the_saved_index_and_trains_the_same(make_config, synthetic, tmp_path, caplog):
+    # Packed, so the plan comes from the saved lengths; a copy of the data keeps this test's
+    # index apart from the session's other runs.
+    train_file, _ = synthetic
+    data = tmp_path / "train.jsonl"
+    data.write_text(train_file.read_text())
+    (tmp_path / "images").symlink_to(train_file.parent / "images")
+    sections = dict(data={"train": str(data), "packing": True}, train={"max_steps": 2, "epochs": 0})
+    with caplog.at_level(logging.INFO, logger="monkeytune.data.dataset"):
+        first = train(make_config("first", **sections))
+        assert "data index saved" in caplog.text and "data index loaded" not in caplog.text
+        caplog.clear()
+        second = train(make_config("second", **sections))
+        assert "data index loaded" in caplog.text
+    assert second.losses == first.losses

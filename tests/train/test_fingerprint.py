@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from monkeytune.data import index
 from monkeytune.train import fingerprint as fp
 
 
@@ -19,8 +20,8 @@ def test_small_files_are_hashed_whole(tmp_path):
 
 
 def test_large_files_are_hashed_from_spread_blocks(tmp_path, monkeypatch):
-    monkeypatch.setattr(fp, "FULL_HASH_BYTES", 4096)
-    monkeypatch.setattr(fp, "BLOCK_BYTES", 64)
+    monkeypatch.setattr(index, "FULL_HASH_BYTES", 4096)
+    monkeypatch.setattr(index, "BLOCK_BYTES", 64)
     path = tmp_path / "big.jsonl"
     lines = [f'{{"id": {i:06d}, "text": "sample {i}"}}\n' for i in range(2000)]
     path.write_text("".join(lines))

@@ -22,6 +22,7 @@ trailing whole exchanges that carry no image are dropped until it fits, keeping 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,6 +33,15 @@ from torch.utils.data import Dataset
 
 from monkeytune.config import ModelConfig
 from monkeytune.data.images import image_problem, open_image
+from monkeytune.data.index import (
+    errors_from_array,
+    errors_to_array,
+    index_file,
+    index_key,
+    load_index,
+    save_index,
+    tokenizer_identity,
+)
 from monkeytune.data.reading import Samples
 from monkeytune.data.records import (
     MISSING_IMAGE,
@@ -46,6 +56,8 @@ from monkeytune.data.view_cache import ViewCache
 from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES, Encoded, render
 from monkeytune.tokenizer.base import Tokenizer
 from monkeytune.vision.image import ImageLoadError
+
+logger = logging.getLogger(__name__)
 
 # No tokenizer in use puts more than this many characters into one token of real text, so a
 # text longer than max_length x this cannot fit and is refused before it is tokenized (a 10 MB
@@ -157,6 +169,9 @@ class ConversationDataset(Dataset):
             in :attr:`parse_errors` (the skip policy reports them).
         view_cache_bytes: Keep each image's processed views in memory, up to this many bytes,
             so an image asked about several times is decoded once (0: decode every time).
+        cache: Load what :meth:`scan_all` found from the index saved beside the data by an
+            earlier run with the same data and settings, instead of reading every record
+            (:mod:`monkeytune.data.index`); :meth:`scan_all` saves it when it is absent.
 
     Items are dicts:
         ``input_ids`` ``[L]`` int64, ``labels`` ``[L]`` int64 (``-100`` unsupervised),
@@ -179,6 +194,7 @@ class ConversationDataset(Dataset):
         allow_empty_answers: bool = False,
         strict: bool = True,
         view_cache_bytes: int = 0,
+        cache: bool = False,
     ):
         if template not in CONVERSATION_TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
@@ -203,16 +219,30 @@ class ConversationDataset(Dataset):
         self.truncate_turns = truncate_turns
         self._processor = image_processor
         self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+        self.strict = strict
         self.parse_errors: list[DataError] = []
         self.formats: dict[str, str] = {}
-        # The samples' places, parsed again when used: memory does not grow with their text.
-        self.samples = Samples(
-            self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
-        )
-        # What rendering found, 8 bytes a sample (-1: not rendered yet in this process).
-        self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
-        self._dropped = np.zeros(len(self.samples), dtype=np.int16)
         self.view_cache = ViewCache(view_cache_bytes)
+        self._problems: dict[int, DataError] | None = None  # what scan_all found (None: not run yet)
+        self._index_file = None
+        if cache:
+            settings = {"format": format, "image_root": image_root, "allow_empty_answers": allow_empty_answers,
+                        "template": template, "max_length": self.max_length, "truncate_turns": truncate_turns,
+                        "tokens_per_image": self.tokens_per_image, "max_pixels": model_cfg.image.max_pixels,
+                        "tokenizer": tokenizer_identity(tokenizer)}
+            key = index_key(self.paths, settings)
+            self._index_file = index_file(self.paths, key) if key is not None else None
+        saved = load_index(self._index_file) if self._index_file is not None else None
+        if saved is not None:
+            self._restore(saved, image_root, allow_empty_answers)
+        else:
+            # The samples' places, parsed again when used: memory does not grow with their text.
+            self.samples = Samples(
+                self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
+            )
+            # What rendering found, 8 bytes a sample (-1: not rendered yet in this process).
+            self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
+            self._dropped = np.zeros(len(self.samples), dtype=np.int16)
         if not self.samples and strict:
             raise ValueError(f"no usable samples in {', '.join(self.paths)}")
 
@@ -327,6 +357,48 @@ class ConversationDataset(Dataset):
             if problem is not None:
                 errors.append(s.error(problem[0], problem[1], ref.field))
         return errors
+
+    def scan_all(self) -> dict[int, DataError]:
+        """:meth:`scan` every sample, as training does before its first step, or take the result
+        from the saved index (``cache``); the index is saved after a scan that completes.
+
+        Returns:
+            The problems found, by sample index (empty when ``strict``).
+
+        Raises:
+            DataError: with ``strict``, the first problem (the first record that failed to
+                parse, else the first sample that failed the scan).
+        """
+        if self._problems is None:
+            problems = {}
+            for i in range(len(self.samples)):
+                try:
+                    self.scan(i)
+                except DataError as e:
+                    if self.strict:
+                        raise
+                    problems[i] = e
+            self._problems = problems
+            if self._index_file is not None and self.samples.places_only:
+                save_index(self._index_file, {
+                    **self.samples.state(), "lengths": self._lengths, "dropped": self._dropped,
+                    "parse_errors": errors_to_array(self.parse_errors),
+                    "problem_index": np.array(list(problems), dtype=np.int64),
+                    "problems": errors_to_array(list(problems.values()))})
+                logger.info("data index saved to %s", self._index_file)
+        return dict(self._problems)
+
+    def _restore(self, saved: dict[str, Any], image_root: str | None, allow_empty_answers: bool) -> None:
+        # What an earlier scan_all found, as if this one had run: places, lengths, problems.
+        self.samples = Samples.from_state(saved, image_root, allow_empty_answers)
+        self.formats = self.samples.file_formats
+        self.parse_errors = errors_from_array(saved["parse_errors"])
+        self._lengths = saved["lengths"].astype(np.int32)
+        self._dropped = saved["dropped"].astype(np.int16)
+        self._problems = dict(zip(saved["problem_index"].tolist(), errors_from_array(saved["problems"])))
+        logger.info("data index loaded from %s: %d samples, not read again", self._index_file, len(self.samples))
+        if self.strict and (self.parse_errors or self._problems):
+            raise (self.parse_errors or list(self._problems.values()))[0]
 
     def scan(self, i: int) -> None:
         """The chain run dry on sample ``i`` as training starts: render (its length is kept) and

@@ -18,6 +18,8 @@ from array import array
 from collections.abc import Sequence
 from typing import Any, Iterator
 
+import numpy as np
+
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
 from monkeytune.data.tables import is_table, iter_table_records, table_record
@@ -308,6 +310,37 @@ class Samples(Sequence):
                     self._add(len(self._files) - 1, span, line, index)
             except DataError as e:
                 fault(e)  # a file that cannot be read, or a JSON list that breaks: the records before it stay
+
+    @property
+    def file_formats(self) -> dict[str, str]:
+        """The format each read file was parsed with."""
+        return dict(zip(self._files, self._formats))
+
+    @property
+    def places_only(self) -> bool:
+        """Whether every sample is known by its place alone (none kept as a decoded object), so
+        :meth:`state` describes them all."""
+        return not self._kept
+
+    def state(self) -> dict[str, Any]:
+        """The places as arrays (what :meth:`from_state` takes); see :attr:`places_only`."""
+        return {"files": np.array(json.dumps(self._files)), "formats": np.array(json.dumps(self._formats)),
+                "file_of": np.frombuffer(self._file, np.int32), "start": np.frombuffer(self._start, np.int64),
+                "end": np.frombuffer(self._end, np.int64), "line": np.frombuffer(self._line, np.int64),
+                "index": np.frombuffer(self._index, np.int64)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], image_root: str | None = None,
+                   allow_empty_answers: bool = False) -> Samples:
+        """Samples rebuilt from :meth:`state`, without reading the files."""
+        self = cls.__new__(cls)
+        self.image_root, self.allow_empty_answers = image_root, allow_empty_answers
+        self._files, self._formats = json.loads(str(state["files"])), json.loads(str(state["formats"]))
+        self._file = array("i", state["file_of"].astype(np.int32).tobytes())
+        self._start, self._end, self._line, self._index = (
+            array("q", state[k].astype(np.int64).tobytes()) for k in ("start", "end", "line", "index"))
+        self._kept = {}
+        return self
 
     def _add(self, file: int, span: tuple[int, int] | None, line: int | None, index: int) -> None:
         self._file.append(file)

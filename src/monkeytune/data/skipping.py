@@ -94,11 +94,8 @@ class SkipBadSamples(Dataset):
                 raise err  # a data file that cannot be read or classified is not a sample to skip
             self._record(err)
         if scan:
-            for i in range(len(dataset)):
-                try:
-                    dataset.scan(i)
-                except DataError as e:
-                    self._mark_bad(i, e)
+            for i, e in dataset.scan_all().items():
+                self._mark_bad(i, e)
             logger.log(logging.WARNING if self.num_skipped else logging.INFO, "%s", self.summary())
         self._write = True
         self._check_bound()

@@ -72,6 +72,9 @@ class DataSection:
             ``num_workers`` each worker holds its own, for one epoch (workers restart each
             epoch). 0 (default) decodes every time; the views are the same either way.
         shuffle: Shuffle the sample order each epoch (a pure function of seed and epoch).
+        cache: Save what the start-up pass over the data finds (each sample's place, length and
+            problems) beside the data, keyed by its content and these settings, and load it in
+            the next run instead of reading every record again (docs/data.md#memory).
         synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
             many samples (small images, captions and a trained tokenizer) there first.
     """
@@ -91,6 +94,7 @@ class DataSection:
     num_workers: int | None = None
     view_cache_gib: float = 0.0
     shuffle: bool = True
+    cache: bool = True
     synthetic: int = 0
 
 

@@ -6,51 +6,25 @@ settings that change the model or the sample order are compared from the checkpo
 ``config.yaml`` (see :data:`monkeytune.train.state.MUST_MATCH`). A resume whose inputs differ is
 refused with every difference listed, unless the caller says the change is meant.
 
-Hashing cost: files up to :data:`FULL_HASH_BYTES` are hashed whole (BLAKE2b, ~1 s per GB on one
-core). Larger files (multi-GB data files, model weights) are hashed from :data:`SAMPLE_BLOCKS`
-blocks spread evenly over the file, first and last included, plus the exact size: reordering or
-editing lines moves bytes through most blocks, but an in-place edit that keeps the size and lies
-entirely between sampled blocks of a file above the limit goes unnoticed.
+Hashing cost (:func:`monkeytune.data.index.file_fingerprint`): files up to ``FULL_HASH_BYTES``
+are hashed whole (BLAKE2b, ~1 s per GB on one core). Larger files (multi-GB data files, model
+weights) are hashed from ``SAMPLE_BLOCKS`` blocks spread evenly over the file, first and last
+included, plus the exact size: reordering or editing lines moves bytes through most blocks, but
+an in-place edit that keeps the size and lies entirely between sampled blocks of a file above
+the limit goes unnoticed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 from typing import Any
 
+from monkeytune.data.index import file_fingerprint, folder_fingerprint  # noqa: F401 - the one definition, used here
 from monkeytune.train.config import TrainConfig
 
 FINGERPRINT_FILE = "fingerprint.json"
-FULL_HASH_BYTES = 256 * 2**20
-SAMPLE_BLOCKS = 64
-BLOCK_BYTES = 2**20
-
-
-def file_fingerprint(path: str | os.PathLike) -> dict[str, Any]:
-    """``{"size", "hash"}`` of one file (``"sampled": true`` above :data:`FULL_HASH_BYTES`)."""
-    path = Path(path)
-    size = path.stat().st_size
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        if size <= FULL_HASH_BYTES:
-            for chunk in iter(lambda: f.read(BLOCK_BYTES), b""):
-                h.update(chunk)
-            return {"size": size, "hash": h.hexdigest()}
-        step = (size - BLOCK_BYTES) / (SAMPLE_BLOCKS - 1)
-        for i in range(SAMPLE_BLOCKS):
-            f.seek(int(i * step))
-            h.update(f.read(BLOCK_BYTES))
-    return {"size": size, "hash": h.hexdigest(), "sampled": True}
-
-
-def folder_fingerprint(folder: str | os.PathLike) -> dict[str, Any]:
-    """The fingerprints of the files directly in ``folder`` (tokenizer and weight files live
-    there; subfolders, e.g. a run's checkpoints beside its model, are not what is read)."""
-    folder = Path(folder)
-    return {p.name: file_fingerprint(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
 
 
 def model_config_dict(cfg: TrainConfig) -> dict[str, Any] | None:

@@ -273,16 +273,15 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
         d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
         truncate_turns=d.truncate_turns, format=d.format, image_root=d.image_root,
         allow_empty_answers=d.allow_empty_answers, strict=not skip,
-        view_cache_bytes=int(d.view_cache_gib * 2**30),
+        view_cache_bytes=int(d.view_cache_gib * 2**30), cache=d.cache,
     )
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")
         dataset = SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)
     else:
-        # Fail before the first step, not hours in; the renderings are cached and DataLoader
-        # workers inherit them.
-        for i in range(len(dataset)):
-            dataset.scan(i)
+        # Fail before the first step, not hours in. The lengths are kept (DataLoader workers
+        # inherit them), and saved beside the data for the next run (data.cache).
+        dataset.scan_all()
     if d.packing:
         dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
     pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
