@@ -8,6 +8,7 @@ import json
 
 import datasets
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -183,3 +184,34 @@ def test_convert_packages_any_input_as_parquet_and_reads_it_back(tmp_path, tok, 
     assert main(["data", "convert", str(out), str(back)]) == 0
     assert len(list((tmp_path / "back_images").iterdir())) == 3
     assert_same_items(items(back, tok, cfg), got)
+
+
+def test_rows_read_in_batches_equal_rows_read_alone(tmp_path, monkeypatch):
+    # Record batches of 3 rows over two shards: list cells that are null or empty, structs
+    # without bytes (a path), and plain path strings keep their places across batch edges.
+    from monkeytune.data import tables
+    from monkeytune.data.reading import iter_spans
+
+    monkeypatch.setattr(tables, "BATCH_ROWS", 3)
+    cells = [[{"bytes": png(COLOURS[k % 4]), "path": None}] * (k % 3) if k % 4 != 3 else None for k in range(10)]
+    cells[4] = [{"bytes": None, "path": "elsewhere.png"}, {"bytes": png(COLOURS[0]), "path": None}]
+    rows = [{"id": f"r{k}", "images": cell, "messages": [{"role": "user", "content": "q"},
+                                                         {"role": "assistant", "content": "a"}]}
+            for k, cell in enumerate(cells)]
+    image = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    turns = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    schema = pa.schema([("id", pa.string()), ("images", pa.list_(image)), ("messages", turns)])
+    path = tmp_path / "shards"
+    path.mkdir()
+    for name, part in (("a", rows[:5]), ("b", rows[5:])):  # pyarrow: datasets would open the path
+        pq.write_table(pa.Table.from_pylist(part, schema), path / f"part-{name}.parquet")
+    got = [obj for _, _, obj, _ in iter_spans(path)]
+    assert got == [tables.table_record(path, k) for k in range(10)]
+    key = str(path.absolute())
+    assert got[3]["images"] is None and got[0]["images"] == []
+    assert got[4]["images"] == ["elsewhere.png", f"table:{key}#4/images/1"]
+    assert got[7]["images"] is None and got[8]["images"] == [f"table:{key}#8/images/{i}" for i in range(2)]
+    assert tables.embedded_bytes(got[8]["images"][1]) == png(COLOURS[0])
+    plain = write(datasets.Dataset.from_list([{"id": "p", "image": "a.png", "conversations": []}]), "parquet",
+                  tmp_path)
+    assert tables.table_record(plain, 0)["image"] == "a.png" == next(iter_spans(plain))[2]["image"]

@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Validate conversation files (JSON list, JSON Lines, or parquet / arrow tables and "
                     "save_to_disk folders with embedded images) as training would see them.",
     )
-    c.add_argument("files", nargs="+", metavar="FILE", help="data file(s)")
+    c.add_argument("files", nargs="+", metavar="FILE", help="data file(s), or hf:NAME for a datasets name")
     c.add_argument(
         "--config",
         default=None,
@@ -48,6 +48,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--no-decode", action="store_true", help="only check that image files exist (faster)"
     )
     c.add_argument("--max-listed", type=int, default=20, help="errors/warnings listed in full (default: 20)")
+    c.add_argument(
+        "--columns", default=None, metavar="MAPPING",
+        help="the data's own names of record fields, a YAML mapping such as '{messages: dialog, images: pics}' "
+        "(default: a training config's data.columns)",
+    )
+    c.add_argument(
+        "--load-options", default=None, metavar="MAPPING",
+        help="datasets.load_dataset keyword arguments for hf:NAME entries, a YAML mapping such as "
+        "'{name: ai2d, split: train}' (default: a training config's data.load_options)",
+    )
     _format_options(c)
     c.set_defaults(func=run_check)
 
@@ -93,7 +103,8 @@ def run_check(args: argparse.Namespace) -> int:
         settings = read_check_settings(
             args.config, tokenizer=args.tokenizer, template=args.template, max_length=args.max_length,
             truncate_turns=args.truncate_turns, format=args.format, image_root=args.image_root,
-            allow_empty_answers=args.allow_empty_answers,
+            allow_empty_answers=args.allow_empty_answers, columns=_mapping(args.columns, "--columns"),
+            load_options=_mapping(args.load_options, "--load-options"),
         )
         report = check_with_settings(args.files, settings, decode_images=not args.no_decode)
     except (ValueError, FileNotFoundError) as e:
@@ -101,6 +112,25 @@ def run_check(args: argparse.Namespace) -> int:
         return 2
     print(report.format(max_listed=args.max_listed))
     return 0 if report.ok else 1
+
+
+def _mapping(text: str | None, flag: str) -> dict | None:
+    """A YAML mapping given on the command line (None when not given).
+
+    Raises:
+        ValueError: not a YAML mapping.
+    """
+    if text is None:
+        return None
+    import yaml  # noqa: PLC0415
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{flag}: not YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: expected a mapping such as '{{messages: dialog}}', got {text!r}")
+    return value
 
 
 def run_convert(args: argparse.Namespace) -> int:

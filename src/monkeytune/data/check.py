@@ -25,6 +25,7 @@ from typing import Sequence
 import yaml
 
 from monkeytune.config import MODEL_PRESETS, ModelConfig
+from monkeytune.data.columns import columns_problem
 from monkeytune.data.dataset import ConversationDataset
 from monkeytune.data.records import TOO_LONG, DataError
 from monkeytune.data.templates import CONVERSATION_TEMPLATES, IGNORE_INDEX, IM_END, IM_START
@@ -152,6 +153,8 @@ def check_dataset(
     format: str = "auto",
     image_root: str | None = None,
     allow_empty_answers: bool = False,
+    columns: dict[str, str] | None = None,
+    load_options: dict | None = None,
 ) -> Report:
     """Check a data set as training would see it: the training chain, run dry.
 
@@ -172,6 +175,8 @@ def check_dataset(
         format: ``auto`` or a format name (see :mod:`monkeytune.data.formats`).
         image_root: Folder relative image paths resolve against (default: each file's folder).
         allow_empty_answers: Accept assistant turns without text.
+        columns: The data's own names of record fields (:mod:`monkeytune.data.columns`).
+        load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` names.
 
     Returns:
         A :class:`Report`; ``report.ok`` is false when any error was found.
@@ -195,7 +200,7 @@ def check_dataset(
     ds = ConversationDataset(
         paths, tok, dataclasses.replace(model_cfg, **ids), max_length=max_length, template=template,
         truncate_turns=truncate_turns, format=format, image_root=image_root,
-        allow_empty_answers=allow_empty_answers, strict=False,
+        allow_empty_answers=allow_empty_answers, strict=False, columns=columns, load_options=load_options,
     )
     report.formats = dict(ds.formats)
     report.errors.extend(ds.parse_errors)
@@ -229,7 +234,7 @@ def check_dataset(
 
 # Defaults of the data settings when neither the command line nor a training config gives them.
 CHECK_DEFAULTS = {"template": "monkey", "max_length": 2048, "truncate_turns": False, "format": "auto",
-                  "image_root": None, "allow_empty_answers": False}
+                  "image_root": None, "allow_empty_answers": False, "columns": None, "load_options": None}
 DEFAULT_MODEL = "monkey-7b"
 
 
@@ -245,6 +250,8 @@ class CheckSettings:
     format: str = "auto"
     image_root: str | None = None
     allow_empty_answers: bool = False
+    columns: dict | None = None
+    load_options: dict | None = None
 
 
 def read_check_settings(config: str | None, tokenizer: str | None = None, **given) -> CheckSettings:
@@ -256,7 +263,8 @@ def read_check_settings(config: str | None, tokenizer: str | None = None, **give
     * a preset name or a model folder (monkeytune or official; its tokenizer if it holds one);
     * a YAML file holding a model config mapping;
     * a training config YAML: its ``model`` section, and ``data:`` ``template``, ``max_length``,
-      ``truncate_turns``, ``format``, ``image_root`` and ``allow_empty_answers``.
+      ``truncate_turns``, ``format``, ``image_root``, ``allow_empty_answers``, ``columns`` and
+      ``load_options``.
 
     Args:
         config: The ``--config`` value.
@@ -290,6 +298,10 @@ def read_check_settings(config: str | None, tokenizer: str | None = None, **give
     values = {k: given.get(k) if given.get(k) is not None else data.get(k, default)
               for k, default in CHECK_DEFAULTS.items()}
     values = {k: CHECK_DEFAULTS[k] if v is None else v for k, v in values.items()}
+    if values["columns"] and columns_problem(values["columns"]):
+        raise ValueError(f"data.columns: {columns_problem(values['columns'])}")
+    if values["load_options"] is not None and not isinstance(values["load_options"], dict):
+        raise ValueError(f"data.load_options: must be a mapping, got {type(values['load_options']).__name__}")
     return CheckSettings(spec, **values)
 
 
@@ -306,4 +318,5 @@ def check_with_settings(files: Sequence[str | os.PathLike], settings: CheckSetti
         files, resolved.config, tokenizer=resolved.tokenizer, max_length=int(settings.max_length),
         template=settings.template, truncate_turns=bool(settings.truncate_turns), decode_images=decode_images,
         format=settings.format, image_root=settings.image_root, allow_empty_answers=bool(settings.allow_empty_answers),
+        columns=settings.columns, load_options=settings.load_options,
     )

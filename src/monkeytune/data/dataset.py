@@ -172,6 +172,10 @@ class ConversationDataset(Dataset):
         cache: Load what :meth:`scan_all` found from the index saved beside the data by an
             earlier run with the same data and settings, instead of reading every record
             (:mod:`monkeytune.data.index`); :meth:`scan_all` saves it when it is absent.
+        columns: The data's own names of record fields (``data.columns``,
+            :mod:`monkeytune.data.columns`).
+        load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` dataset names
+            (:mod:`monkeytune.data.hub`).
 
     Items are dicts:
         ``input_ids`` ``[L]`` int64, ``labels`` ``[L]`` int64 (``-100`` unsupervised),
@@ -195,6 +199,8 @@ class ConversationDataset(Dataset):
         strict: bool = True,
         view_cache_bytes: int = 0,
         cache: bool = False,
+        columns: dict[str, str] | None = None,
+        load_options: dict | None = None,
     ):
         if template not in CONVERSATION_TEMPLATES:
             raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
@@ -220,6 +226,7 @@ class ConversationDataset(Dataset):
         self._processor = image_processor
         self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.strict = strict
+        self.columns, self.load_options = dict(columns or {}), dict(load_options or {})
         self.parse_errors: list[DataError] = []
         self.formats: dict[str, str] = {}
         self.view_cache = ViewCache(view_cache_bytes)
@@ -229,7 +236,7 @@ class ConversationDataset(Dataset):
             settings = {"format": format, "image_root": image_root, "allow_empty_answers": allow_empty_answers,
                         "template": template, "max_length": self.max_length, "truncate_turns": truncate_turns,
                         "tokens_per_image": self.tokens_per_image, "max_pixels": model_cfg.image.max_pixels,
-                        "tokenizer": tokenizer_identity(tokenizer)}
+                        "tokenizer": tokenizer_identity(tokenizer), "columns": self.columns}
             key = index_key(self.paths, settings)
             self._index_file = index_file(self.paths, key) if key is not None else None
         saved = load_index(self._index_file) if self._index_file is not None else None
@@ -238,7 +245,8 @@ class ConversationDataset(Dataset):
         else:
             # The samples' places, parsed again when used: memory does not grow with their text.
             self.samples = Samples(
-                self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats
+                self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats,
+                self.columns, self.load_options,
             )
             # What rendering found, 8 bytes a sample (-1: not rendered yet in this process).
             self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
@@ -310,19 +318,21 @@ class ConversationDataset(Dataset):
         ids, labels, images, dropped, _ = self._prepared(i)
         return ids, labels, images, dropped
 
-    def _prepared(self, i: int) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int, Sample]:
-        sample = self.samples[i]
+    def _prepared(self, i: int | None, sample: Sample | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, list[ImageRef], int, Sample]:
+        sample = sample if sample is not None else self.samples[i]
         c = self._compact(i, sample)
         ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
         return ids, labels, sample.images[: c.n_images], c.dropped, sample
 
-    def _compact(self, i: int, sample: Sample | None = None) -> _Compact:
+    def _compact(self, i: int | None, sample: Sample | None = None) -> _Compact:
         # Rendered with one placeholder per image: no list of tokens_per_image pads is built
         # only to be compressed again (1280 per image for Monkey).
         p = self.render(i, compact=True, sample=sample)
         c = _Compact(p.encoded, p.truncated_exchanges)
-        self._lengths[i] = len(c.ids) + c.n_images * (self.tokens_per_image - 1)
-        self._dropped[i] = c.dropped
+        if i is not None:  # a streamed sample has no index, hence no kept length
+            self._lengths[i] = len(c.ids) + c.n_images * (self.tokens_per_image - 1)
+            self._dropped[i] = c.dropped
         return c
 
     def length(self, i: int) -> int:
@@ -390,7 +400,7 @@ class ConversationDataset(Dataset):
 
     def _restore(self, saved: dict[str, Any], image_root: str | None, allow_empty_answers: bool) -> None:
         # What an earlier scan_all found, as if this one had run: places, lengths, problems.
-        self.samples = Samples.from_state(saved, image_root, allow_empty_answers)
+        self.samples = Samples.from_state(saved, image_root, allow_empty_answers, self.columns, self.load_options)
         self.formats = self.samples.file_formats
         self.parse_errors = errors_from_array(saved["parse_errors"])
         self._lengths = saved["lengths"].astype(np.int32)
@@ -422,14 +432,19 @@ class ConversationDataset(Dataset):
             self._processor = ImageProcessor(self.model_cfg.image)
         return self._processor
 
-    def load(self, i: int) -> dict[str, Any]:
+    def load(self, i: int | None, sample: Sample | None = None) -> dict[str, Any]:
         """Build item ``i`` with its decoded images.
+
+        Args:
+            i: Sample index; None for a ``sample`` that is not in :attr:`samples` (a record
+                read by :mod:`monkeytune.data.stream`), whose item then has ``index`` None.
+            sample: ``self.samples[i]`` when the caller has it already, or the sample to load.
 
         Raises:
             DataError: any problem with the sample (``missing_image``, ``unreadable_image``,
                 ``too_long`` ...), never silently fixed.
         """
-        ids, labels, images, _, sample = self._prepared(i)
+        ids, labels, images, _, sample = self._prepared(i, sample)
         views, slots = [], []
         for ref in images:
             cached = self.view_cache.get(ref.source)

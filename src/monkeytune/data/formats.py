@@ -146,11 +146,16 @@ class _Parser:
             key = "messages"
         if key not in obj:
             other = next((k for k in ("messages", "conversations") if k in obj), None)
-            hint = f" (the record has {other!r}: is data.format right?)" if other else ""
-            raise self.err(MALFORMED_RECORD, f"missing field; the {self.fmt} format keeps turns in {key!r}{hint}", key)
+            if other is not None and not isinstance(obj[other], list):
+                key = other  # its type is what is wrong (a whole table column of ints reads as no turns)
+            else:
+                hint = f" (the record has {other!r}: is data.format right?)" if other else ""
+                raise self.err(MALFORMED_RECORD, f"missing field; the {self.fmt} format keeps turns in {key!r}{hint}",
+                               key)
         convs = obj[key]
         if not isinstance(convs, list) or not convs:
-            raise self.err(MALFORMED_RECORD, "must be a non-empty list of turns", key)
+            got = "null" if convs is None else "an empty list" if convs == [] else type(convs).__name__
+            raise self.err(MALFORMED_RECORD, f"must be a non-empty list of turns, got {got}", key)
         images = self.listed_images(obj)
         raw: list[tuple[str, str, list[Part], str]] = []  # role as written, role, parts, field
         for i, turn in enumerate(convs):

@@ -1,9 +1,10 @@
 """Reading data files line by line into samples: a bad line is named, the rest still read.
 
 A file is a JSON list (first non-blank character ``[``) or JSON Lines; parquet and arrow files,
-shard folders and ``save_to_disk`` folders are read row by row (:mod:`monkeytune.data.tables`). Bytes are decoded one
-line at a time, so an invalid UTF-8 byte makes that line (or, in a JSON list, the record
-spanning it) an error naming the line and byte column, and every other line is still read.
+shard folders, ``save_to_disk`` folders and ``hf:`` dataset names are read row by row
+(:mod:`monkeytune.data.tables`). Bytes are decoded one line at a time, so an invalid UTF-8 byte
+makes that line (or, in a JSON list, the record spanning it) an error naming the line and byte
+column, and every other line is still read.
 A file that cannot be read at all (missing, a directory, a symlink loop, no permission) is one
 error that says what it is.
 """
@@ -20,6 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from monkeytune.data.columns import RecordShape
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
 from monkeytune.data.tables import is_table, iter_table_records, table_record
@@ -107,16 +109,19 @@ def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
         yield index, line, obj
 
 
-def iter_spans(path: str | os.PathLike) -> Iterator[tuple[int, int | None, Any, tuple[int, int] | None]]:
+def iter_spans(path: str | os.PathLike, columns: dict[str, str] | None = None,
+               load_options: dict | None = None) -> Iterator[tuple[int, int | None, Any, tuple[int, int] | None]]:
     """:func:`iter_raw_records` with each record's byte span ``(start, end)`` in the file.
 
     The span reads the record back alone (:func:`read_span`). It is None for table rows (a row
     is read back by its index) and in a JSON list with invalid UTF-8, whose text positions no
-    longer match the file's bytes.
+    longer match the file's bytes. ``columns`` renames a table's columns (JSON records are
+    renamed by :class:`~monkeytune.data.columns.RecordShape`); ``load_options`` open an ``hf:``
+    dataset name (:mod:`monkeytune.data.hub`).
     """
     path = str(path)
     if is_table(path):
-        for row, line, obj in iter_table_records(path):
+        for row, line, obj in iter_table_records(path, columns, load_options):
             yield row, line, obj, None
         return
     with _open(path) as f:
@@ -250,7 +255,9 @@ class Samples(Sequence):
     fixed-size numbers (about 40 bytes a sample): its file, its byte span (a JSON record) or row
     (a table), its line and index. ``samples[i]`` reads that record back and parses it, so the
     memory of a run does not grow with the text of its records. Records that cannot be read
-    back by position (a JSON list holding invalid UTF-8) are kept as decoded objects.
+    back by position (a JSON list holding invalid UTF-8) are kept as decoded objects. Each record
+    is shaped (``columns``, the_cauldron's ``texts``: :mod:`monkeytune.data.columns`) before its
+    format is detected and it is parsed, each time it is read.
 
     Args: as :func:`load_samples`.
 
@@ -267,12 +274,16 @@ class Samples(Sequence):
         image_root: str | None = None,
         allow_empty_answers: bool = False,
         formats: dict[str, str] | None = None,
+        columns: dict[str, str] | None = None,
+        load_options: dict | None = None,
     ):
         if format not in FORMAT_CHOICES:
             raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMAT_CHOICES)}")
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         self.image_root, self.allow_empty_answers = image_root, allow_empty_answers
+        self.columns, self.load_options = dict(columns or {}), dict(load_options or {})
+        self._shapes: dict[int, RecordShape] = {}
         self._files: list[str] = []
         self._formats: list[str] = []
         self._file = array("i")
@@ -285,25 +296,28 @@ class Samples(Sequence):
             errors.append(e)
 
         for path in map(str, paths):
+            table = is_table(path)
+            shape = RecordShape(self.columns, renamed=table)
             try:
-                fmt = format if format != "auto" else detect_format(_records_until_fault(path), path)
+                fmt = format if format != "auto" else detect_format(self._until_fault(path, shape), path)
             except DataError as e:
                 fault(e)
                 continue
             if formats is not None:
                 formats[path] = fmt
+            self._shapes[len(self._files)] = shape
             self._files.append(path)
             self._formats.append(fmt)
-            table = is_table(path)
-            records = iter_spans(path)
+            records = iter_spans(path, self.columns, self.load_options)
             try:
                 for index, line, obj, span in records:
                     try:
                         if isinstance(obj, DataError):
                             raise obj
-                        parse_record(obj, fmt, path, line, index, image_root, allow_empty_answers)
+                        parse_record(shape(obj, path, line, index), fmt, path, line, index, image_root,
+                                     allow_empty_answers)
                     except DataError as e:
-                        fault(e)
+                        fault(shape.in_file_terms(e, obj))
                         continue
                     if span is None and not table:
                         self._kept[len(self._index)] = obj
@@ -330,11 +344,13 @@ class Samples(Sequence):
                 "index": np.frombuffer(self._index, np.int64)}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any], image_root: str | None = None,
-                   allow_empty_answers: bool = False) -> Samples:
+    def from_state(cls, state: dict[str, Any], image_root: str | None = None, allow_empty_answers: bool = False,
+                   columns: dict[str, str] | None = None, load_options: dict | None = None) -> Samples:
         """Samples rebuilt from :meth:`state`, without reading the files."""
         self = cls.__new__(cls)
         self.image_root, self.allow_empty_answers = image_root, allow_empty_answers
+        self.columns, self.load_options = dict(columns or {}), dict(load_options or {})
+        self._shapes = {}
         self._files, self._formats = json.loads(str(state["files"])), json.loads(str(state["formats"]))
         self._file = array("i", state["file_of"].astype(np.int32).tobytes())
         self._start, self._end, self._line, self._index = (
@@ -363,26 +379,37 @@ class Samples(Sequence):
         if i in self._kept:
             obj = self._kept[i]
         elif self._start[i] < 0:
-            obj = table_record(path, index)
+            obj = table_record(path, index, self.columns, self.load_options)
         else:
             obj = read_span(path, (self._start[i], self._end[i]))
+        obj = self._shape(self._file[i])(obj, path, line, index)
         return parse_record(obj, fmt, path, line, index, self.image_root, self.allow_empty_answers)
 
+    def _shape(self, file: int) -> RecordShape:
+        if file not in self._shapes:  # samples rebuilt from a saved state
+            self._shapes[file] = RecordShape(self.columns, renamed=is_table(self._files[file]))
+        return self._shapes[file]
 
-def _records_until_fault(path: str) -> Iterator[tuple[int, int | None, Any]]:
-    """A file's records for format detection; a JSON list that breaks ends them (the fault is
-    reported by the parsing pass) and a file that cannot be read raises."""
-    records = iter_spans(path)
-    while True:
-        try:
-            index, line, obj, _ = next(records)
-        except StopIteration:
-            return
-        except DataError as e:
-            if e.kind == DATA_FILE:
-                raise
-            return
-        yield index, line, obj
+    def _until_fault(self, path: str, shape: RecordShape) -> Iterator[tuple[int, int | None, Any]]:
+        """A file's shaped records for format detection (one that cannot be shaped is its
+        error); a JSON list that breaks ends them (the fault is reported by the parsing pass)
+        and a file that cannot be read raises."""
+        records = iter_spans(path, self.columns, self.load_options)
+        while True:
+            try:
+                index, line, obj, _ = next(records)
+            except StopIteration:
+                return
+            except DataError as e:
+                if e.kind == DATA_FILE:
+                    raise
+                return
+            if not isinstance(obj, DataError):
+                try:
+                    obj = shape(obj, path, line, index)
+                except DataError as e:
+                    obj = e
+            yield index, line, obj
 
 
 def load_samples(
@@ -392,6 +419,8 @@ def load_samples(
     image_root: str | None = None,
     allow_empty_answers: bool = False,
     formats: dict[str, str] | None = None,
+    columns: dict[str, str] | None = None,
+    load_options: dict | None = None,
 ) -> list[Sample]:
     """Read and validate every record of one or more data files.
 
@@ -404,6 +433,8 @@ def load_samples(
         image_root: Folder relative image paths resolve against (default: each file's folder).
         allow_empty_answers: Accept assistant turns without text.
         formats: If given, filled with the format used for each file.
+        columns: ``data.columns``: the data's own names of record fields (``{messages: dialog}``).
+        load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` dataset names.
 
     Returns:
         The valid samples, in file order.
@@ -412,4 +443,4 @@ def load_samples(
         DataError: on the first problem when ``errors`` is ``None``.
         ValueError: an unknown ``format``.
     """
-    return list(Samples(paths, errors, format, image_root, allow_empty_answers, formats))
+    return list(Samples(paths, errors, format, image_root, allow_empty_answers, formats, columns, load_options))

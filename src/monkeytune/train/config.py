@@ -50,7 +50,13 @@ class DataSection:
     """Training data and batching.
 
     Attributes:
-        train: One data file (JSON list or JSON Lines) or a list of them.
+        train: One data file (JSON list or JSON Lines) or a list of them; tables (parquet, arrow,
+            ``save_to_disk`` folders) and ``hf:NAME`` dataset names too (docs/data.md#tables).
+        load_options: Keyword arguments of ``datasets.load_dataset`` for the ``hf:`` entries of
+            ``train`` (``name``, ``split`` (default ``train``), ``data_files``, ``revision``,
+            ``cache_dir``, ...).
+        columns: The data's own names of record fields, e.g. ``{messages: dialog, images: pics}``
+            (fields: ``id``, ``messages``, ``conversations``, ``image``, ``images``, ``texts``).
         format: ``auto`` (detected per file) or ``monkey``, ``llava``, ``sharegpt``, ``openai``
             (see docs/data.md).
         image_root: Folder relative image paths resolve against (default: each data file's folder).
@@ -77,9 +83,14 @@ class DataSection:
             the next run instead of reading every record again (docs/data.md#memory).
         synthetic: When > 0 and ``train`` does not exist yet, write a synthetic dataset of this
             many samples (small images, captions and a trained tokenizer) there first.
+        streaming: Read the data as a stream of blocks dealt to processes and workers, with no
+            pass over it before training (JSON Lines and tables; needs ``train.max_steps``;
+            docs/data.md#streaming).
     """
 
     train: list[str] = field(default_factory=list)
+    load_options: dict = field(default_factory=dict)
+    columns: dict = field(default_factory=dict)
     format: str = "auto"
     image_root: str | None = None
     allow_empty_answers: bool = False
@@ -96,6 +107,7 @@ class DataSection:
     shuffle: bool = True
     cache: bool = True
     synthetic: int = 0
+    streaming: bool = False
 
 
 @dataclass
@@ -337,6 +349,21 @@ def _choice(value: str, choices: tuple[str, ...], name: str, origin: str) -> Non
         raise ConfigError(f"{origin}: {name} must be one of {list(choices)}, got {value!r}")
 
 
+def _check_tables(data: DataSection, origin: str) -> None:
+    """``data.columns`` and ``data.load_options``."""
+    if data.columns:
+        from monkeytune.data.columns import columns_problem  # noqa: PLC0415 - only when columns are set
+
+        problem = columns_problem(data.columns)
+        if problem:
+            raise ConfigError(f"{origin}: data.columns: {problem}")
+    if data.load_options and not any(str(p).startswith("hf:") for p in data.train):
+        raise ConfigError(f"{origin}: data.load_options is set but no data.train entry is a dataset name (hf:NAME)")
+    if data.load_options.get("streaming"):
+        raise ConfigError(f"{origin}: data.load_options.streaming is not supported: an hf: dataset is "
+                          "read from the datasets cache")
+
+
 def validate(cfg: TrainConfig, origin: str = "config") -> None:
     """Check values and their combinations; raise :class:`ConfigError` naming the field."""
     try:
@@ -352,6 +379,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     _choice(cfg.data.format, ("auto", "monkey", "llava", "sharegpt", "openai"), "data.format", origin)
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"{origin}: data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
+    _check_tables(cfg.data, origin)
     _choice(cfg.optim.scheduler, SCHEDULERS, "optim.scheduler", origin)
     _choice(cfg.optim.name, OPTIMIZERS, "optim.name", origin)
     _choice(cfg.train.attention, ATTENTIONS, "train.attention", origin)
@@ -400,6 +428,15 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
                     raise ConfigError(f"{origin}: {section}.{f.name} must be a finite number, got {v}")
     if cfg.train.epochs == 0 and cfg.train.max_steps == 0:
         raise ConfigError(f"{origin}: set train.epochs or train.max_steps")
+    if cfg.data.streaming and cfg.train.max_steps == 0:
+        raise ConfigError(f"{origin}: data.streaming needs train.max_steps (a stream has no length to count "
+                          "train.epochs by)")
+    if cfg.data.streaming and (cfg.data.columns or any(str(p).startswith("hf:") for p in cfg.data.train)):
+        raise ConfigError(f"{origin}: data.streaming reads local JSON Lines files and tables with the project's "
+                          "field names: data.columns and hf: dataset names are not streamed yet")
+    if cfg.data.streaming and cfg.vision_warmup.steps:
+        raise ConfigError(f"{origin}: vision_warmup.steps reads every record before training, which "
+                          "data.streaming avoids; set vision_warmup.steps 0 or data.streaming false")
     if not cfg.optim.lr > 0:
         raise ConfigError(f"{origin}: optim.lr must be > 0, got {cfg.optim.lr}")
     if not cfg.optim.eps > 0:

@@ -1,10 +1,11 @@
 """What a run was trained on, stored in every checkpoint so a resume can refuse a different run.
 
-A checkpoint's ``fingerprint.json`` records the size and a content hash of every data file, of
-the tokenizer folder and of a ``model.from`` folder, and the resolved model configuration. The
-settings that change the model or the sample order are compared from the checkpoint's
-``config.yaml`` (see :data:`monkeytune.train.state.MUST_MATCH`). A resume whose inputs differ is
-refused with every difference listed, unless the caller says the change is meant.
+A checkpoint's ``fingerprint.json`` records the size and a content hash of every data file (of an
+``hf:`` dataset name, its arrow files in the ``datasets`` cache), of the tokenizer folder and of a
+``model.from`` folder, and the resolved model configuration. The settings that change the model
+or the sample order are compared from the checkpoint's ``config.yaml`` (see
+:data:`monkeytune.train.state.MUST_MATCH`). A resume whose inputs differ is refused with every
+difference listed, unless the caller says the change is meant.
 
 Hashing cost (:func:`monkeytune.data.index.file_fingerprint`): files up to ``FULL_HASH_BYTES``
 are hashed whole (BLAKE2b, ~1 s per GB on one core). Larger files (multi-GB data files, model
@@ -16,6 +17,7 @@ the limit goes unnoticed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -48,17 +50,33 @@ def run_fingerprint(cfg: TrainConfig, tokenizer_dir: str | None) -> dict[str, An
         cfg: The run configuration.
         tokenizer_dir: The tokenizer folder the run uses (None: the ``model.from`` folder's own).
     """
-    out: dict[str, Any] = {
-        # A folder of table shards or a save_to_disk folder: the files directly in it.
-        "data": {str(p): file_fingerprint(p) if Path(p).is_file() else folder_fingerprint(p)
-                 for p in cfg.data.train if Path(p).exists()},
-        "model_config": model_config_dict(cfg),
-    }
+    data = {str(p): dataset_fingerprint(p, cfg.data.load_options) for p in cfg.data.train if p.startswith("hf:")}
+    # A folder of table shards or a save_to_disk folder: the files directly in it.
+    data.update({str(p): file_fingerprint(p) if Path(p).is_file() else folder_fingerprint(p)
+                 for p in cfg.data.train if p not in data and Path(p).exists()})
+    out: dict[str, Any] = {"data": data, "model_config": model_config_dict(cfg)}
     if tokenizer_dir and Path(tokenizer_dir).is_dir():
         out["tokenizer"] = folder_fingerprint(tokenizer_dir)
     if cfg.model.from_dir and Path(cfg.model.from_dir).is_dir():
         out["model_from"] = folder_fingerprint(cfg.model.from_dir)
     return out
+
+
+def dataset_fingerprint(name: str, load_options: dict) -> dict[str, Any]:
+    """An ``hf:`` dataset's fingerprint: its arrow files in the ``datasets`` cache, by file name
+    (the cache folder's path may differ between machines), or, for a dataset held in memory,
+    its load options.
+
+    Raises:
+        DataError: ``data_file`` when the dataset does not load.
+    """
+    from monkeytune.data.tables import cache_files  # noqa: PLC0415 - only dataset names need it
+
+    files = cache_files(name, load_options)
+    if files:
+        return {Path(f).name: file_fingerprint(f) for f in files}
+    text = json.dumps(load_options, sort_keys=True, default=str).encode()
+    return {"load_options": {"size": len(text), "hash": hashlib.blake2b(text, digest_size=16).hexdigest()}}
 
 
 def save_fingerprint(folder: Path, fingerprint: dict[str, Any]) -> None:

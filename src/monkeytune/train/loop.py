@@ -34,12 +34,13 @@ from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.losses import TrainingModule
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
-from monkeytune.train.sampler import Position, micro_batches
+from monkeytune.train.sampler import Position, micro_batches, stream_batches
 from monkeytune.train.setup import (
     COMPUTE_DTYPES,
     SetupError,
     build_data,
     build_schedule,
+    build_stream,
     check_engine,
     check_environment,
     check_run_support,
@@ -50,6 +51,7 @@ from monkeytune.train.setup import (
     load_model_and_tokenizer,
     resolve_run_model,
     run_vision_warmup,
+    stream_position,
     total_steps,
 )
 from monkeytune.train.state import RUN_CONFIG_FILE, check_same_run, ever_trained_names, load_engine_state, load_model_state
@@ -176,7 +178,12 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             # before the optimizer: it replaces the parameters
             module = shard_fsdp2(module, cfg.train.precision, cfg.train.grad_reduce_dtype)
         optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
-        dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index, acc.num_processes)
+        if cfg.data.streaming:
+            dataset, collator, sampler = build_stream(cfg, tokenizer, model.config, run_dir, acc.process_index,
+                                                      acc.num_processes, loading.num_workers)
+        else:
+            dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index,
+                                                    acc.num_processes)
         trained_with = training_record(cfg.data.template, dataset, tokenizer,
                                        resolved.tokenizer_dir or cfg.model.from_dir)
         if main:
@@ -190,7 +197,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         position = Position()
         if saved:
             load_model_state(resume_dir, model, optimizer, scheduler, sharded)
-            position = _map_position(saved, acc.num_processes)
+            position = (stream_position(saved, acc.process_index, acc.num_processes, loading.num_workers)
+                        if cfg.data.streaming else _map_position(saved, acc.num_processes))
         set_seed(cfg.train.seed)
         configure_engine(acc, cfg)
         if engine_of(acc) == "fsdp2":
@@ -215,8 +223,11 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
             bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
             fingerprint=fingerprint,
         )
-        stream = micro_batches(dataset, sampler, collator, position, loading.num_workers, cfg.train.seed,
-                               pin_memory=loading.pin_memory)
+        if cfg.data.streaming:
+            stream = stream_batches(dataset, position, cfg.train.seed, loading.pin_memory)
+        else:
+            stream = micro_batches(dataset, sampler, collator, position, loading.num_workers, cfg.train.seed,
+                                   pin_memory=loading.pin_memory)
         result = TrainResult(run_dir, start_step, last_checkpoint=resume_dir)
         for step in range(start_step + 1, steps_total + 1):
             _enter_stage(ctx, schedule.stage_at(step - 1), step - 1)
@@ -228,7 +239,7 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         result.last_checkpoint = ctx.last_checkpoint
         ctx.progress.close()
         ctx.metrics.close()
-        skipped = run_summary(dataset) if main else None
+        skipped = (dataset.summary() if cfg.data.streaming else run_summary(dataset)) if main else None
         if skipped:
             logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()

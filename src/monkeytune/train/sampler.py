@@ -8,6 +8,9 @@ resumed run rebuilds epoch ``e``'s list and starts at the saved micro-batch inde
 Dealing whole micro-batches round-robin makes a ``W``-process run with ``G`` accumulation steps
 see, per optimizer step, exactly the micro-batches a 1-process run with ``W * G`` accumulation
 steps sees: the data-parallel run is the single-process run split across ranks.
+
+A streamed run (``data.streaming``) has no such list: :func:`stream_batches` serves it, and its
+:class:`Position` carries the streams' cursors (:mod:`monkeytune.data.stream`).
 """
 
 from __future__ import annotations
@@ -93,10 +96,16 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 @dataclass(frozen=True)
 class Position:
-    """Where the next micro-batch comes from: ``batch`` index (on this rank) within ``epoch``."""
+    """Where the next micro-batch comes from: ``batch`` index (on this rank) within ``epoch``.
+
+    A streamed run (:mod:`monkeytune.data.stream`) also carries ``stream``, this process's state
+    ``{"next", "cursors"}``, which is what it resumes from; ``epoch`` and ``batch`` then give the
+    epoch and block of the stream that sent the batch (progress only).
+    """
 
     epoch: int = 0
     batch: int = 0
+    stream: dict[str, Any] | None = None
 
 
 class _Failed:
@@ -175,3 +184,28 @@ def micro_batches(
                 raise batch.error
             index += 1
             yield Position(epoch, index), batch
+
+
+def stream_batches(dataset, start: Position, seed: int = 0,
+                   pin_memory: bool = False) -> Iterator[tuple[Position, dict[str, Any]]]:
+    """Endless ``(position after this batch, batch)`` of a streamed dataset from ``start``.
+
+    One DataLoader serves the whole run (the streams roll over epochs themselves). It takes a
+    batch from each worker in turn, so the order is fixed; ``dataset.state`` follows the batches
+    handed out (for its end-of-run summary). Its generator is seeded, as in :func:`micro_batches`.
+
+    Args:
+        dataset: A :class:`~monkeytune.data.stream.StreamingDataset` (it says how many workers).
+        start: Where to start; ``start.stream`` None: at the beginning.
+    """
+    from monkeytune.data.records import DataError
+
+    state = start.stream if start.stream is not None else dataset.fresh_state()
+    dataset.state = state
+    loader = DataLoader(dataset, batch_size=None, num_workers=dataset.num_workers, pin_memory=pin_memory,
+                        generator=torch.Generator().manual_seed(int(seed) * 7919))
+    for worker, cursor, batch in loader:
+        if isinstance(batch, DataError):
+            raise batch
+        state = dataset.state = dataset.advance(state, int(worker), cursor)
+        yield Position(int(cursor[0]), int(cursor[1]), state), batch

@@ -211,7 +211,7 @@ def effective_config(cfg: TrainConfig, resolved: ResolvedModel) -> TrainConfig:
         m.preset, m.config = None, copy.deepcopy(resolved.config)
     else:
         m.from_dir = _absolute(m.from_dir)
-    out.data.train = [_absolute(p) for p in out.data.train]
+    out.data.train = [p if p.startswith("hf:") else _absolute(p) for p in out.data.train]  # hf: a dataset name
     out.data.image_root = _absolute(out.data.image_root)
     out.data.report_file = _absolute(out.data.report_file)
     out.checkpoint.output_dir = _absolute(out.checkpoint.output_dir)
@@ -273,7 +273,8 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
         d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
         truncate_turns=d.truncate_turns, format=d.format, image_root=d.image_root,
         allow_empty_answers=d.allow_empty_answers, strict=not skip,
-        view_cache_bytes=int(d.view_cache_gib * 2**30), cache=d.cache,
+        view_cache_bytes=int(d.view_cache_gib * 2**30), cache=d.cache, columns=d.columns,
+        load_options=d.load_options,
     )
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")
@@ -294,6 +295,60 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     except ValueError as e:
         raise SetupError(f"data.train: {e}") from None
     return dataset, collator, sampler
+
+
+def build_stream(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir: Path, rank: int,
+                 world_size: int, num_workers: int):
+    """``(dataset, collator, dataset)`` for ``data.streaming``: a
+    :class:`~monkeytune.data.stream.StreamingDataset` of this rank, which also stands in for the
+    sampler (``batches_per_epoch``: blocks per stream, the epoch's progress in the metrics).
+
+    Nothing is read but each file's size and first records (see :mod:`monkeytune.data.stream`).
+    """
+    from monkeytune.data import Collator, ConversationDataset
+    from monkeytune.data.stream import StreamingDataset
+
+    d = cfg.data
+    # No files: it renders and loads the samples the stream parses (strict=False: empty is fine).
+    renderer = ConversationDataset([], tokenizer, model_cfg, max_length=d.max_length, template=d.template,
+                                   truncate_turns=d.truncate_turns, strict=False,
+                                   view_cache_bytes=int(d.view_cache_gib * 2**30))
+    pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
+    padding_free = d.packing and cfg.train.attention == "flash_attention_2"
+    collator = Collator(pad_id=tokenizer.pad_id, pad_to_length=pad_to, padding_free=padding_free)
+    skip = d.on_bad_sample == "skip"
+    dataset = StreamingDataset(
+        d.train, renderer, collator, micro_batch_size=cfg.train.micro_batch_size, rank=rank,
+        world_size=world_size, num_workers=num_workers, format=d.format, image_root=d.image_root,
+        allow_empty_answers=d.allow_empty_answers, packing=d.packing, shuffle=d.shuffle, seed=cfg.train.seed,
+        skip=skip, report_file=(d.report_file or str(run_dir / "bad_samples.jsonl")) if skip else None,
+        max_skip_fraction=d.max_skip_fraction,
+    )
+    logger.info("streaming %d file(s) in %d blocks over %d stream(s)", len(dataset.sources), len(dataset.blocks),
+                dataset.streams)
+    return dataset, collator, dataset
+
+
+def stream_position(saved: dict[str, Any], rank: int, world_size: int, num_workers: int):
+    """The :class:`~monkeytune.train.sampler.Position` a streamed run resumes from.
+
+    Raises:
+        SetupError: the checkpoint's streams were read by another number of processes or
+            workers (the blocks are dealt to them, so the position has no exact equivalent).
+    """
+    from monkeytune.train.sampler import Position
+
+    streams = saved.get("stream")
+    if streams is None:
+        logger.warning("the checkpoint holds no stream position (it was written without data.streaming): "
+                       "the streams start from the beginning")
+        return Position()
+    had, has = (len(streams), len(streams[0]["cursors"])), (world_size, max(1, num_workers))
+    if had != has:
+        raise SetupError(f"the checkpoint's data streams were read by {had[0]} process(es) x {had[1]} worker(s), "
+                         f"this run has {has[0]} x {has[1]}: a streamed run resumes with the same ones (set "
+                         f"data.num_workers {had[1] if had[1] > 1 else 0} and launch {had[0]} process(es))")
+    return Position(int(saved["epoch"]), int(saved["batch"]), streams[rank])
 
 
 def build_schedule(cfg: TrainConfig, model: nn.Module, precision: str | None = None):
@@ -385,7 +440,8 @@ def run_vision_warmup(cfg: TrainConfig, model: nn.Module, run_dir: Path, num_pro
                          "final folder (model.from) with vision_warmup.steps 0")
     # Bad records are the training data's to report (error or skip, as data.on_bad_sample says).
     errors: list | None = [] if cfg.data.on_bad_sample == "skip" else None
-    samples = load_samples(cfg.data.train, errors, cfg.data.format, cfg.data.image_root, cfg.data.allow_empty_answers)
+    samples = load_samples(cfg.data.train, errors, cfg.data.format, cfg.data.image_root, cfg.data.allow_empty_answers,
+                           columns=cfg.data.columns, load_options=cfg.data.load_options)
     try:
         examples, skipped = window_examples(samples, model.config.image.num_windows)
         if not examples:

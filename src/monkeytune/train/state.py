@@ -27,7 +27,7 @@ RUN_CONFIG_FILE = "config.yaml"
 # Changing these changes the model or the sample order, so the saved position, weights or
 # trajectory would no longer belong to the run: refused unless the change is declared as meant.
 MUST_MATCH = (
-    "data.train", "data.packing", "data.max_length", "data.shuffle", "data.template", "data.padding",
+    "data.train", "data.packing", "data.max_length", "data.shuffle", "data.template", "data.padding", "data.streaming",
     "data.truncate_turns", "train.micro_batch_size", "train.seed", "model.preset", "model.config",
     "model.from", "model.init_seed", "policy.preset", "policy.rules", "policy.lora", "policy.unfreeze",
     "optim.name",  # another optimizer cannot load the saved state

@@ -169,6 +169,11 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
                  "stage": ctx.stage_index, "bad_steps": ctx.bad_steps,
                  "world_size": acc.num_processes, "micro_batch_size": cfg.train.micro_batch_size,
                  "grad_accum": cfg.train.grad_accum, "total_steps": ctx.total_steps}
+        if position.stream is not None:
+            from accelerate.utils import gather_object
+
+            # Every rank's streams (rank 0 writes the file; each rank resumes from its entry).
+            state["stream"] = gather_object([position.stream])
         ctx.last_checkpoint = save_checkpoint(ctx, state)
     return row
 
