@@ -128,3 +128,35 @@ def test_each_record_reads_back_alone_from_its_byte_span(tmp_path, layout):
     got = list(iter_spans(path))
     assert [obj for _, _, obj, _ in got] == records
     assert [read_span(str(path), span) for _, _, _, span in got] == records
+
+
+@pytest.mark.parametrize("window", [7, 64, 1 << 20])
+def test_a_json_list_is_read_through_a_window_of_any_size(tmp_path, monkeypatch, window):
+    # The reader holds a window of the file, not the file: records, numbers and strings cut by
+    # the window's end, multi-line records and non-ASCII text must come out exactly as json.load
+    # gives them, with their lines and spans; a line of invalid UTF-8 spoils only its record.
+    from monkeytune.data import json_list
+    from monkeytune.data.reading import iter_spans, read_span
+
+    monkeypatch.setattr(json_list, "WINDOW_BYTES", window)
+    values = [{"id": str(i), "text": "é" * i + " long " * (i % 5), "n": [i, 123456789 * i]} for i in range(30)]
+    values[7], values[12] = 98765432101234, "a string record that spans many windows " * 3
+    parts = [json.dumps(v, ensure_ascii=False, indent=None if i % 3 else 2) for i, v in enumerate(values)]
+    text = "[\n" + ",\n".join(parts) + "\n]\n"
+    data = text.encode("utf-8")
+    bad_at = data.index(b'"text": "', data.index(b'"id": "20"')) + len(b'"text": "')  # inside a string
+    path = tmp_path / "d.json"
+    path.write_bytes(data[:bad_at] + b"\xff" + data[bad_at:])
+    starts, pos = [], 2
+    for p in parts:  # where each record starts in the text, for its line
+        starts.append(text.index(p, pos))
+        pos = starts[-1] + len(p)
+    got = list(iter_spans(path))
+    assert [line for _, line, _, _ in got] == [text.count("\n", 0, p) + 1 for p in starts]
+    for i, (index, _, obj, span) in enumerate(got):
+        assert index == i
+        if i == 20:
+            assert isinstance(obj, DataError) and obj.kind == "malformed_json" and "invalid UTF-8" in obj.reason
+            assert span is None
+        else:
+            assert obj == values[i] and read_span(str(path), span) == values[i]

@@ -389,7 +389,7 @@ class ConversationDataset(Dataset):
                         raise
                     problems[i] = e
             self._problems = problems
-            if self._index_file is not None and self.samples.places_only:
+            if self._index_file is not None:
                 save_index(self._index_file, {
                     **self.samples.state(), "lengths": self._lengths, "dropped": self._dropped,
                     "parse_errors": errors_to_array(self.parse_errors),

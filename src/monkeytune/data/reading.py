@@ -22,6 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from monkeytune.data.columns import RecordShape
+from monkeytune.data.json_list import iter_json_list
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
 from monkeytune.data.tables import is_table, iter_table_records, table_record
@@ -29,14 +30,6 @@ from monkeytune.data.tables import is_table, iter_table_records, table_record
 
 def _fail(path: str, what: str) -> DataError:
     return DataError(DATA_FILE, f"cannot read data file: {what}", path)
-
-
-def _read_bytes(path: str) -> bytes:
-    with _open(path) as f:
-        try:
-            return f.read()
-        except OSError as e:
-            raise _fail(path, e.strerror or str(e)) from None
 
 
 def _open(path: str):
@@ -65,35 +58,6 @@ def _open(path: str):
         raise fail(e.strerror or str(e)) from None
 
 
-def _decode_lines(data: bytes, path: str) -> tuple[list[str], dict[int, DataError], array]:
-    """Lines as text, a located error for every line that is not valid UTF-8, and where each
-    line starts in the file (``starts[k]``: line ``k + 1``'s first byte; one entry more, one
-    past the end of the last line plus its newline).
-
-    A bad line is kept with U+FFFD in place of its bad bytes so a JSON list stays parseable.
-    """
-    offset = 0
-    if data.startswith(b"\xef\xbb\xbf"):
-        data, offset = data[3:], 3  # a UTF-8 byte-order mark, as some editors write
-    lines, bad, starts = [], {}, array("q")
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        starts.append(offset)
-        offset += len(raw) + 1
-        try:
-            lines.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            bad[lineno] = DataError(
-                MALFORMED_JSON,
-                f"invalid UTF-8 at byte {e.start + 1} of the line ({raw[e.start:e.start + 4]!r}); "
-                "re-encode the file as UTF-8",
-                path,
-                lineno,
-            )
-            lines.append(raw.decode("utf-8", errors="replace"))
-    starts.append(offset)
-    return lines, bad, starts
-
-
 def iter_raw_records(path: str | os.PathLike) -> Iterator[tuple[int, int, Any]]:
     """Yield ``(index, line, obj)`` for every record of a JSON-list or JSON-Lines file (or a table).
 
@@ -114,8 +78,8 @@ def iter_spans(path: str | os.PathLike, columns: dict[str, str] | None = None,
     """:func:`iter_raw_records` with each record's byte span ``(start, end)`` in the file.
 
     The span reads the record back alone (:func:`read_span`). It is None for table rows (a row
-    is read back by its index) and in a JSON list with invalid UTF-8, whose text positions no
-    longer match the file's bytes. ``columns`` renames a table's columns (JSON records are
+    is read back by its index), and for a record that is a ``malformed_json`` error.
+    ``columns`` renames a table's columns (JSON records are
     renamed by :class:`~monkeytune.data.columns.RecordShape`); ``load_options`` open an ``hf:``
     dataset name (:mod:`monkeytune.data.hub`).
     """
@@ -128,8 +92,10 @@ def iter_spans(path: str | os.PathLike, columns: dict[str, str] | None = None,
         if not _is_json_list(f):
             yield from _iter_json_lines(f, path)
             return
-    lines, bad, starts = _decode_lines(_read_bytes(path), path)
-    yield from _iter_json_list(lines, bad, path, None if bad else starts[0])
+        try:
+            yield from iter_json_list(f, path)
+        except OSError as e:
+            raise _fail(path, e.strerror or str(e)) from None
 
 
 def _is_json_list(f) -> bool:
@@ -166,79 +132,6 @@ def _iter_json_lines(f, path: str) -> Iterator[tuple[int, int, Any, tuple[int, i
         raise _fail(path, e.strerror or str(e)) from None
 
 
-def _iter_json_list(lines: list[str], bad: dict[int, DataError], path: str,
-                    first_byte: int | None) -> Iterator[tuple[int, int, Any, tuple[int, int] | None]]:
-    # Decode the list element by element so that each record keeps the line it starts on;
-    # json.load would only give us the index. ``first_byte``: where the text starts in the
-    # file, when its positions map to the file's bytes (no repaired line); spans then follow.
-    text = "\n".join(lines)
-    bytes_at = _ByteOffsets(text, first_byte) if first_byte is not None else None
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    index = 0
-
-    # Line numbers from a running count: positions only move forward, so each newline is
-    # counted once and reading stays linear in the file's size (counting from the start for
-    # every record made a 300k-record list take hours).
-    seen = {"pos": 0, "line": 1}
-
-    def line_at(p: int) -> int:
-        if p < seen["pos"]:
-            return 1 + text.count("\n", 0, p)  # a step back (never in the flow below): count afresh
-        seen["line"] += text.count("\n", seen["pos"], p)
-        seen["pos"] = p
-        return seen["line"]
-
-    def fail(p: int, msg: str) -> DataError:
-        return DataError(MALFORMED_JSON, f"invalid JSON list: {msg}", path, line_at(p), index)
-
-    def skip_ws(p: int) -> int:
-        while p < len(text) and text[p] in " \t\r\n":
-            p += 1
-        return p
-
-    pos = skip_ws(pos)
-    if pos < len(text) and text[pos] == "]":
-        return
-    while True:
-        pos = skip_ws(pos)
-        try:
-            obj, end = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError as e:
-            raise fail(e.pos, e.msg) from None
-        start_line, end_line = line_at(pos), line_at(end)
-        broken = [bad[ln] for ln in range(start_line, end_line + 1) if ln in bad]
-        if broken:
-            # Named at the line the record starts on, like every record error; the reason
-            # gives the line of the bad byte.
-            first = broken[0]
-            obj = DataError(first.kind, f"line {first.line}: {first.reason}", path, start_line, index)
-        yield index, start_line, obj, None if bytes_at is None else (bytes_at(pos), bytes_at(end))
-        index += 1
-        pos = skip_ws(end)
-        if pos >= len(text):
-            raise fail(pos, "missing closing ']'")
-        if text[pos] == "]":
-            if text[pos + 1 :].strip():
-                raise fail(pos + 1, "extra data after the closing ']'")
-            return
-        if text[pos] != ",":
-            raise fail(pos, "expected ',' or ']' between records")
-        pos += 1
-
-
-class _ByteOffsets:
-    """Byte offsets in the file of increasing positions in its decoded text (a running count)."""
-
-    def __init__(self, text: str, first_byte: int):
-        self.text, self.pos, self.byte = text, 0, first_byte
-
-    def __call__(self, p: int) -> int:
-        self.byte += len(self.text[self.pos:p].encode("utf-8"))
-        self.pos = p
-        return self.byte
-
-
 def read_span(path: str, span: tuple[int, int]) -> Any:
     """The record at byte ``span`` of a JSON or JSON Lines file, decoded (see :func:`iter_spans`)."""
     with open(path, "rb") as f:
@@ -254,8 +147,7 @@ class Samples(Sequence):
     :func:`load_samples`. For a valid sample only its place stays in memory, in arrays of
     fixed-size numbers (about 40 bytes a sample): its file, its byte span (a JSON record) or row
     (a table), its line and index. ``samples[i]`` reads that record back and parses it, so the
-    memory of a run does not grow with the text of its records. Records that cannot be read
-    back by position (a JSON list holding invalid UTF-8) are kept as decoded objects. Each record
+    memory of a run does not grow with the text of its records. Each record
     is shaped (``columns``, the_cauldron's ``texts``: :mod:`monkeytune.data.columns`) before its
     format is detected and it is parsed, each time it is read.
 
@@ -288,7 +180,6 @@ class Samples(Sequence):
         self._formats: list[str] = []
         self._file = array("i")
         self._start, self._end, self._line, self._index = array("q"), array("q"), array("q"), array("q")
-        self._kept: dict[int, Any] = {}
 
         def fault(e: DataError) -> None:
             if errors is None:
@@ -319,8 +210,6 @@ class Samples(Sequence):
                     except DataError as e:
                         fault(shape.in_file_terms(e, obj))
                         continue
-                    if span is None and not table:
-                        self._kept[len(self._index)] = obj
                     self._add(len(self._files) - 1, span, line, index)
             except DataError as e:
                 fault(e)  # a file that cannot be read, or a JSON list that breaks: the records before it stay
@@ -330,14 +219,8 @@ class Samples(Sequence):
         """The format each read file was parsed with."""
         return dict(zip(self._files, self._formats))
 
-    @property
-    def places_only(self) -> bool:
-        """Whether every sample is known by its place alone (none kept as a decoded object), so
-        :meth:`state` describes them all."""
-        return not self._kept
-
     def state(self) -> dict[str, Any]:
-        """The places as arrays (what :meth:`from_state` takes); see :attr:`places_only`."""
+        """The places as arrays (what :meth:`from_state` takes)."""
         return {"files": np.array(json.dumps(self._files)), "formats": np.array(json.dumps(self._formats)),
                 "file_of": np.frombuffer(self._file, np.int32), "start": np.frombuffer(self._start, np.int64),
                 "end": np.frombuffer(self._end, np.int64), "line": np.frombuffer(self._line, np.int64),
@@ -355,7 +238,6 @@ class Samples(Sequence):
         self._file = array("i", state["file_of"].astype(np.int32).tobytes())
         self._start, self._end, self._line, self._index = (
             array("q", state[k].astype(np.int64).tobytes()) for k in ("start", "end", "line", "index"))
-        self._kept = {}
         return self
 
     def _add(self, file: int, span: tuple[int, int] | None, line: int | None, index: int) -> None:
@@ -376,9 +258,7 @@ class Samples(Sequence):
         i %= len(self)
         path, fmt = self._files[self._file[i]], self._formats[self._file[i]]
         index, line = self._index[i], (None if self._line[i] < 0 else self._line[i])
-        if i in self._kept:
-            obj = self._kept[i]
-        elif self._start[i] < 0:
+        if self._start[i] < 0:
             obj = table_record(path, index, self.columns, self.load_options)
         else:
             obj = read_span(path, (self._start[i], self._end[i]))
