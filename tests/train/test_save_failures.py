@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +17,7 @@ from safetensors import SafetensorError
 from monkeytune.cli import main
 from monkeytune.model import weights
 from monkeytune.model.io import load_model
+from monkeytune.train import checkpoint
 from monkeytune.train.checkpoint import CheckpointError, CheckpointManager
 from monkeytune.train.loop import train
 
@@ -52,6 +55,106 @@ def test_disk_full_during_a_checkpoint_keeps_the_last_one_usable(make_config, mo
     assert not list(ckpts.root.glob(".tmp-*"))
     monkeypatch.undo()
     assert train(cfg, resume="latest").steps == 3  # space is back: the run continues from step 1
+
+
+class FillingFile:
+    """A file opened for writing on a disk with ``room`` bytes left: a write past that fails
+    with ``ENOSPC`` the way the operating system's does (raised from ``write``)."""
+
+    def __init__(self, path, room: int):
+        self.file = open(path, "wb")
+        self.room = room
+
+    def write(self, data) -> int:
+        size = memoryview(data).nbytes
+        if size > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= size
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def fill_disk_in_optimizer_state(monkeypatch, call: int, room: int = 4096):
+    """Make the ``call``-th ``optimizer.pt`` run out of space after ``room`` bytes.
+
+    The failure goes through torch's own zip writer, which swallows the ``OSError`` of
+    ``write`` and raises ``RuntimeError: ... unexpected pos`` instead.
+    """
+    calls = {"n": 0}
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        if Path(path).name == "optimizer.pt" and "w" in mode:
+            calls["n"] += 1
+            if calls["n"] == call:
+                return FillingFile(path, room)
+        return open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "open", fake_open, raising=False)
+
+
+def assert_one_line_full_disk(err: str, cfg, failed: str, kept: str) -> None:
+    ckpts = Path(cfg.checkpoint.output_dir) / "checkpoints"
+    assert err.startswith(f"monkeytune train: no space left on device while writing checkpoint {failed} ("), err
+    assert f"optimizer.pt); the last good checkpoint {ckpts / kept} is unchanged" in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert [p.name for p in CheckpointManager(ckpts).checkpoints()] == [kept]
+    assert not list(ckpts.glob(".tmp-*"))
+
+
+def test_disk_full_while_writing_the_optimizer_state_reads_as_a_full_disk(make_config, monkeypatch, tmp_path,
+                                                                          capsys):
+    cfg = make_config("full-optim", train={"max_steps": 3}, checkpoint={"every": 1})
+    path = tmp_path / "full-optim.yaml"
+    cfg.save(path)
+    fill_disk_in_optimizer_state(monkeypatch, 2)  # the checkpoint of step 2
+    assert main(["train", str(path)]) == 2
+    assert_one_line_full_disk(capsys.readouterr().err, cfg, "step-00000002", "step-00000001")
+    monkeypatch.undo()
+    assert train(cfg, resume="latest").steps == 3  # space is back: the run continues from step 1
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """Mount a small tmpfs; returns ``mount(size) -> folder``. Skipped where mounting needs
+    privileges this process lacks (only root on Linux may mount)."""
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"tmpfs-{len(mounted)}"
+        folder.mkdir()
+        if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+            pytest.skip("mounting a tmpfs needs root on Linux")
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_real_full_disk_in_the_optimizer_state_keeps_the_last_checkpoint(make_config, small_tmpfs, tmp_path,
+                                                                          capsys):
+    # A checkpoint of the micro model takes ~2.4 MB (weights 0.8 MB, optimizer state 1.6 MB):
+    # 3.5 MiB hold the first one, then the second one's weights, not its optimizer state.
+    disk = small_tmpfs("3584k")
+    cfg = make_config("full-tmpfs", train={"max_steps": 3},
+                      checkpoint={"every": 1, "keep_last": 3, "output_dir": str(disk / "run")})
+    path = tmp_path / "full-tmpfs.yaml"
+    cfg.save(path)
+    assert main(["train", str(path)]) == 2
+    assert_one_line_full_disk(capsys.readouterr().err, cfg, "step-00000002", "step-00000001")
 
 
 def test_disk_full_during_the_final_save_leaves_no_half_model(make_config, monkeypatch):

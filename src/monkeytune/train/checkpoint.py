@@ -84,11 +84,45 @@ def write_error(e: OSError, what: str) -> str:
     return f"cannot write {what}{where}: {e.strerror or e}"
 
 
+class _WriteRecorder:
+    """A file's ``write`` that remembers the first ``OSError`` it raised.
+
+    torch's zip writer swallows an exception of ``write`` and then fails on its own
+    bookkeeping (``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``), so
+    the original error is kept here to be raised in its place.
+    """
+
+    def __init__(self, file):
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
 def save_torch(obj: Any, path: Path) -> None:
-    """``torch.save`` through a Python file object, so a full disk raises ``OSError(ENOSPC)``
-    (given a path, torch reports it as an unspecific ``RuntimeError``)."""
+    """``torch.save`` whose write failures raise ``OSError`` naming ``path`` (errno kept).
+
+    A full disk thus reads "no space left" through :func:`write_error`, as for the weights,
+    instead of torch's unspecific ``RuntimeError`` (given a path) or ``unexpected pos`` (given
+    a file object whose writes fail).
+    """
     with open(path, "wb") as f:
-        torch.save(obj, f)
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            if recorder.error is None:
+                raise
+            e = recorder.error
+            raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def load_torch(path: Path) -> Any:

@@ -3,6 +3,11 @@
 Values from the file and from the command line go through one converter (:func:`coerce`) driven
 by the dataclass annotations, so ``lr: 1e-5`` (a string to PyYAML) and ``--optim.lr 1e-5`` both
 become floats. Errors name the file and line (from the YAML node marks) and the ``section.key``.
+
+An override reaches nested keys at any depth: ``--model.config.image.grid "[0, 0]"`` edits one
+field of the inline model config (on a ``preset`` model, the preset's config becomes the inline
+one first) and ``--policy.lr.llm 5e-6`` one entry of a mapping. Every level refuses an unknown
+key with the closest spelling and the keys it knows.
 """
 
 from __future__ import annotations
@@ -17,10 +22,10 @@ from typing import Any
 
 import yaml
 
-from monkeytune.config import ModelConfig
-from monkeytune.model.spec import ModelSpecError, config_from_mapping
+from monkeytune.config import ModelConfig, get_config
+from monkeytune.model.spec import ModelSpec, ModelSpecError, config_from_mapping
 from monkeytune.train.config import SECTIONS, ConfigError, TrainConfig, _key, validate
-from monkeytune.train.trackers import check_tracker_settings, migrate_deprecated
+from monkeytune.train.trackers import TRACKERS, check_tracker_settings, migrate_deprecated
 
 # ---------------------------------------------------------------------------------- conversion
 
@@ -157,23 +162,97 @@ def _hints(section_cls: type) -> dict[str, Any]:
 
 
 def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str = "override") -> None:
-    """Set ``section.key`` on ``cfg`` from a YAML value or a command-line string.
+    """Set ``section.key`` (or a nested ``section.key.sub...``) on ``cfg`` from a YAML value or a
+    command-line string.
 
     Raises:
-        ConfigError: for an unknown section or key or a value of the wrong type.
+        ConfigError: for an unknown section or key at any level, or a value of the wrong type.
     """
     parts = dotted.split(".")
-    if len(parts) != 2:
-        raise ConfigError(f"{where}: {dotted!r} must read SECTION.KEY (e.g. train.max_steps)")
-    sec, key = parts
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"{where}: {dotted!r} must read SECTION.KEY or SECTION.KEY.SUBKEY... "
+                          "(e.g. train.max_steps, model.config.image.grid)")
+    sec = parts[0]
     if sec not in SECTIONS:
         raise ConfigError(f"{where}: " + _unknown(sec, list(SECTIONS), "section"))
-    fields = _fields(SECTIONS[sec])
+    _set_in(getattr(cfg, sec), parts[1:], value, where, sec)
+
+
+def _set_in(obj: Any, keys: list[str], value: Any, where: str, path: str) -> None:
+    """Set ``keys`` (a path below ``path``) inside the dataclass or mapping ``obj``."""
+    if isinstance(obj, dict):
+        _set_in_mapping(obj, keys, value, where, path)
+        return
+    fields = _fields(type(obj))
+    key = keys[0]
     if key not in fields:
-        raise ConfigError(f"{where}: " + _unknown(key, list(fields), "key", prefix=f"{sec}."))
-    f = fields[key]
-    converted = coerce(value, _hints(SECTIONS[sec])[f.name], f"{where}: {sec}.{key}")
-    setattr(getattr(cfg, sec), f.name, converted)
+        raise ConfigError(f"{where}: " + _unknown(key, list(fields), "key", prefix=f"{path}."))
+    f, here = fields[key], f"{path}.{key}"
+    if len(keys) == 1:
+        setattr(obj, f.name, coerce(value, _hints(type(obj))[f.name], f"{where}: {here}"))
+        return
+    # A copy is edited, so a mapping or config the caller passed in (load_config(data=...)) stays as it was.
+    child = copy.deepcopy(getattr(obj, f.name))
+    if child is None and isinstance(obj, ModelSpec) and f.name == "config":
+        child = _config_to_edit(obj, where, here)
+    if child is None and typing.get_origin(_hints(type(obj))[f.name]) is dict:
+        child = {}
+    if not (isinstance(child, dict) or dataclasses.is_dataclass(child)):
+        raise ConfigError(f"{where}: {here} is a single value, it has no key {keys[1]!r}")
+    _set_in(child, keys[1:], value, where, here)
+    setattr(obj, f.name, child)
+
+
+def _set_in_mapping(mapping: dict, keys: list[str], value: Any, where: str, path: str) -> None:
+    """Set ``keys`` inside a mapping field; the value is read as YAML, as a whole mapping's would be."""
+    key = keys[0]
+    known = _mapping_keys(path)
+    if known is not None and key not in known:
+        raise ConfigError(f"{where}: " + _unknown(key, known, "key", prefix=f"{path}."))
+    if len(keys) == 1:
+        mapping[key] = _parse_inline(value, f"{where}: {path}.{key}") if isinstance(value, str) else value
+        return
+    child = mapping.setdefault(key, {})
+    if child is None:
+        child = mapping[key] = {}
+    if not isinstance(child, dict):
+        raise ConfigError(f"{where}: {path}.{key} is a single value ({child!r}), it has no key {keys[1]!r}")
+    _set_in_mapping(child, keys[1:], value, where, f"{path}.{key}")
+
+
+def _config_to_edit(spec: ModelSpec, where: str, here: str) -> ModelConfig:
+    """The model config a ``model.config.*`` override edits when the spec has no inline one.
+
+    A preset's config becomes the inline one (a preset and a config together are refused), so
+    ``--model.config.image.grid "[0, 0]"`` on a preset example needs no copied YAML. A model
+    folder keeps its own config: its weights were trained with it.
+    """
+    if spec.from_dir:
+        raise ConfigError(f"{where}: {here}: the model is loaded from {spec.from_dir}, whose config is "
+                          "its own; model.config.* edits a preset or inline model")
+    if not spec.preset:
+        return ModelConfig()  # as a YAML `config:` mapping does, unnamed fields take their defaults
+    try:
+        spec.check("model")
+    except ModelSpecError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    config, spec.preset = get_config(spec.preset), None
+    return config
+
+
+def _mapping_keys(path: str) -> list[str] | None:
+    """The keys a mapping field accepts where the set is closed; None where any key is fine."""
+    if path == "policy.lr":
+        from monkeytune.policy.components import ALIASES, COMPONENTS  # noqa: PLC0415 - imports torch
+
+        return [*COMPONENTS, *ALIASES, "default"]
+    if path == "policy.lora":
+        from monkeytune.policy.presets import DEFAULT_LLM_LORA  # noqa: PLC0415 - imports torch
+
+        return list(DEFAULT_LLM_LORA)
+    if path == "log.tracker_options":
+        return list(TRACKERS)
+    return None
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, str]]:
@@ -249,7 +328,8 @@ def load_config(
             raise ConfigError(f"{where}: section {sec!r} must be a mapping, got {type(body).__name__}")
         for key, value in body.items():
             kwhere = f"{origin}:{lines[(sec, key)]}" if (sec, key) in lines else origin
-            set_value(cfg, f"{sec}.{key}", value, kwhere)
+            # One key as written: a dotted YAML key is not a path (nesting is YAML's own job there).
+            _set_in(getattr(cfg, sec), [str(key)], value, kwhere, sec)
     for key, value in overrides or []:
         set_value(cfg, key, value, f"--{key}")
     migrate_deprecated(cfg, origin)
