@@ -110,128 +110,25 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
     Raises:
         SetupError, ConfigError, CheckpointError, TrainingError: with a message naming the cause.
     """
-    from accelerate.utils import send_to_device, set_seed
-
-    from monkeytune.policy import apply_plan, apply_stage, plan_report
-
     check_environment(cfg)
     acc = make_accelerator(cfg)
     check_run_support(cfg, engine_of(acc), acc.device.type)
-    loading = configure_device(cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
-    main = acc.is_main_process
     run_dir = Path(cfg.checkpoint.output_dir)
     lock = claim_run_dir(run_dir, acc)
-    handler = metrics = None
+    handler = _add_file_log(run_dir) if acc.is_main_process else None
+    ctx = None
     try:
-        handler = _add_file_log(run_dir) if main else None
-        ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
-        if main:
-            # Nothing else writes here while the lock is held, so these are crash leftovers.
-            remove_leftovers(run_dir)
-            remove_leftovers(ckpts.root)
-        ensure_synthetic_data(cfg, acc)
-        # The model spec is resolved once; from here on the run uses (and saves) what it resolved to.
-        resolved = resolve_run_model(cfg)
-        cfg = effective_config(cfg, resolved)
-        spec = resume if resume is not None else cfg.checkpoint.resume
-        resume_dir = ckpts.resolve(spec) if spec else None
-        if spec == "latest" and resume_dir is None:
-            logger.info("no checkpoint under %s yet: starting a fresh run", ckpts.root)
-        if resume_dir is None and ckpts.checkpoints():
-            # A fresh run would interleave its checkpoints with the old ones (and prune by step).
-            raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
-                             "or choose another checkpoint.output_dir")
-        saved = read_state(resume_dir) if resume_dir else None
-        fingerprint = run_fingerprint(cfg, resolved.tokenizer_dir)
-        if resume_dir is not None:
-            check_same_run(resume_dir, cfg, fingerprint, accept_changes)
-        if main:
-            print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
-            cfg.save(run_dir / RUN_CONFIG_FILE)
-        record = write_run_record(run_dir, acc, cfg)
-        logger.info("engine %s, %d process(es), precision %s, device %s", record["engine"], record["world_size"],
-                    record["precision"], record["device"])
-        logger.info("data loading: %d worker(s) per process%s", loading.num_workers,
-                    ", pinned memory" if loading.pin_memory else "")
-
-        model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=resolved)
-        if cfg.vision_warmup.steps and not saved:  # a resumed run's checkpoint holds the warmed-up weights
-            run_vision_warmup(cfg, model, run_dir, acc.num_processes, acc.device, main)
-        plan, schedule = build_schedule(cfg, model, compute_precision(acc, cfg))  # llm-qlora: the 4-bit compute dtype
-        sharded = is_sharded(acc)
-        if sharded and schedule.stages:
-            raise SetupError(f"policy.unfreeze stages need a single-process or DDP run: {engine_of(acc)} fixes the "
-                             "trainable set when it wraps the model")
-        start_step = int(saved["step"]) if saved else 0
-        # The stage in force when the checkpoint was written (the loop switches to the next
-        # stage before its first step, exactly as the uninterrupted run did).
-        stage = _stage_by_index(schedule, int(saved["stage"])) if saved else schedule.stage_at(0)
-        apply_plan(model, stage.plan)
-        precision = compute_precision(acc, cfg)
-        # Every stage's start is counted: a parameter a later stage trains keeps its fp32 master.
-        ever_trained = set(ever_trained_names(model, schedule, step=2**62))
-        saved_bytes = hold_frozen_in_compute_dtype(model, ever_trained, precision)
-        if saved_bytes:
-            logger.info("frozen weights held in %s: %.2f GiB less", precision, saved_bytes / 2**30)
-        module = TrainingModule(model)
-        if engine_of(acc) == "fsdp2":
-            # before the optimizer: it replaces the parameters
-            module = shard_fsdp2(module, cfg.train.precision, cfg.train.grad_reduce_dtype)
-        optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
-        if cfg.data.streaming:
-            dataset, collator, sampler = build_stream(cfg, tokenizer, model.config, run_dir, acc.process_index,
-                                                      acc.num_processes, loading.num_workers)
-        else:
-            dataset, collator, sampler = build_data(cfg, tokenizer, model.config, run_dir, acc.process_index,
-                                                    acc.num_processes)
-        trained_with = training_record(cfg.data.template, dataset, tokenizer,
-                                       resolved.tokenizer_dir or cfg.model.from_dir)
-        if main:
-            logger.info("the final model will record prompt template %s (chat format %s)",
-                        trained_with["prompt_template"], trained_with["chat_format"])
-        steps_total = total_steps(cfg, sampler.batches_per_epoch)
-        scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
-        apply_stage(model, optimizer, stage, scheduler)
-        if main:
-            print(plan_report(model, stage.plan).to_text(), flush=True)
-        position = Position()
-        if saved:
-            load_model_state(resume_dir, model, optimizer, scheduler, sharded)
-            position = (stream_position(saved, acc.process_index, acc.num_processes, loading.num_workers)
-                        if cfg.data.streaming else _map_position(saved, acc.num_processes))
-        set_seed(cfg.train.seed)
-        configure_engine(acc, cfg)
-        if engine_of(acc) == "fsdp2":
-            optimizer = acc.prepare(optimizer)  # the module is sharded already
-        else:
-            module, optimizer = acc.prepare(module, optimizer)
-        check_engine(acc, cfg)
-        engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
-        logger.info("gradients accumulate and reduce in %s", engine.grad_reduce_dtype(cfg.train.grad_reduce_dtype))
-        if saved:
-            load_engine_state(resume_dir, engine, sharded)
-            logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", resume_dir, start_step,
-                        position.epoch, position.batch)
-
-        start_trackers(acc, cfg, start_step if saved else None)
-        metrics = MetricsLog(run_dir, main, acc, resume_step=start_step if saved else None)
-        ctx = StepContext(
-            cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
-            sharded=sharded, metrics=metrics,
-            progress=Progress(steps_total, start_step, main and cfg.log.progress), checkpoints=ckpts,
-            batches_per_epoch=sampler.batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
-            bad_steps=int(saved.get("bad_steps", 0)) if saved else 0, last_checkpoint=resume_dir,
-            fingerprint=fingerprint,
-        )
-        if cfg.data.streaming:
-            stream = stream_batches(dataset, position, cfg.train.seed, loading.pin_memory)
-        else:
-            stream = micro_batches(dataset, sampler, collator, position, loading.num_workers, cfg.train.seed,
-                                   pin_memory=loading.pin_memory)
-        result = TrainResult(run_dir, start_step, last_checkpoint=resume_dir)
-        for step in range(start_step + 1, steps_total + 1):
+        run = _open_run(cfg, acc, run_dir, resume, accept_changes)
+        model, tokenizer, schedule, stage = _load_model(run)
+        dataset, collator, sampler = _build_data(run, model, tokenizer)
+        trained_with = _trained_with(run, dataset, tokenizer)
+        ctx, position = _prepare_step(run, model, schedule, stage, total_steps(run.cfg, sampler.batches_per_epoch),
+                                      sampler.batches_per_epoch)
+        stream = _batches(run, dataset, collator, sampler, position)
+        result = TrainResult(run.dir, run.start_step, last_checkpoint=run.resume_dir)
+        for step in range(run.start_step + 1, ctx.total_steps + 1):
             _enter_stage(ctx, schedule.stage_at(step - 1), step - 1)
-            row = run_step(ctx, step, [next(stream) for _ in range(cfg.train.grad_accum)])
+            row = run_step(ctx, step, [next(stream) for _ in range(run.cfg.train.grad_accum)])
             result.losses.append(row["loss"])
             result.steps = step
             if on_step is not None:
@@ -239,21 +136,211 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         result.last_checkpoint = ctx.last_checkpoint
         ctx.progress.close()
         ctx.metrics.close()
-        skipped = (dataset.summary() if cfg.data.streaming else run_summary(dataset)) if main else None
+        skipped = _skip_summary(run, dataset) if run.main else None
         if skipped:
             logger.warning("bad samples: %s", skipped)
         acc.wait_for_everyone()
-        result.final_dir = _finish(cfg, ctx, model, tokenizer, run_dir, trained_with)
+        result.final_dir = _finish(run.cfg, ctx, model, tokenizer, run.dir, trained_with)
         result.model = model
         return result
     finally:
-        if metrics is not None:
-            metrics.close()  # a crashed run's tracker files are flushed and its W&B/MLflow run ended too
+        if ctx is not None:
+            ctx.metrics.close()  # a crashed run's tracker files are flushed and its W&B/MLflow run ended too
         if handler is not None:
             logging.getLogger("monkeytune").removeHandler(handler)
             handler.close()
         if lock is not None:
             lock.release()
+
+
+@dataclass
+class _Run:
+    """What a run settles once, at its start: its configuration, folder, and whether it resumes.
+
+    Attributes:
+        cfg: The effective configuration (the model spec resolved; what the run saves).
+        acc: The ``accelerate.Accelerator``.
+        loading: How batches reach the device (DataLoader workers, pinned memory).
+        dir: The run folder.
+        checkpoints: Its checkpoints.
+        resolved: The resolved model spec.
+        resume_dir: The checkpoint resumed from (None: a fresh run).
+        saved: That checkpoint's trainer state (None: a fresh run).
+        fingerprint: What the run reads, stored in every checkpoint.
+    """
+
+    cfg: TrainConfig
+    acc: Any
+    loading: Any
+    dir: Path
+    checkpoints: CheckpointManager
+    resolved: Any
+    resume_dir: Path | None
+    saved: dict[str, Any] | None
+    fingerprint: dict[str, Any]
+
+    @property
+    def main(self) -> bool:
+        return self.acc.is_main_process
+
+    @property
+    def start_step(self) -> int:
+        return int(self.saved["step"]) if self.saved else 0
+
+
+def _open_run(cfg: TrainConfig, acc, run_dir: Path, resume: str | None, accept_changes: bool) -> _Run:
+    """Prepare the run folder, resolve the model spec and take the resume decision (once)."""
+    loading = configure_device(cfg, acc.device, int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes)))
+    main = acc.is_main_process
+    ckpts = CheckpointManager(run_dir / "checkpoints", cfg.checkpoint.keep_last, main, acc.wait_for_everyone)
+    if main:
+        # Nothing else writes here while the lock is held, so these are crash leftovers.
+        remove_leftovers(run_dir)
+        remove_leftovers(ckpts.root)
+    ensure_synthetic_data(cfg, acc)
+    # The model spec is resolved once; from here on the run uses (and saves) what it resolved to.
+    resolved = resolve_run_model(cfg)
+    cfg = effective_config(cfg, resolved)
+    resume_dir = _resume_dir(ckpts, resume if resume is not None else cfg.checkpoint.resume)
+    fingerprint = run_fingerprint(cfg, resolved.tokenizer_dir)
+    if resume_dir is not None:
+        check_same_run(resume_dir, cfg, fingerprint, accept_changes)
+    if main:
+        print("resolved configuration:\n" + cfg.to_yaml(), flush=True)
+        cfg.save(run_dir / RUN_CONFIG_FILE)
+    record = write_run_record(run_dir, acc, cfg)
+    logger.info("engine %s, %d process(es), precision %s, device %s", record["engine"], record["world_size"],
+                record["precision"], record["device"])
+    logger.info("data loading: %d worker(s) per process%s", loading.num_workers,
+                ", pinned memory" if loading.pin_memory else "")
+    return _Run(cfg, acc, loading, run_dir, ckpts, resolved, resume_dir,
+                read_state(resume_dir) if resume_dir else None, fingerprint)
+
+
+def _resume_dir(ckpts: CheckpointManager, spec: str | None) -> Path | None:
+    """The checkpoint ``spec`` names (None: a fresh run, refused over an earlier run's checkpoints)."""
+    resume_dir = ckpts.resolve(spec) if spec else None
+    if spec == "latest" and resume_dir is None:
+        logger.info("no checkpoint under %s yet: starting a fresh run", ckpts.root)
+    if resume_dir is None and ckpts.checkpoints():
+        # A fresh run would interleave its checkpoints with the old ones (and prune by step).
+        raise SetupError(f"{ckpts.root} holds checkpoints of an earlier run: pass --resume to continue it, "
+                         "or choose another checkpoint.output_dir")
+    return resume_dir
+
+
+def _load_model(run: _Run):
+    """``(model, tokenizer, schedule, stage)``: the model with the plan of the stage in force."""
+    from monkeytune.policy import apply_plan
+
+    cfg, acc = run.cfg, run.acc
+    model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=run.resolved)
+    if cfg.vision_warmup.steps and not run.saved:  # a resumed run's checkpoint holds the warmed-up weights
+        run_vision_warmup(cfg, model, run.dir, acc.num_processes, acc.device, run.main)
+    precision = compute_precision(acc, cfg)
+    _, schedule = build_schedule(cfg, model, precision)  # llm-qlora: the 4-bit compute dtype
+    if is_sharded(acc) and schedule.stages:
+        raise SetupError(f"policy.unfreeze stages need a single-process or DDP run: {engine_of(acc)} fixes the "
+                         "trainable set when it wraps the model")
+    # The stage in force when the checkpoint was written (the loop switches to the next
+    # stage before its first step, exactly as the uninterrupted run did).
+    stage = _stage_by_index(schedule, int(run.saved["stage"])) if run.saved else schedule.stage_at(0)
+    apply_plan(model, stage.plan)
+    # Every stage's start is counted: a parameter a later stage trains keeps its fp32 master.
+    ever_trained = set(ever_trained_names(model, schedule, step=2**62))
+    saved_bytes = hold_frozen_in_compute_dtype(model, ever_trained, precision)
+    if saved_bytes:
+        logger.info("frozen weights held in %s: %.2f GiB less", precision, saved_bytes / 2**30)
+    return model, tokenizer, schedule, stage
+
+
+def _build_data(run: _Run, model, tokenizer):
+    """``(dataset, collator, sampler)`` of this rank: map-style, or streamed (``data.streaming``)."""
+    acc = run.acc
+    if run.cfg.data.streaming:
+        return build_stream(run.cfg, tokenizer, model.config, run.dir, acc.process_index, acc.num_processes,
+                            run.loading.num_workers)
+    return build_data(run.cfg, tokenizer, model.config, run.dir, acc.process_index, acc.num_processes)
+
+
+def _trained_with(run: _Run, dataset, tokenizer) -> dict[str, Any]:
+    """What the final folder records of the training (prompt template, chat format)."""
+    trained_with = training_record(run.cfg.data.template, dataset, tokenizer,
+                                   run.resolved.tokenizer_dir or run.cfg.model.from_dir)
+    if run.main:
+        logger.info("the final model will record prompt template %s (chat format %s)",
+                    trained_with["prompt_template"], trained_with["chat_format"])
+    return trained_with
+
+
+def _prepare_step(run: _Run, model, schedule, stage, steps_total: int,
+                  batches_per_epoch: int) -> tuple[StepContext, Position]:
+    """The engine-wrapped model and optimizer, restored when resuming, in the step's context;
+    and the data position to start from."""
+    from accelerate.utils import send_to_device, set_seed
+
+    from monkeytune.policy import apply_stage, plan_report
+
+    cfg, acc, sharded = run.cfg, run.acc, is_sharded(run.acc)
+    module = TrainingModule(model)
+    if engine_of(acc) == "fsdp2":
+        # before the optimizer: it replaces the parameters
+        module = shard_fsdp2(module, cfg.train.precision, cfg.train.grad_reduce_dtype)
+    optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
+    apply_stage(model, optimizer, stage, scheduler)
+    if run.main:
+        print(plan_report(model, stage.plan).to_text(), flush=True)
+    if run.saved:
+        load_model_state(run.resume_dir, model, optimizer, scheduler, sharded)
+    set_seed(cfg.train.seed)
+    configure_engine(acc, cfg)
+    if engine_of(acc) == "fsdp2":
+        optimizer = acc.prepare(optimizer)  # the module is sharded already
+    else:
+        module, optimizer = acc.prepare(module, optimizer)
+    check_engine(acc, cfg)
+    engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
+    logger.info("gradients accumulate and reduce in %s", engine.grad_reduce_dtype(cfg.train.grad_reduce_dtype))
+    position = _start_position(run)
+    if run.saved:
+        load_engine_state(run.resume_dir, engine, sharded)
+        logger.info("resumed from %s at step %d (epoch %d, micro-batch %d)", run.resume_dir, run.start_step,
+                    position.epoch, position.batch)
+    resume_step = run.start_step if run.saved else None
+    start_trackers(acc, cfg, resume_step)
+    ctx = StepContext(
+        cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
+        sharded=sharded, metrics=MetricsLog(run.dir, run.main, acc, resume_step=resume_step),
+        progress=Progress(steps_total, run.start_step, run.main and cfg.log.progress), checkpoints=run.checkpoints,
+        batches_per_epoch=batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
+        bad_steps=int(run.saved.get("bad_steps", 0)) if run.saved else 0, last_checkpoint=run.resume_dir,
+        fingerprint=run.fingerprint,
+    )
+    return ctx, position
+
+
+def _start_position(run: _Run) -> Position:
+    """Where the data starts: the beginning, or the resumed checkpoint's position."""
+    if not run.saved:
+        return Position()
+    acc = run.acc
+    if run.cfg.data.streaming:
+        return stream_position(run.saved, acc.process_index, acc.num_processes, run.loading.num_workers)
+    return _map_position(run.saved, acc.num_processes)
+
+
+def _batches(run: _Run, dataset, collator, sampler, position: Position):
+    """The endless stream of ``(position, micro-batch)`` from ``position``."""
+    cfg, loading = run.cfg, run.loading
+    if cfg.data.streaming:
+        return stream_batches(dataset, position, cfg.train.seed, loading.pin_memory)
+    return micro_batches(dataset, sampler, collator, position, loading.num_workers, cfg.train.seed,
+                         pin_memory=loading.pin_memory)
+
+
+def _skip_summary(run: _Run, dataset) -> str | None:
+    return dataset.summary() if run.cfg.data.streaming else run_summary(dataset)
 
 
 def _stage_by_index(schedule, index: int):
