@@ -203,3 +203,34 @@ def test_infer_template_reads_the_layout_of_the_training_questions():
         assert infer_template(texts) == name
     assert infer_template(["<img>a.png</img> describe it"]) == "raw"
     assert infer_template(["anything"], "chatml") == "chatml"
+
+
+def test_score_takes_a_prompt_written_out_in_the_template_as_the_whole_turn(saved, capsys):
+    """`score --prompt "<img>a.png</img> What is it? Answer: "` must not say "Answer:" twice."""
+    root, model, tok = saved
+    image = str(root / "red.png")
+    tpi = model.config.tokens_per_image
+    for template, complete in [("vqa", f"<img>{image}</img> what is in the picture? Answer: "),
+                               ("vqa", f"<img>{image}</img>what is in the picture?   Answer:"),
+                               ("vqa-question-first", f"what is in the picture? <img>{image}</img> Answer: "),
+                               ("caption", f"<img>{image}</img> Generate the detailed caption in English: ")]:
+        question = "" if template == "caption" else "what is in the picture?"
+        # The plain reference: the question and image rendered once, by the template.
+        ids, _ = prompt_ids(template, tok, tpi, question, image)
+        assert tok.decode(ids).count("Answer:") == (template != "caption")
+        plain = score_answer(model, tok, question, "a red square", image, template=template)
+        given = score_answer(model, tok, complete, "a red square", template=template)
+        assert given["sum_logprob"] == plain["sum_logprob"], (template, complete)
+    # The command line, with the template the folder records (none here: the vqa fallback).
+    args = ["score", "--model", str(root / "model"), "--answer", "a red square", "--json", "--prompt"]
+    assert main([*args, f"<img>{image}</img> what is in the picture? Answer: "]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert main([*args, "what is in the picture?", "--image", image]) == 0
+    assert given == json.loads(capsys.readouterr().out)
+    # --raw takes the text as it stands; an image named twice is refused in one line.
+    assert main([*args, "what is in the picture? Answer: ", "--raw"]) == 0
+    raw = json.loads(capsys.readouterr().out)
+    assert raw["sum_logprob"] == score_answer(model, tok, "what is in the picture? Answer: ", "a red square",
+                                              template="raw")["sum_logprob"]
+    assert main([*args, f"<img>{image}</img> what? Answer: ", "--image", image]) == 2
+    assert "already names its image" in capsys.readouterr().err

@@ -20,7 +20,7 @@ from transformers import StoppingCriteriaList
 
 from monkeytune.data.templates import build_prompt
 from monkeytune.limits import Deadline, GenerationTimeout, check_prompt_length, check_raw_length
-from monkeytune.prompts import TEMPLATES, user_text
+from monkeytune.prompts import TEMPLATES, split_complete_prompt, user_text
 from monkeytune.streaming import TokenStreamer
 from monkeytune.vision.processor import ImageProcessor
 
@@ -278,13 +278,28 @@ def score_answer(
 
     The prompt (rendered by ``template``, by default the one the model folder records, see
     :func:`default_template`; ``raw`` takes a prompt written out in full) and the answer are
-    tokenised separately and concatenated, as in training.
+    tokenised separately and concatenated, as in training. A prompt that already ends with the
+    template's cue (``"<img>a.png</img> What is it? Answer: "`` under ``vqa``) is taken as the
+    complete user turn (see :func:`split_complete_prompt`): it scores exactly as the question
+    with ``image="a.png"`` does, rather than saying ``Answer:`` twice.
 
     Returns:
         ``{"tokens": [{"id", "text", "logprob"}...], "sum_logprob", "mean_nll", "num_tokens"}``.
+
+    Raises:
+        ValueError: an empty answer or prompt, or a complete prompt naming an image when
+            ``image`` names one too.
     """
     # Prompt and answer share the model's positions: both count against its length.
     template = template or default_template(model)
+    complete = split_complete_prompt(template, prompt)
+    if complete is not None:
+        prompt, tagged = complete
+        if tagged and image:
+            raise ValueError(f"the prompt already names its image (<img>{tagged}</img>); give the image there or "
+                             "with --image, not both")
+        image = tagged or image
+        logger.info("the prompt already ends the %s way: scored as the complete user turn", template)
     check_raw_length([prompt, answer_text], tokenizer, model.config, what="the prompt with its answer")
     ids, images = prompt_ids(template, tokenizer, model.config.tokens_per_image, prompt, image)
     ans = tokenizer.encode(answer_text)

@@ -60,3 +60,35 @@ def infer_template(user_texts: list[str], conversation_template: str = "monkey")
         if user_texts and all(pattern.match(t) for t in user_texts):
             return name
     return "raw"
+
+
+# The cue each single-turn layout ends its user turn with (see user_text).
+_CUES = {"vqa": "Answer:", "vqa-question-first": "Answer:", "caption": CAPTION_PROMPT}
+_LEADING_TAG = re.compile(r"^\s*<img>([^<]*)</img>(.*)$", re.DOTALL)
+_TRAILING_TAG = re.compile(r"^(.*?)<img>([^<]*)</img>\s*$", re.DOTALL)
+
+
+def split_complete_prompt(template: str, text: str) -> tuple[str, str | None] | None:
+    """``(question, image)`` of a prompt already written out in ``template``'s layout, else None.
+
+    A prompt that ends with the layout's cue (``Answer:`` for ``vqa`` and
+    ``vqa-question-first``, the caption instruction for ``caption``) already carries the
+    template's markup; rendering it again would say the cue twice. Its question and image tag
+    (where the layout puts it) are taken back out, so that :func:`user_text` rebuilds exactly
+    the turn training saw, spacing included. ``chatml`` and ``raw`` have no such cue: None.
+    """
+    cue = _CUES.get(template)
+    body = text.rstrip()
+    if cue is None or not body.endswith(cue):
+        return None
+    body = body[: -len(cue)].strip()
+    if template == "vqa-question-first":
+        m = _TRAILING_TAG.match(body)
+        return (m.group(1).strip(), m.group(2).strip()) if m else (body, None)
+    m = _LEADING_TAG.match(body)
+    if template == "caption":
+        # The caption turn is the tag and the instruction only; other text is not this layout.
+        if not body:
+            return "", None
+        return ("", m.group(1).strip()) if m and not m.group(2).strip() else None
+    return (m.group(2).strip(), m.group(1).strip()) if m else (body, None)

@@ -18,7 +18,7 @@ SUBCOMMANDS = [
     "inspect",
     "train", "tokenizer",
     "chat", "score", "eval", "probe", "export",
-    "serve",
+    "serve", "api",
 ]
 
 

@@ -2,6 +2,11 @@
 
 Prints one line per answer token (id, log-prob, text) and the sum and mean negative log-likelihood,
 or JSON with ``--json``. Exit status 2 when the inputs are unusable.
+
+The prompt is the question: the template wraps it (and ``--image``) the way the model was
+trained. A prompt written out in full in the template's own layout (ending with ``Answer:``
+under ``vqa``) is recognised and used as the complete user turn, not wrapped a second time;
+``--raw`` takes the prompt exactly as given in every case.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "score",
         help="log-probability of an answer given a prompt",
         description="Tokenise the prompt (rendered by --template) and the answer separately, "
-        "concatenate them and report each answer token's log-probability.",
+        "concatenate them and report each answer token's log-probability. A prompt already written in the "
+        "template's layout (e.g. '<img>a.png</img> What is it? Answer: ' under vqa) is used as the complete "
+        "user turn, not wrapped again.",
     )
     add_model_args(p)
     p.add_argument("--prompt", required=True, help="the prompt text")
@@ -28,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="how the prompt is rendered (default: the template the model folder records; "
                    "raw takes the prompt as given, image tag in front)")
+    p.add_argument("--raw", action="store_true", help="take the prompt exactly as given (same as --template raw)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -39,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
-        result = score_answer(model, tokenizer, args.prompt, args.answer, args.image, args.template)
+        template = "raw" if args.raw else args.template
+        result = score_answer(model, tokenizer, args.prompt, args.answer, args.image, template)
     except (ModelFolderError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune score: {e}", file=sys.stderr)
         return 2

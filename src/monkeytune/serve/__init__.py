@@ -8,8 +8,14 @@
 * :class:`TilingView` (:mod:`.tiling`): the picture of the windows and global view;
 * :func:`check_upload` (:mod:`.uploads`): upload validation with messages for the page.
 
+``monkeytune api``, the OpenAI-compatible server: :class:`APIServer` (:mod:`.api`, the Starlette
+app; requests read by :mod:`.api_request` and :mod:`.api_inputs`, errors in :mod:`.api_errors`),
+:class:`Batcher` (:mod:`.batching`, dynamic batches on one worker thread), :func:`load_api` and
+:func:`start_in_thread` (:mod:`.api_launch`).
+
 Gradio is an optional dependency (``pip install monkeytune[serve]``); :mod:`.app` and
-:func:`start` import it, the rest does not.
+:func:`start` import it, the rest does not. The API needs Starlette and uvicorn (which the same
+extra brings), not Gradio.
 """
 
 import importlib
@@ -23,6 +29,10 @@ _EXPORTS = {
                      "launch_app", "start"], "monkeytune.serve.launch"),
     **dict.fromkeys(["TilingView", "describe_tiling", "draw_tiling"], "monkeytune.serve.tiling"),
     **dict.fromkeys(["UploadError", "UploadLimits", "check_upload"], "monkeytune.serve.uploads"),
+    **dict.fromkeys(["APIServer", "APISettings"], "monkeytune.serve.api"),
+    **dict.fromkeys(["load_api", "start_in_thread"], "monkeytune.serve.api_launch"),
+    "Batcher": "monkeytune.serve.batching",
+    "RequestLimits": "monkeytune.serve.api_request",
 }
 
 
@@ -34,6 +44,9 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "APIServer",
+    "APISettings",
+    "Batcher",
     "ChatEngine",
     "DEFAULT_HOST",
     "DEFAULT_PORT",
@@ -49,6 +62,9 @@ __all__ = [
     "exposure_warning",
     "find_demo_model",
     "launch_app",
+    "load_api",
+    "RequestLimits",
     "settings_from_form",
     "start",
+    "start_in_thread",
 ]
