@@ -40,6 +40,7 @@ SKIPPED = {
     "monkeytune probe": "DIR and the data files stand for the reader's model and data",
     "monkeytune export": "DIR / RUN/final and OUT stand for the reader's folders",
     "monkeytune serve": "DIR stands for the reader's model, and the server runs until stopped",
+    "monkeytune api": "DIR stands for the reader's model, and the server runs until stopped",
 }
 
 
