@@ -30,3 +30,18 @@ def test_the_command_line_answers_help_without_loading_heavy_libraries():
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
     assert "train" in out.stdout and "serve" in out.stdout
+
+
+def test_monkeytune_train_is_one_object_the_package_that_trains_when_called():
+    # `monkeytune.train(config)` runs training and `monkeytune.train.loop` is the module: one
+    # name, one meaning (the package), where a re-exported function used to hide the package.
+    import importlib
+
+    import monkeytune
+    from monkeytune.train.loop import train as run
+
+    loop = importlib.import_module("monkeytune.train.loop")
+    assert monkeytune.train is importlib.import_module("monkeytune.train")
+    assert callable(monkeytune.train) and monkeytune.train.loop is loop
+    exec("import monkeytune.train.loop as aliased\nassert aliased is loop", {"loop": loop})
+    assert run is loop.train

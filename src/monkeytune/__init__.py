@@ -40,10 +40,10 @@ _EXPORTS = {
     "TrainConfig": "monkeytune.train", "load_config": "monkeytune.train",
 }
 
-# ``monkeytune.train`` is both the training function and its subpackage: the function is bound
-# here, as the subpackage is loaded (it is light; the trainer loads when called), so that the
-# name keeps meaning the function.
-from monkeytune.train import train  # noqa: E402
+# ``monkeytune.train`` is one object: the training subpackage, which is callable as the training
+# function (``monkeytune.train(config)``; see monkeytune/train/__init__.py). It is light: the
+# trainer loads when called.
+import monkeytune.train as train  # noqa: E402
 
 __all__ = sorted(_EXPORTS) + ["__version__", "train"]
 

@@ -12,6 +12,8 @@ See docs/training.md for the loss normalisation, checkpoint format and exact res
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import Any
 
 # Public name -> its module, imported when first used (the trainer imports torch, transformers
@@ -29,6 +31,17 @@ def train(*args: Any, **kwargs: Any):
     from monkeytune.train.loop import train as run  # noqa: PLC0415
 
     return run(*args, **kwargs)
+
+
+class _CallablePackage(types.ModuleType):
+    """This subpackage, callable as :func:`train`: ``monkeytune.train(config)`` runs training and
+    ``monkeytune.train.loop`` is still the module, so one name has one meaning."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        return train(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
 
 
 def __getattr__(name: str) -> Any:
