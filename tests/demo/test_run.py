@@ -126,6 +126,6 @@ def test_the_two_stage_example_is_the_demos_recipe():
     assert (stage1.model.config.vision, stage1.model.config.image) == (built.vision, built.image)
     assert stage1.policy.preset == "full" and stage1.policy.lr == {"vision": s.vision_lr1, "resampler": s.resampler_lr1}
     assert (stage1.optim.lr, stage1.train.max_steps, stage1.train.micro_batch_size) == (s.lr1, s.steps1, s.batch_size)
-    assert (stage1.vision_warmup.steps, stage1.vision_warmup.batch_size) == (s.warmup_steps, s.batch_size)
+    assert (stage1.vision_warmup.steps, stage1.vision_warmup.batch_size) == (s.vision_warmup_steps, s.batch_size)
     assert stage2.policy.preset == "monkey-fix-llm" and (stage2.optim.lr, stage2.train.max_steps) == (s.lr2, s.steps2)
     assert stage1.data.view_cache_gib == stage2.data.view_cache_gib > 0

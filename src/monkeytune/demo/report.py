@@ -13,7 +13,7 @@ from PIL import Image
 if TYPE_CHECKING:  # only for annotations; run.py imports this module lazily
     from monkeytune.demo.run import DemoResult
 
-METRICS_FILE = "metrics.json"
+DEMO_METRICS_FILE = "metrics.json"
 LOSS_PLOT = "loss_curves.png"
 EXAMPLES_PLOT = "examples.png"
 
@@ -198,7 +198,7 @@ def write_report(result: "DemoResult") -> dict[str, Path]:
     """Write ``metrics.json`` and the two PNGs into the output folder and print the table."""
     out = Path(result.settings.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / METRICS_FILE
+    metrics_path = out / DEMO_METRICS_FILE
     metrics_path.write_text(json.dumps(metrics_dict(result), indent=2) + "\n", encoding="utf-8")
     files = {
         "metrics": metrics_path,

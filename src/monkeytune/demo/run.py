@@ -100,7 +100,7 @@ class DemoSettings:
         steps1, steps2: Optimizer steps of stages 1 and 2; the baseline runs ``steps1 + steps2``.
         batch_size: Questions per optimizer step.
         lr1: Peak learning rate of the LLM in stage 1 and the baseline.
-        warmup_steps: Steps of the vision warm-up before stage 1 and the baseline (batches of
+        vision_warmup_steps: Steps of the vision warm-up before stage 1 and the baseline (batches of
             ``batch_size`` records), at the warm-up's default rates (tower 3e-5, resampler 1e-3).
         vision_lr1: Peak learning rate of the vision tower and its adapters in stage 1 and the
             baseline. The digits are lost at 1e-4 and above (``bench/vision_direct.py``).
@@ -128,7 +128,7 @@ class DemoSettings:
     steps2: int = 40
     batch_size: int = 64
     lr1: float = 1e-3
-    warmup_steps: int = 600
+    vision_warmup_steps: int = 600
     vision_lr1: float = 3e-5
     resampler_lr1: float = 1e-4
     lr2: float = 1e-5
@@ -143,7 +143,7 @@ class DemoSettings:
     def quick(cls, out_dir: str | Path, seed: int = 0, task: str = "textures") -> "DemoSettings":
         """A few samples and steps: exercises every step end to end in seconds (for tests)."""
         return cls(out_dir=Path(out_dir), task=task, seed=seed, n_train=4, n_val=1, n_test=2, steps1=2, steps2=2,
-                   warmup_steps=2, batch_size=4, eval_batch_size=8, progress=False, examples=2)
+                   vision_warmup_steps=2, batch_size=4, eval_batch_size=8, progress=False, examples=2)
 
 
 @dataclass
@@ -165,7 +165,8 @@ class StageResult:
 
 
 def _train_config(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str,
-                  train_file: Path, steps: int, lr: float, component_lr: dict[str, float], warmup_steps: int) -> "Any":
+                  train_file: Path, steps: int, lr: float, component_lr: dict[str, float],
+                  vision_warmup_steps: int) -> "Any":
     from monkeytune.train.config_load import load_config
 
     gpu = torch.cuda.is_available()
@@ -179,16 +180,18 @@ def _train_config(settings: DemoSettings, data: DemoData, name: str, model: Mode
                   "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
         "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
         "log": {"progress": settings.progress, "plot": False},
-        "vision_warmup": {"steps": warmup_steps, "batch_size": settings.batch_size},
+        "vision_warmup": {"steps": vision_warmup_steps, "batch_size": settings.batch_size},
     }
     return load_config(data=raw)
 
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str, train_file: Path,
-           steps: int, lr: float, component_lr: dict[str, float] | None = None, warmup_steps: int = 0) -> StageResult:
+           steps: int, lr: float, component_lr: dict[str, float] | None = None,
+           vision_warmup_steps: int = 0) -> StageResult:
     from monkeytune.train.loop import train
 
-    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {}, warmup_steps)
+    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {},
+                        vision_warmup_steps)
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
@@ -295,12 +298,12 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     slow_vision = {"vision": settings.vision_lr1, "resampler": settings.resampler_lr1}
     stages: dict[str, StageResult] = {}
     stages["stage1"] = _train(settings, data, "stage1", ModelSpec(config=demo_model_config((2, 2))), "full",
-                             data.train, settings.steps1, settings.lr1, slow_vision, settings.warmup_steps)
+                             data.train, settings.steps1, settings.lr1, slow_vision, settings.vision_warmup_steps)
     stages["stage2"] = _train(settings, data, "stage2", ModelSpec(from_dir=str(stages["stage1"].model_dir)),
                              "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
     stages["baseline"] = _train(settings, data, "baseline", ModelSpec(config=demo_model_config((0, 0))), "full",
                                data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision,
-                               settings.warmup_steps)
+                               settings.vision_warmup_steps)
     for name in STAGES:
         _evaluate(settings, data, stages[name])
     seconds = time.perf_counter() - start

@@ -126,9 +126,6 @@ class QwenRotaryEmbedding(nn.Module):
             self._inv_freq[key] = 1.0 / (base**exponents)
         return self._inv_freq[key]
 
-    def rebuild(self, device) -> None:  # nothing persistent to rebuild; tables are made on demand
-        self._inv_freq.clear()
-
     def choose_alpha(self, position_ids: torch.Tensor) -> float:
         """The ``alpha`` for a forward over ``position_ids`` ``[B, T]`` (updates :attr:`alpha`)."""
         if self.training or not self.compat.use_dynamic_ntk:

@@ -323,10 +323,8 @@ def materialize_buffers(model: nn.Module, device: str | torch.device) -> None:
     llm = getattr(model, "llm", None)
     rotary = getattr(getattr(llm, "model", None), "rotary_emb", None)
     if rotary is not None and any(b.is_meta for b in rotary.buffers()):
-        if hasattr(rotary, "rebuild"):
-            rotary.rebuild(device)
-        else:
-            llm.model.rotary_emb = type(rotary)(config=llm.config).to(device)
+        # The compat rotary holds no buffers (its tables are made on demand); a native one does.
+        llm.model.rotary_emb = type(rotary)(config=llm.config).to(device)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ModelFolderError(f"tensors were not loaded from the checkpoint: {name_list(left)}")

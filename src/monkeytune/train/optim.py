@@ -108,7 +108,7 @@ def optimizer_unavailable_reason(name: str, engine: str = "single", device_type:
     return None
 
 
-def warmup_steps(optim: OptimSection, total_steps: int) -> int:
+def lr_warmup_steps(optim: OptimSection, total_steps: int) -> int:
     """``optim.warmup_steps`` if set, else ``ceil(warmup_ratio * total_steps)``."""
     if optim.warmup_steps > 0:
         return min(optim.warmup_steps, total_steps)
@@ -123,7 +123,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection, total
         get_linear_schedule_with_warmup,
     )
 
-    warm = warmup_steps(optim, total_steps)
+    warm = lr_warmup_steps(optim, total_steps)
     if optim.scheduler == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, warm, total_steps)
     if optim.scheduler == "linear":
