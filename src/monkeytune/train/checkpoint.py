@@ -210,11 +210,11 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def resolve(self, spec: str) -> Path | None:
+    def resolve(self, which: str) -> Path | None:
         """``latest`` (None when there is none yet) or a checkpoint folder path (must exist)."""
-        if spec == "latest":
+        if which == "latest":
             return self.latest()
-        path = Path(spec)
+        path = Path(which)
         if (path / LATEST_FILE).is_file() or (path / "checkpoints").is_dir():
             # A run folder or a checkpoints folder: take its latest.
             root = path / "checkpoints" if (path / "checkpoints").is_dir() else path

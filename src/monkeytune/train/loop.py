@@ -1,6 +1,6 @@
 """The training run: set-up, the loop over optimizer steps, unfreezing stages, the final save.
 
-The step itself (window counts, forward, backward, clip, step, schedule, log, checkpoint) is
+The step itself (step counts, forward, backward, clip, step, schedule, log, checkpoint) is
 :func:`monkeytune.train.step.run_step`; the engine (``accelerate``: DDP, DeepSpeed ZeRO-2/3,
 FSDP2 on GPUs) is chosen by the launcher and checked in :mod:`monkeytune.train.engine`.
 """

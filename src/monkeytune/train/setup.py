@@ -369,10 +369,10 @@ def build_schedule(cfg: TrainConfig, model: nn.Module, precision: str | None = N
 
 
 def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
-    """Optimizer steps of the run: ``max_steps``, else whole accumulation windows in ``epochs``.
+    """Optimizer steps of the run: ``max_steps``, else whole steps of ``grad_accum`` micro-batches in ``epochs``.
 
-    Accumulation windows run on across epoch boundaries; micro-batches left over at the very
-    end that cannot fill a window are not used.
+    A step's micro-batches run on across epoch boundaries; micro-batches left over at the very
+    end that cannot fill a step are not used.
     """
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
@@ -380,7 +380,7 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
     if steps == 0:
         raise SetupError(
             f"{cfg.train.epochs} epoch(s) of {batches_per_epoch} micro-batches per process do not fill one "
-            f"window of train.grad_accum={cfg.train.grad_accum}; lower grad_accum or set train.max_steps"
+            f"step of train.grad_accum={cfg.train.grad_accum} micro-batches; lower grad_accum or set train.max_steps"
         )
     return steps
 

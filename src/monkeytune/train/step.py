@@ -1,10 +1,10 @@
 """One optimizer step, top to bottom.
 
-window counts -> forward -> backward -> clip -> step -> schedule -> log -> checkpoint
+step counts -> forward -> backward -> clip -> step -> schedule -> log -> checkpoint
 
-One step ("window") is ``grad_accum`` micro-batches on every process. Their supervised-token (or
+One step is ``grad_accum`` micro-batches on every process. Their supervised-token (or
 sample) counts are summed over all ranks first, and each micro-batch then backpropagates
-``loss_sum / window_count``, so the update is the same whatever the split into micro-batches
+``loss_sum / step_count``, so the update is the same whatever the split into micro-batches
 and processes (see :mod:`monkeytune.train.losses`). Everything that differs between engines
 (DDP, FSDP2, DeepSpeed, the fp16 loss scaler) sits behind :class:`~monkeytune.train.engine.Engine`.
 """
@@ -65,8 +65,8 @@ class StepContext:
         return getattr(optimizer, "optimizer", optimizer)
 
 
-def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str, Any]]]) -> dict[str, Any]:
-    """Run optimizer step ``step`` (1-based) on ``window`` (``grad_accum`` micro-batches).
+def run_step(ctx: StepContext, step: int, micro: list[tuple[Position, dict[str, Any]]]) -> dict[str, Any]:
+    """Run optimizer step ``step`` (1-based) on ``micro`` (its ``grad_accum`` micro-batches, each with the data position after it).
 
     Returns:
         The step's metrics row (``loss`` is ``nan`` for a skipped step).
@@ -75,11 +75,11 @@ def run_step(ctx: StepContext, step: int, window: list[tuple[Position, dict[str,
         TrainingError: after ``train.max_bad_steps`` consecutive non-finite steps.
     """
     cfg, engine, acc = ctx.cfg, ctx.engine, ctx.engine.accelerator
-    batches = [b for _, b in window]
-    position = window[-1][0]
+    batches = [b for _, b in micro]
+    position = micro[-1][0]
     per_sample = cfg.train.loss_norm == "per_sample"
 
-    # Window counts: supervised tokens (or samples) of the whole step, over every rank, and the
+    # Step counts: supervised tokens (or samples) of the whole step, over every rank, and the
     # LM-head calls of each micro-batch, the most any rank needs (one gather for both): a
     # sharded head is gathered at every call, so every rank must make the same number.
     weights, counts = [], torch.zeros(3 + len(batches), dtype=torch.float64)
