@@ -27,8 +27,8 @@ SECTIONS = dict(
         "preset": "monkey-fix-llm",
         "unfreeze": [{"start_step": 4, "rules": ["train: llm.model.layers.1.*"], "lr_multipliers": {"llm": 0.5}}],
     },
-    # 48 samples in micro-batches of 7 make 7 micro-batches per epoch, so the micro-batches of step 4
-    # (micro-batches 7 and 8) straddles the epoch boundary, and step 4 also starts stage 0.
+    # 48 samples in micro-batches of 7 make 7 micro-batches per epoch, so step 4's micro-batches
+    # (7 and 8) straddle the epoch boundary, and step 4 also starts stage 0.
     train={"epochs": 2, "micro_batch_size": 7, "grad_accum": 2},
     checkpoint={"every": 2, "keep_last": 2},
 )
