@@ -13,7 +13,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from monkeytune.vision.image import DEFAULT_MAX_PIXELS
+# Pillow warns above its MAX_IMAGE_PIXELS (this many) and refuses above twice that; the
+# decompression-bomb guard stops at the warning threshold (e.g. 9459x9459), well past any real
+# page scan or photo Monkey's 896-pixel canvas can use (monkeytune.vision.image checks it).
+DEFAULT_MAX_PIXELS = 89_478_485
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -33,11 +33,9 @@ from typing import Any, Iterable, Sequence
 
 from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, ImageRef, Part, Turn
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
-from monkeytune.tokenizer.base import Tokenizer
+from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer  # noqa: F401 - re-exported
 
 CONVERSATION_TEMPLATES = ("monkey", "chatml")
-DEFAULT_SYSTEM = "You are a helpful assistant."
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 @dataclass

@@ -15,6 +15,13 @@ from typing import Protocol, Sequence, runtime_checkable
 
 IMAGE_TAG = re.compile(r"<img>(.*?)</img>", re.DOTALL)
 
+# ChatML's markers and Qwen's default system prompt: one definition for the tokenizers that add
+# them and the conversation templates that write them.
+ENDOFTEXT = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
 
 @runtime_checkable
 class Tokenizer(Protocol):

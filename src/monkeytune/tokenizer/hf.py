@@ -28,8 +28,8 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 from transformers import PreTrainedTokenizerFast
 
-from monkeytune.data.templates import DEFAULT_SYSTEM
-from monkeytune.tokenizer.qwen import ENDOFTEXT, IM_END, IM_START, QWEN_PATTERN, QwenTokenizer
+from monkeytune.tokenizer.base import DEFAULT_SYSTEM, ENDOFTEXT, IM_END, IM_START
+from monkeytune.tokenizer.qwen import QWEN_PATTERN, QwenTokenizer
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
 CHATML_TEMPLATE = (

@@ -27,6 +27,8 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
+from monkeytune.tokenizer.base import ENDOFTEXT, IM_END, IM_START  # noqa: F401 - also imported from here
+
 VOCAB_FILE = "qwen.tiktoken"
 
 # Qwen's pre-tokeniser: case-insensitive English contractions, letter runs (with at most one
@@ -37,9 +39,6 @@ QWEN_PATTERN = (
     r""" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
 
-ENDOFTEXT = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_END = "<|im_end|>"
 NUM_EXTRA = 205
 VISION_SPECIALS = (
     "<ref>",

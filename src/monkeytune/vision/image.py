@@ -34,12 +34,10 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from monkeytune.config import DEFAULT_MAX_PIXELS  # the one definition, re-exported
+
 __all__ = ["DEFAULT_MAX_PIXELS", "ImageLoadError", "image_file_problem", "load_image"]
 
-# Pillow warns above MAX_IMAGE_PIXELS and refuses above twice that; the guard stops at the
-# warning threshold (about 89.5M pixels, e.g. 9459x9459), well past any real page scan or photo
-# Monkey's 896-pixel canvas can use, and a header check costs nothing.
-DEFAULT_MAX_PIXELS = int(Image.MAX_IMAGE_PIXELS or 89_478_485)
 
 # Modes that carry an alpha channel of their own.
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
