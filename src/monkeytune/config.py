@@ -115,6 +115,24 @@ class ImageConfig:
     def num_views(self) -> int:
         return self.num_windows + int(self.global_view)
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field when the views cannot be made (the one check
+        of an image layout: the model config and the image processor both call it)."""
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"image.resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        if len(self.grid) != 2 or any(not isinstance(g, int) or isinstance(g, bool) or g < 0 for g in self.grid):
+            raise ValueError(f"image.grid must be two integers >= 0, got {self.grid!r}")
+        if (self.grid[0] == 0) != (self.grid[1] == 0):
+            raise ValueError(f"image.grid {self.grid}: use [0, 0] for no windows, not a half-empty grid")
+        if not isinstance(self.window_size, int) or isinstance(self.window_size, bool) or self.window_size < 1:
+            raise ValueError(f"image.window_size must be an integer >= 1, got {self.window_size!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"image.mean and image.std need 3 values, got {self.mean} and {self.std}")
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"image.std must be positive, got {self.std}")
+        if self.num_views == 0:
+            raise ValueError("image.grid is [0, 0] and image.global_view is false: no views")
+
     @property
     def canvas_size(self) -> tuple[int, int]:
         """(height, width) the image is resized to before cutting windows."""
@@ -179,13 +197,12 @@ class ModelConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field when the sizes do not fit together."""
         v, im, llm = self.vision, self.image, self.llm
-        for section, at_least in ((v, _MIN_VISION), (im, {"window_size": 1}), (llm, _MIN_LLM)):
+        im.validate()
+        for section, at_least in ((v, _MIN_VISION), (llm, _MIN_LLM)):
             for name, low in at_least.items():
                 value = getattr(section, name)
                 if not isinstance(value, int) or isinstance(value, bool) or value < low:
                     raise ValueError(f"{_SECTION_NAME[type(section)]}.{name} must be an integer >= {low}, got {value!r}")
-        if len(im.grid) != 2 or any(not isinstance(g, int) or g < 0 for g in im.grid):
-            raise ValueError(f"image.grid must be two integers >= 0, got {im.grid!r}")
         if v.output_dim != llm.hidden_size:
             raise ValueError(
                 f"vision.output_dim ({v.output_dim}) must equal llm.hidden_size ({llm.hidden_size})"
@@ -196,8 +213,6 @@ class ModelConfig:
                 f"{v.lora_slots}: every window position needs its own adapter slot. Raise "
                 "vision.lora_slots (new slots start as zero adapters) or use a smaller grid."
             )
-        if im.num_views == 0:
-            raise ValueError("image.grid is [0, 0] and image.global_view is false: no views")
         if im.window_size % v.patch_size:
             raise ValueError(
                 f"image.window_size ({im.window_size}) must be a multiple of "
@@ -214,8 +229,6 @@ class ModelConfig:
             raise ValueError("vision.output_dim must be divisible by the resampler heads")
         if llm.hidden_size % llm.num_heads:
             raise ValueError("llm.hidden_size must be divisible by llm.num_heads")
-        if im.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"image.resize_mode must be one of {RESIZE_MODES}, got {im.resize_mode!r}")
         for name in ("image_start_id", "image_end_id", "image_pad_id"):
             if not 0 <= getattr(self, name) < llm.vocab_size:
                 raise ValueError(f"{name} ({getattr(self, name)}) is outside llm.vocab_size ({llm.vocab_size})")

@@ -231,3 +231,24 @@ def test_batch_concatenates_views_and_slots():
 def test_bad_config_is_refused(kwargs, fragment):
     with pytest.raises(ValueError, match=fragment):
         ImageProcessor(ImageConfig(**kwargs))
+
+
+@pytest.mark.parametrize("image, message", [
+    ({"grid": [2, 0]}, "half-empty grid"),
+    ({"grid": [-1, 2]}, "image.grid must be two integers >= 0"),
+    ({"grid": [0, 0], "global_view": False}, "no views"),
+    ({"window_size": 0}, "image.window_size must be an integer >= 1"),
+    ({"std": [0.5, 0.0, 0.5]}, "image.std must be positive"),
+    ({"resize_mode": "squash"}, "image.resize_mode must be one of"),
+])
+def test_the_model_config_and_the_processor_refuse_the_same_image_layouts(image, message):
+    # One validator: a layout the model config accepts is one the processor can cut.
+    import dataclasses
+
+    from monkeytune.config import get_config
+
+    bad = ImageConfig(**image)
+    with pytest.raises(ValueError, match=message):
+        ImageProcessor(bad)
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(get_config("tiny"), image=bad).validate()

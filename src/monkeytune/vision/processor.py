@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from monkeytune.config import RESIZE_MODES, ImageConfig
+from monkeytune.config import ImageConfig
 from monkeytune.vision.image import load_image
 
 __all__ = ["ImageProcessor", "ProcessedImage"]
@@ -63,20 +63,7 @@ class ImageProcessor:
     """
 
     def __init__(self, cfg: ImageConfig) -> None:
-        if cfg.resize_mode not in RESIZE_MODES:
-            raise ValueError(f"image.resize_mode must be one of {RESIZE_MODES}, got {cfg.resize_mode!r}")
-        if len(cfg.grid) != 2 or min(int(g) for g in cfg.grid) < 0:
-            raise ValueError(f"image.grid must be [rows, cols] with rows, cols >= 0, got {cfg.grid}")
-        if (int(cfg.grid[0]) == 0) != (int(cfg.grid[1]) == 0):
-            raise ValueError(f"image.grid {cfg.grid}: use [0, 0] for no windows, not a half-empty grid")
-        if cfg.window_size <= 0:
-            raise ValueError(f"image.window_size must be positive, got {cfg.window_size}")
-        if len(cfg.mean) != 3 or len(cfg.std) != 3:
-            raise ValueError(f"image.mean and image.std need 3 values, got {cfg.mean} and {cfg.std}")
-        if any(s <= 0 for s in cfg.std):
-            raise ValueError(f"image.std must be positive, got {cfg.std}")
-        if cfg.num_views == 0:
-            raise ValueError("image.grid is [0, 0] and image.global_view is false: no views")
+        cfg.validate()
         self.cfg = cfg
         self.grid = (int(cfg.grid[0]), int(cfg.grid[1]))
         self.window_size = int(cfg.window_size)
