@@ -125,8 +125,9 @@ def stop_ids(tokenizer: Any, template: str) -> list[int]:
     return ids
 
 
-def resolve_image(path: str, root: str | Path | None) -> str:
-    """An image path as written in a prompt or record, resolved against ``root`` unless absolute."""
+def prompt_image_path(path: str, root: str | Path | None) -> str:
+    """An image path as written in a prompt, resolved against ``root`` unless absolute (records
+    resolve theirs by :func:`monkeytune.data.images.resolve_image`: URLs, data URIs, table cells)."""
     p = Path(path).expanduser()
     if root is not None and not p.is_absolute():
         p = Path(root) / p
@@ -140,7 +141,7 @@ def load_views(
     if not image_paths:
         return None, None
     processor = ImageProcessor(model.config.image)
-    views, slots = processor.batch([resolve_image(p, root) for p in image_paths])
+    views, slots = processor.batch([prompt_image_path(p, root) for p in image_paths])
     dtype = next(model.parameters()).dtype
     device = next(model.parameters()).device
     return views.to(device=device, dtype=dtype), slots.to(device)

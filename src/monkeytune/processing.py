@@ -31,7 +31,7 @@ from PIL import Image
 from transformers import BatchFeature
 
 from monkeytune.config import ModelConfig
-from monkeytune.generate import default_template, prompt_ids, resolve_image
+from monkeytune.generate import default_template, prompt_ids, prompt_image_path
 from monkeytune.model.io import ModelFolderError, folder_config, folder_kind, load_tokenizer_if_any, read_config
 from monkeytune.tokenizer.base import encode_with_images
 from monkeytune.vision.processor import ImageProcessor
@@ -115,8 +115,8 @@ class MonkeyProcessor:
         for i, (prompt, imgs) in enumerate(zip(texts, per_text)):
             ids, paths = self._encode_one(i, prompt, imgs, template)
             rows.append(ids)
-            sources += [imgs[int(p[len(_OBJECT_MARK):])] if p.startswith(_OBJECT_MARK) else resolve_image(p, image_root)
-                        for p in paths]
+            sources += [imgs[int(p[len(_OBJECT_MARK):])] if p.startswith(_OBJECT_MARK)
+                        else prompt_image_path(p, image_root) for p in paths]
         width = max(len(r) for r in rows)
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
