@@ -100,7 +100,7 @@ def test_error_mode_names_a_bad_sample_before_the_first_step(make_config, synthe
     assert "Traceback" not in err and not (tmp_path / "err" / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("kind", ["parquet", "save_to_disk"])
+@pytest.mark.parametrize("kind", ["parquet", "arrow", "save_to_disk"])
 def test_a_table_with_embedded_images_trains_like_its_jsonl(kind, make_config, synthetic, tmp_path):
     # The LLaVA records in a table whose image column holds the PNG bytes (datasets.Image), and
     # the same records as JSON Lines naming the files: identical batches, so identical losses,
@@ -118,8 +118,16 @@ def test_a_table_with_embedded_images_trains_like_its_jsonl(kind, make_config, s
     features = ds.features.copy()
     features["images"] = datasets.Sequence(datasets.Image())
     ds = ds.cast(features)
-    path = tmp_path / ("train.parquet" if kind == "parquet" else "saved")
-    ds.to_parquet(str(path)) if kind == "parquet" else ds.save_to_disk(str(path))
+    path = tmp_path / {"parquet": "train.parquet", "arrow": "train.arrow", "save_to_disk": "saved"}[kind]
+    if kind == "parquet":
+        ds.to_parquet(str(path))
+    elif kind == "arrow":  # an arrow IPC file, as pyarrow writes it
+        import pyarrow as pa
+
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_file(sink, ds.data.table.schema) as writer:
+            writer.write_table(ds.data.table)
+    else:
+        ds.save_to_disk(str(path))
     steps = {"max_steps": 3, "epochs": 0}
     reference = train(make_config("jsonl", data={"train": str(llava), "image_root": str(images)}, train=steps))
     table = train(make_config("table", data={"train": str(path)}, train=steps, checkpoint={"every": 2}))
