@@ -130,17 +130,17 @@ def test_each_record_reads_back_alone_from_its_byte_span(tmp_path, layout):
     assert [read_span(str(path), span) for _, _, _, span in got] == records
 
 
-@pytest.mark.parametrize("window", [7, 64, 1 << 20])
-def test_a_json_list_is_read_through_a_window_of_any_size(tmp_path, monkeypatch, window):
-    # The reader holds a window of the file, not the file: records, numbers and strings cut by
-    # the window's end, multi-line records and non-ASCII text must come out exactly as json.load
+@pytest.mark.parametrize("read_ahead", [7, 64, 1 << 20])
+def test_a_json_list_is_read_through_a_buffer_of_any_size(tmp_path, monkeypatch, read_ahead):
+    # The reader holds a buffer of the file, not the file: records, numbers and strings cut by
+    # the buffer's end, multi-line records and non-ASCII text must come out exactly as json.load
     # gives them, with their lines and spans; a line of invalid UTF-8 spoils only its record.
     from monkeytune.data import json_list
     from monkeytune.data.reading import iter_spans, read_span
 
-    monkeypatch.setattr(json_list, "WINDOW_BYTES", window)
+    monkeypatch.setattr(json_list, "READ_AHEAD_BYTES", read_ahead)
     values = [{"id": str(i), "text": "é" * i + " long " * (i % 5), "n": [i, 123456789 * i]} for i in range(30)]
-    values[7], values[12] = 98765432101234, "a string record that spans many windows " * 3
+    values[7], values[12] = 98765432101234, "a string record that spans many buffers " * 3
     parts = [json.dumps(v, ensure_ascii=False, indent=None if i % 3 else 2) for i, v in enumerate(values)]
     text = "[\n" + ",\n".join(parts) + "\n]\n"
     data = text.encode("utf-8")

@@ -1,11 +1,11 @@
-"""A JSON list (the layout LLaVA ships) read record by record from the file, in a bounded window.
+"""A JSON list (the layout LLaVA ships) read record by record from the file, in a bounded buffer.
 
 ``json.load`` would hold the whole file, its text and every record at once: about 5 bytes of
 memory per byte of data, gigabytes for a million records. Here the file is read line by line
-into a window of text that holds the record being decoded and little more; each record is
+into a buffer of text that holds the record being decoded and little more; each record is
 decoded with :meth:`json.JSONDecoder.raw_decode` and comes out with the line it starts on and
-its byte span, so it can be read back alone later. Line numbers come from the window's line
-table (positions only move forward), and the window drops what was consumed, so reading is
+its byte span, so it can be read back alone later. Line numbers come from the buffer's line
+table (positions only move forward), and the buffer drops what was consumed, so reading is
 linear in the file's size and memory does not grow with it.
 
 A line that is not valid UTF-8 is decoded with U+FFFD in place of its bad bytes so that the list
@@ -21,11 +21,11 @@ from typing import Any, BinaryIO, Iterator
 
 from monkeytune.data.records import MALFORMED_JSON, DataError
 
-WINDOW_BYTES = 1 << 20  # text read ahead at a time; a record longer than this widens the window
+READ_AHEAD_BYTES = 1 << 20  # text read ahead at a time; a record longer than this widens the buffer
 _WS = " \t\r\n"
 
 
-class _Window:
+class _Buffer:
     """The decoded text of consecutive whole lines of the file, with where each line starts.
 
     Attributes:
@@ -34,7 +34,7 @@ class _Window:
         bytes: Byte offset in the file of each line's start.
         first_line: Line number (1-based) of ``text``'s first line.
         bad: ``malformed_json`` errors of lines that are not valid UTF-8, by line number.
-        eof: Whether the file's last line is in the window.
+        eof: Whether the file's last line is in the buffer.
     """
 
     def __init__(self, f: BinaryIO, path: str):
@@ -44,11 +44,11 @@ class _Window:
         self.bad: dict[int, DataError] = {}
 
     def read_more(self) -> bool:
-        """Append about :data:`WINDOW_BYTES` of whole lines; False at the end of the file."""
+        """Append about :data:`READ_AHEAD_BYTES` of whole lines; False at the end of the file."""
         if self.eof:
             return False
         parts, size, length = [], 0, len(self.text)
-        while size < WINDOW_BYTES:
+        while size < READ_AHEAD_BYTES:
             raw = self.f.readline()
             if not raw:
                 self.eof = True
@@ -84,9 +84,9 @@ class _Window:
         return self.bytes[k] + len(self.text[self.starts[k]:p].encode("utf-8"))
 
     def drop_before(self, p: int) -> int:
-        """Forget the lines before the one holding ``p`` once they are a window's worth (so
+        """Forget the lines before the one holding ``p`` once they are a buffer's worth (so
         each line is copied a bounded number of times); returns ``p`` in the kept text."""
-        if p < WINDOW_BYTES:
+        if p < READ_AHEAD_BYTES:
             return p
         k = self.line_index(p)
         if k == 0:
@@ -108,10 +108,10 @@ class _Window:
                 return p
 
 
-def _incomplete(window: _Window, e: json.JSONDecodeError) -> bool:
-    # A record cut by the window's end fails at the end of the text, or, for a string, where
+def _incomplete(buffer: _Buffer, e: json.JSONDecodeError) -> bool:
+    # A record cut by the buffer's end fails at the end of the text, or, for a string, where
     # the string starts; more of the file may complete it.
-    return not window.eof and (e.pos >= len(window.text.rstrip(_WS)) or e.msg.startswith("Unterminated string"))
+    return not buffer.eof and (e.pos >= len(buffer.text.rstrip(_WS)) or e.msg.startswith("Unterminated string"))
 
 
 def iter_json_list(f: BinaryIO, path: str) -> Iterator[tuple[int, int, Any, tuple[int, int] | None]]:
@@ -124,21 +124,21 @@ def iter_json_list(f: BinaryIO, path: str) -> Iterator[tuple[int, int, Any, tupl
         DataError: ``malformed_json`` when the list's structure breaks: nothing after the fault
             can be located reliably.
     """
-    window, decoder, index = _Window(f, path), json.JSONDecoder(), 0
+    buffer, decoder, index = _Buffer(f, path), json.JSONDecoder(), 0
 
     def fail(p: int, msg: str) -> DataError:
-        return DataError(MALFORMED_JSON, f"invalid JSON list: {msg}", path, window.line_at(p), index)
+        return DataError(MALFORMED_JSON, f"invalid JSON list: {msg}", path, buffer.line_at(p), index)
 
-    pos = window.skip_ws(0) + 1  # past the '[' the caller found
-    pos = window.skip_ws(pos)
-    if pos < len(window.text) and window.text[pos] == "]":
-        return _check_rest(window, pos, fail)
+    pos = buffer.skip_ws(0) + 1  # past the '[' the caller found
+    pos = buffer.skip_ws(pos)
+    if pos < len(buffer.text) and buffer.text[pos] == "]":
+        return _check_rest(buffer, pos, fail)
     while True:
-        pos = window.drop_before(window.skip_ws(pos))
-        obj, end = _decode_one(window, decoder, pos, fail)
-        start_line, end_line = window.line_at(pos), window.line_at(end)
-        broken = [window.bad[ln] for ln in range(start_line, end_line + 1) if ln in window.bad]
-        span: tuple[int, int] | None = (window.byte_at(pos), window.byte_at(end))
+        pos = buffer.drop_before(buffer.skip_ws(pos))
+        obj, end = _decode_one(buffer, decoder, pos, fail)
+        start_line, end_line = buffer.line_at(pos), buffer.line_at(end)
+        broken = [buffer.bad[ln] for ln in range(start_line, end_line + 1) if ln in buffer.bad]
+        span: tuple[int, int] | None = (buffer.byte_at(pos), buffer.byte_at(end))
         if broken:
             # Named at the line the record starts on, like every record error; the reason
             # gives the line of the bad byte.
@@ -146,32 +146,32 @@ def iter_json_list(f: BinaryIO, path: str) -> Iterator[tuple[int, int, Any, tupl
             span = None
         yield index, start_line, obj, span
         index += 1
-        pos = window.skip_ws(end)
-        if pos >= len(window.text):
+        pos = buffer.skip_ws(end)
+        if pos >= len(buffer.text):
             raise fail(pos, "missing closing ']'")
-        if window.text[pos] == "]":
-            return _check_rest(window, pos, fail)
-        if window.text[pos] != ",":
+        if buffer.text[pos] == "]":
+            return _check_rest(buffer, pos, fail)
+        if buffer.text[pos] != ",":
             raise fail(pos, "expected ',' or ']' between records")
         pos += 1
 
 
-def _decode_one(window: _Window, decoder: json.JSONDecoder, pos: int, fail) -> tuple[Any, int]:
-    """The element at ``pos`` and where it ends, reading on while the window cuts it short."""
+def _decode_one(buffer: _Buffer, decoder: json.JSONDecoder, pos: int, fail) -> tuple[Any, int]:
+    """The element at ``pos`` and where it ends, reading on while the buffer cuts it short."""
     while True:
         try:
-            obj, end = decoder.raw_decode(window.text, pos)
+            obj, end = decoder.raw_decode(buffer.text, pos)
         except json.JSONDecodeError as e:
-            if _incomplete(window, e) and window.read_more():
+            if _incomplete(buffer, e) and buffer.read_more():
                 continue
             raise fail(e.pos, e.msg) from None
-        # A number (or true/false/null) that ends with the window may go on in the file.
-        if window.skip_ws(end) < len(window.text) or window.eof:
+        # A number (or true/false/null) that ends with the buffer may go on in the file.
+        if buffer.skip_ws(end) < len(buffer.text) or buffer.eof:
             return obj, end
 
 
-def _check_rest(window: _Window, pos: int, fail) -> None:
+def _check_rest(buffer: _Buffer, pos: int, fail) -> None:
     # Only blanks may follow the closing ']'.
-    after = window.skip_ws(pos + 1)
-    if after < len(window.text):
+    after = buffer.skip_ws(pos + 1)
+    if after < len(buffer.text):
         raise fail(after, "extra data after the closing ']'")

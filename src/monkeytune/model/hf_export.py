@@ -19,8 +19,10 @@ so its logits match only up to ``seq_length`` (2048) tokens.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,15 @@ from torch import nn
 _LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\.")
 ADAPTER_FOLDER = "llm_lora"
 
+
+@contextlib.contextmanager
+def quiet_peft_wrapping():
+    """Wrap a model with peft without its warning about transformers' deprecated
+    ``is_gradient_checkpointing`` (peft 0.21.2, the newest, reads it; transformers 5.25 deprecates
+    it): the warning is peft's to fix and says nothing about the model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
 
 def has_peft(llm: nn.Module) -> bool:
     """Whether ``llm`` is a peft model (LoRA injected)."""
@@ -114,7 +125,8 @@ def export_hf_llm(
     if adapter is not None and not has_peft(llm):
         from peft import PeftModel  # noqa: PLC0415 - heavy, only for this case
 
-        llm = PeftModel.from_pretrained(llm, str(adapter))
+        with quiet_peft_wrapping():
+            llm = PeftModel.from_pretrained(llm, str(adapter))
     if has_peft(llm) and merge_lora:
         # merge_and_unload changes the wrapped modules in place; the caller's model is the
         # loaded one and is not used afterwards, so no copy is made.

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from monkeytune.model.hf_export import quiet_peft_wrapping
 from monkeytune.policy.quantize import compute_dtype_for, qlora_unavailable_reason, quantize_llm_4bit
 from monkeytune.policy.rules import PlanError
 
@@ -137,5 +138,6 @@ def inject_llm_lora(model: nn.Module, options: dict[str, Any] | None = None, qua
         r=int(opts["r"]), lora_alpha=int(opts["alpha"]), lora_dropout=float(opts["dropout"]),
         target_modules=list(opts["target_modules"]), bias="none",
     )
-    model.llm = get_peft_model(model.llm, cfg)
+    with quiet_peft_wrapping():
+        model.llm = get_peft_model(model.llm, cfg)
     return True
