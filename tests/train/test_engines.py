@@ -52,19 +52,32 @@ def communicate(procs: list[subprocess.Popen], timeout: float = 400) -> list[tup
     try:
         return [p.communicate(timeout=timeout) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+        kill(procs)
+
+
+def kill(procs: list[subprocess.Popen]) -> None:
+    """Kill the launchers still running, with their ranks."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def start(config_file: str, run_yaml: Path, *overrides: str) -> subprocess.Popen:
+    """An ``accelerate launch`` of two ranks, started in its own session (see :func:`finish`)."""
+    cmd = launch_command(config_file, run_yaml, *overrides, port=free_port())
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc: subprocess.Popen, expect: int = 0) -> subprocess.CompletedProcess:
+    ((stdout, stderr),) = communicate([proc])
+    assert proc.returncode == expect, stdout[-3000:] + stderr[-3000:]
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
 def launch(config_file: str, run_yaml: Path, *overrides: str, expect: int = 0) -> subprocess.CompletedProcess:
-    cmd = launch_command(config_file, run_yaml, *overrides, port=free_port())
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    ((stdout, stderr),) = communicate([proc])
-    assert proc.returncode == expect, stdout[-3000:] + stderr[-3000:]
-    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    return finish(start(config_file, run_yaml, *overrides), expect)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -98,12 +111,17 @@ ENGINES = {"deepspeed-zero2": "deepspeed_zero2.yaml", "deepspeed-zero3": "deepsp
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-def test_engine_matches_one_process_and_resumes_exactly(engine, make_config, engine_sections, single_process,
-                                                        tmp_path):
+def test_engine_matches_one_process_and_resumes_exactly(engine, make_config, engine_sections, request, tmp_path):
     cfg = make_config(engine, **engine_sections)
     cfg.save(tmp_path / "run.yaml")
     run = Path(cfg.checkpoint.output_dir)
-    launch(ENGINES[engine], tmp_path / "run.yaml")
+    proc = start(ENGINES[engine], tmp_path / "run.yaml")
+    try:
+        single_process = request.getfixturevalue("single_process")  # trains while the ranks start up
+    except BaseException:
+        kill([proc])
+        raise
+    finish(proc)
 
     record = json.loads((run / "run.json").read_text())
     assert record["engine"] == engine and record["world_size"] == 2
@@ -154,10 +172,15 @@ def test_engine_matches_one_process_under_bf16(engine, make_config, engine_secti
     sections = {**engine_sections, "train": {**engine_sections["train"], "micro_batch_size": 2, "grad_accum": 2,
                                               "precision": "bf16", "max_steps": 4},
                 "checkpoint": {"final_save": "none"}}
-    reference = train(make_config("bf16-single", **{**sections, "train": {**sections["train"], "grad_accum": 4}}))
     cfg = make_config(engine, **sections)
     cfg.save(tmp_path / "run.yaml")
-    launch(ENGINES[engine], tmp_path / "run.yaml")
+    proc = start(ENGINES[engine], tmp_path / "run.yaml")  # the reference trains while the ranks start up
+    try:
+        reference = train(make_config("bf16-single", **{**sections, "train": {**sections["train"], "grad_accum": 4}}))
+    except BaseException:
+        kill([proc])
+        raise
+    finish(proc)
     run = Path(cfg.checkpoint.output_dir)
     assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
     assert "gradients accumulate and reduce in float32\n" in (run / "train.log").read_text()
@@ -167,15 +190,22 @@ def test_engine_matches_one_process_under_bf16(engine, make_config, engine_secti
                                rtol=1e-3, atol=0)
 
 
-@pytest.mark.parametrize("engine", ["deepspeed-zero2", "fsdp2"])
-def test_unfreezing_stages_are_refused_under_sharding_engines(engine, make_config, engine_sections, tmp_path):
+def test_unfreezing_stages_are_refused_under_sharding_engines(make_config, engine_sections, tmp_path):
     sections = {**engine_sections, "policy": {"preset": "monkey", "unfreeze": [{"start_step": 2, "rules": ["train: vision.blocks.*"]}]}}
-    cfg = make_config("stages", **sections)
-    cfg.save(tmp_path / "run.yaml")
-    # Each rank exits with 2 and the message; the launcher itself reports the failure as 1.
-    proc = launch(ENGINES[engine], tmp_path / "run.yaml", expect=1)
-    assert f"policy.unfreeze stages need a single-process or DDP run: {engine} fixes" in proc.stderr
-    assert not (Path(cfg.checkpoint.output_dir) / "checkpoints").exists()
+    engines = ["deepspeed-zero2", "fsdp2"]
+    procs = {}
+    for engine in engines:  # both launches side by side
+        cfg = make_config(f"stages-{engine}", **sections)
+        cfg.save(tmp_path / f"{engine}.yaml")
+        procs[engine] = start(ENGINES[engine], tmp_path / f"{engine}.yaml")
+    try:
+        for engine in engines:
+            # Each rank exits with 2 and the message; the launcher itself reports the failure as 1.
+            proc = finish(procs[engine], expect=1)
+            assert f"policy.unfreeze stages need a single-process or DDP run: {engine} fixes" in proc.stderr
+            assert not (tmp_path / f"stages-{engine}" / "checkpoints").exists()
+    finally:
+        kill(list(procs.values()))  # a launch left running by a failure
 
 
 def test_two_machines_match_one_machine(make_config, engine_sections, single_process, tmp_path):
