@@ -102,3 +102,14 @@ def h():
     return types.SimpleNamespace(
         make_image=make_image, write_jsonl=write_jsonl, write_json=write_json, conv=conv
     )
+
+
+def assert_same_items(a, b) -> None:
+    """Two lists of dataset items are identical: ids, image counts, and every tensor."""
+    import torch
+
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x["id"] == y["id"] and x["num_images"] == y["num_images"]
+        for key in ("input_ids", "labels", "pixel_values", "view_slots"):
+            assert torch.equal(x[key], y[key]), key

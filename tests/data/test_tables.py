@@ -16,6 +16,8 @@ from PIL import Image
 from monkeytune.data import DataError, load_samples
 from monkeytune.data.dataset import ConversationDataset
 
+from .conftest import assert_same_items
+
 COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 210), (230, 200, 40)]
 
 
@@ -92,14 +94,6 @@ def write(ds, kind, folder):
 def items(data, tok, cfg):
     ds = ConversationDataset(data, tok, cfg, max_length=512)
     return [ds[i] for i in range(len(ds))]
-
-
-def assert_same_items(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["id"] == y["id"] and x["num_images"] == y["num_images"]
-        for key in ("input_ids", "labels", "pixel_values", "view_slots"):
-            assert torch.equal(x[key], y[key]), key
 
 
 @pytest.mark.parametrize("kind", ["parquet", "shards", "arrow", "save_to_disk"])

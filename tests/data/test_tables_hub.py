@@ -17,6 +17,8 @@ from monkeytune.data import DataError, load_samples
 from monkeytune.data import hub, tables
 from monkeytune.data.dataset import ConversationDataset
 
+from .conftest import assert_same_items
+
 COLOURS = [(200, 30, 30), (30, 160, 40), (40, 60, 210)]
 
 
@@ -66,14 +68,6 @@ def forget_open_tables(monkeypatch):
 
 def items(ds):
     return [ds[i] for i in range(len(ds))]
-
-
-def assert_same_items(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x["id"] == y["id"] and x["num_images"] == y["num_images"]
-        for key in ("input_ids", "labels", "pixel_values", "view_slots"):
-            assert torch.equal(x[key], y[key]), key
 
 
 def test_a_dataset_name_gives_the_jsonl_items_here_and_in_a_worker(data, offline, tok, cfg, monkeypatch):
