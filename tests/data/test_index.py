@@ -100,12 +100,13 @@ def test_problems_found_by_the_scan_are_saved_for_skip_and_error_runs(tmp_path, 
     assert [json.loads(x) for x in (tmp_path / "r2.jsonl").read_text().splitlines()] == read
     assert second.lengths() == first.lengths()
 
-    # An error run over the same data and settings stops at the first problem, as without it.
+    # An error run over the same data and settings stops at the first problem in file order, as
+    # a run that scans while it reads does without the index.
     with pytest.raises(DataError) as cached:
         _dataset(data, tok, cfg)
     with pytest.raises(DataError) as fresh:
-        ConversationDataset(data, tok, cfg, max_length=200).scan_all()
-    assert cached.value.describe() == fresh.value.describe() and cached.value.line == 8
+        ConversationDataset(data, tok, cfg, max_length=200, scan=True)
+    assert cached.value.describe() == fresh.value.describe() and cached.value.line == 5
 
     # Without the parse error, the first problem is the scan's.
     del records[7]
@@ -123,3 +124,18 @@ def test_an_unwritable_data_folder_keeps_the_index_in_the_user_cache(tmp_path, t
     _dataset(data, tok, cfg).scan_all()
     assert len(list((tmp_path / "user" / "monkeytune" / "index").iterdir())) == 1
     assert _dataset(data, tok, cfg).scan_all() == {}
+
+
+def test_scanning_while_reading_finds_what_a_later_scan_finds(tmp_path, tok, cfg):
+    # Training scans each sample as it is parsed (read once); the result must be the scan's.
+    records = _records(tmp_path)
+    records[4]["conversations"][1]["value"] = "long " * 100
+    data = write_jsonl(tmp_path / "d.jsonl", records, raw_lines={8: "{not json"})
+    later = ConversationDataset(data, tok, cfg, max_length=200, strict=False)
+    problems = later.scan_all()
+    during = ConversationDataset(data, tok, cfg, max_length=200, strict=False, scan=True)
+    assert {i: e.describe() for i, e in during.scan_all().items()} == {i: e.describe() for i, e in problems.items()}
+    assert [e.describe() for e in during.parse_errors] == [e.describe() for e in later.parse_errors]
+    assert during._lengths.tolist() == later._lengths.tolist() and -1 in during._lengths.tolist()
+    _items_equal([during[i] for i in range(len(during)) if i not in problems],
+                 [later[i] for i in range(len(later)) if i not in problems])

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from array import array
 from typing import Any, Sequence
 
 import numpy as np
@@ -53,102 +53,22 @@ from monkeytune.data.records import (
     Sample,
 )
 from monkeytune.data.view_cache import ViewCache
-from monkeytune.data.templates import IGNORE_INDEX, IM_END, IM_START, CONVERSATION_TEMPLATES, Encoded, render
+from monkeytune.data.templates import (
+    CONVERSATION_TEMPLATES,
+    IGNORE_INDEX,
+    IM_END,
+    IM_START,
+    Encoded,
+    Prepared,
+    Compact,
+    fit_to_length,
+    render,
+    size_problem,
+)
 from monkeytune.tokenizer.base import Tokenizer
 from monkeytune.vision.image import ImageLoadError
 
 logger = logging.getLogger(__name__)
-
-# No tokenizer in use puts more than this many characters into one token of real text, so a
-# text longer than max_length x this cannot fit and is refused before it is tokenized (a 10 MB
-# field would otherwise cost a minute and gigabytes). Qwen's longest tokens are runs of
-# whitespace well under 64 characters.
-MAX_CHARS_PER_TOKEN = 64
-
-
-@dataclass
-class Prepared:
-    """A rendered sample before its images are decoded.
-
-    Attributes:
-        encoded: Ids, labels and images after the fit to ``max_length``.
-        truncated_exchanges: Trailing exchanges dropped by ``truncate_turns``.
-    """
-
-    encoded: Encoded
-    truncated_exchanges: int
-
-
-def fit_to_length(
-    enc: Encoded, max_length: int, truncate_turns: bool, extra_per_image: int = 0
-) -> tuple[Encoded, int] | str:
-    """Return ``(encoded, dropped_exchanges)`` fitting ``max_length``, or the reason it cannot.
-
-    Only whole trailing exchanges without images are dropped, and at least one always remains.
-    ``extra_per_image`` counts tokens each image block will gain when ``enc`` was rendered with
-    fewer placeholders per image than the model takes (the compact cache renders one).
-    """
-    cum = [0]
-    for n_img in enc.exchange_images:
-        cum.append(cum[-1] + n_img)
-
-    def end(k: int) -> int:  # true length of exchanges 0..k-1
-        return enc.exchange_ends[k - 1] + extra_per_image * cum[k]
-
-    total = len(enc) + extra_per_image * len(enc.images)
-    if total <= max_length:
-        return enc, 0
-    n = len(enc.exchange_ends)
-    if truncate_turns:
-        keep = n
-        while keep > 1 and enc.exchange_images[keep - 1] == 0:
-            keep -= 1
-            if end(keep) <= max_length:
-                return enc.keep_exchanges(keep), n - keep
-        return (
-            f"{total} tokens > max_length {max_length}, and dropping trailing text-only "
-            f"exchanges cannot make it fit (first exchange alone: {end(1)} tokens)"
-        )
-    return f"{total} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
-
-
-def size_problem(sample: Sample, max_length: int) -> DataError | None:
-    """A ``too_long`` error when the text alone cannot fit ``max_length`` tokens, checked
-    from character counts before any tokenization (see :data:`MAX_CHARS_PER_TOKEN`)."""
-    limit = max_length * MAX_CHARS_PER_TOKEN
-    sizes = [(len(p), t.field) for t in sample.turns for p in t.parts if isinstance(p, str)]
-    total = sum(n for n, _ in sizes) + len(sample.system or "")
-    if total <= limit:
-        return None
-    n, fld = max(sizes, default=(0, ""))
-    return sample.error(
-        TOO_LONG,
-        f"{total} characters of text cannot fit in max_length {max_length} tokens "
-        f"(at most {MAX_CHARS_PER_TOKEN} characters per token; the longest field has {n}); "
-        "refused before tokenizing",
-        fld,
-    )
-
-
-class _Compact:
-    """A sample rendered with one placeholder per image, small while it lives: ids as int32,
-    labels as one supervised bit per token. :meth:`expand` gives the model-ready form."""
-
-    __slots__ = ("ids", "supervised", "n_images", "dropped")
-
-    def __init__(self, enc: Encoded, dropped: int):
-        self.ids = np.asarray(enc.input_ids, dtype=np.int32)
-        self.supervised = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
-        self.n_images = len(enc.images)
-        self.dropped = dropped
-
-    def expand(self, pad_id: int, tokens_per_image: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(input_ids [L], labels [L])`` int64 with every image block at full size."""
-        repeats = np.where(self.ids == pad_id, tokens_per_image, 1)
-        ids = np.repeat(self.ids.astype(np.int64), repeats)
-        labels = np.where(np.repeat(self.supervised, repeats), ids, IGNORE_INDEX)
-        return ids, labels
-
 
 class ConversationDataset(Dataset):
     """Conversation records of any supported format -> model-ready samples.
@@ -172,6 +92,9 @@ class ConversationDataset(Dataset):
         cache: Load what :meth:`scan_all` found from the index saved beside the data by an
             earlier run with the same data and settings, instead of reading every record
             (:mod:`monkeytune.data.index`); :meth:`scan_all` saves it when it is absent.
+        scan: Run :meth:`scan_all` while the records are read, on each sample as it is parsed
+            (so each record is read and parsed once, not twice). With ``strict`` the first
+            problem in file order raises, whether it is a parse or a scan problem.
         columns: The data's own names of record fields (``data.columns``,
             :mod:`monkeytune.data.columns`).
         load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` dataset names
@@ -199,6 +122,7 @@ class ConversationDataset(Dataset):
         strict: bool = True,
         view_cache_bytes: int = 0,
         cache: bool = False,
+        scan: bool = False,
         columns: dict[str, str] | None = None,
         load_options: dict | None = None,
     ):
@@ -243,14 +167,7 @@ class ConversationDataset(Dataset):
         if saved is not None:
             self._restore(saved, image_root, allow_empty_answers)
         else:
-            # The samples' places, parsed again when used: memory does not grow with their text.
-            self.samples = Samples(
-                self.paths, None if strict else self.parse_errors, format, image_root, allow_empty_answers, self.formats,
-                self.columns, self.load_options,
-            )
-            # What rendering found, 8 bytes a sample (-1: not rendered yet in this process).
-            self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
-            self._dropped = np.zeros(len(self.samples), dtype=np.int16)
+            self._read(format, image_root, allow_empty_answers, scan)
         if not self.samples and strict:
             raise ValueError(f"no usable samples in {', '.join(self.paths)}")
 
@@ -325,11 +242,11 @@ class ConversationDataset(Dataset):
         ids, labels = c.expand(self.tokenizer.image_pad_id, self.tokens_per_image)
         return ids, labels, sample.images[: c.n_images], c.dropped, sample
 
-    def _compact(self, i: int | None, sample: Sample | None = None) -> _Compact:
+    def _compact(self, i: int | None, sample: Sample | None = None) -> Compact:
         # Rendered with one placeholder per image: no list of tokens_per_image pads is built
         # only to be compressed again (1280 per image for Monkey).
         p = self.render(i, compact=True, sample=sample)
-        c = _Compact(p.encoded, p.truncated_exchanges)
+        c = Compact(p.encoded, p.truncated_exchanges)
         if i is not None:  # a streamed sample has no index, hence no kept length
             self._lengths[i] = len(c.ids) + c.n_images * (self.tokens_per_image - 1)
             self._dropped[i] = c.dropped
@@ -389,14 +306,49 @@ class ConversationDataset(Dataset):
                         raise
                     problems[i] = e
             self._problems = problems
-            if self._index_file is not None:
-                save_index(self._index_file, {
-                    **self.samples.state(), "lengths": self._lengths, "dropped": self._dropped,
-                    "parse_errors": errors_to_array(self.parse_errors),
-                    "problem_index": np.array(list(problems), dtype=np.int64),
-                    "problems": errors_to_array(list(problems.values()))})
-                logger.info("data index saved to %s", self._index_file)
+            self._save_index()
         return dict(self._problems)
+
+    def _read(self, format: str, image_root: str | None, allow_empty_answers: bool, scan: bool) -> None:
+        # What rendering finds, 6 bytes a sample (-1: not rendered yet in this process); grown
+        # sample by sample when the scan runs as the records are read.
+        self._lengths, self._dropped = array("i"), array("h")
+        problems: dict[int, DataError] = {}
+
+        def visit(i: int, sample: Sample) -> None:
+            self._lengths.append(-1)
+            self._dropped.append(0)
+            try:
+                self.scan(i, sample)
+            except DataError as e:
+                if self.strict:
+                    raise
+                problems[i] = e
+
+        # The samples' places, parsed again when used: memory does not grow with their text.
+        self.samples = Samples(
+            self.paths, None if self.strict else self.parse_errors, format, image_root, allow_empty_answers,
+            self.formats, self.columns, self.load_options, visit=visit if scan else None,
+        )
+        if scan:
+            self._lengths = np.frombuffer(self._lengths, dtype=np.int32).copy()
+            self._dropped = np.frombuffer(self._dropped, dtype=np.int16).copy()
+            self._problems = problems
+            self._save_index()
+        else:
+            self._lengths = np.full(len(self.samples), -1, dtype=np.int32)
+            self._dropped = np.zeros(len(self.samples), dtype=np.int16)
+
+    def _save_index(self) -> None:
+        if self._index_file is None:
+            return
+        problems = self._problems or {}
+        save_index(self._index_file, {
+            **self.samples.state(), "lengths": self._lengths, "dropped": self._dropped,
+            "parse_errors": errors_to_array(self.parse_errors),
+            "problem_index": np.array(list(problems), dtype=np.int64),
+            "problems": errors_to_array(list(problems.values()))})
+        logger.info("data index saved to %s", self._index_file)
 
     def _restore(self, saved: dict[str, Any], image_root: str | None, allow_empty_answers: bool) -> None:
         # What an earlier scan_all found, as if this one had run: places, lengths, problems.
@@ -408,16 +360,22 @@ class ConversationDataset(Dataset):
         self._problems = dict(zip(saved["problem_index"].tolist(), errors_from_array(saved["problems"])))
         logger.info("data index loaded from %s: %d samples, not read again", self._index_file, len(self.samples))
         if self.strict and (self.parse_errors or self._problems):
-            raise (self.parse_errors or list(self._problems.values()))[0]
+            # The first in file order, as a run that scans while reading meets it.
+            order = {path: k for k, path in enumerate(self.paths)}
+            raise min([*self.parse_errors, *self._problems.values()],
+                      key=lambda e: (order.get(e.file, -1), -1 if e.index is None else e.index))
 
-    def scan(self, i: int) -> None:
+    def scan(self, i: int, sample: Sample | None = None) -> None:
         """The chain run dry on sample ``i`` as training starts: render (its length is kept) and
         ``stat`` every image, without decoding.
+
+        Args:
+            sample: ``self.samples[i]`` when the caller has it already.
 
         Raises:
             DataError: the first problem found.
         """
-        sample = self.samples[i]
+        sample = sample if sample is not None else self.samples[i]
         self._compact(i, sample)
         for err in self.image_errors(i, decode=False, sample=sample)[:1]:
             raise err

@@ -17,7 +17,7 @@ import os
 import stat
 from array import array
 from collections.abc import Sequence
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -151,7 +151,9 @@ class Samples(Sequence):
     is shaped (``columns``, the_cauldron's ``texts``: :mod:`monkeytune.data.columns`) before its
     format is detected and it is parsed, each time it is read.
 
-    Args: as :func:`load_samples`.
+    Args: as :func:`load_samples`, and ``visit``: called with ``(i, sample)`` for each valid
+    sample as it is read, so a caller can work on it without parsing it again (a
+    :class:`DataError` it raises is handled like a bad record's).
 
     Raises:
         DataError: on the first problem when ``errors`` is ``None``.
@@ -168,6 +170,7 @@ class Samples(Sequence):
         formats: dict[str, str] | None = None,
         columns: dict[str, str] | None = None,
         load_options: dict | None = None,
+        visit: Callable[[int, Sample], None] | None = None,
     ):
         if format not in FORMAT_CHOICES:
             raise ValueError(f"unknown data format {format!r}; choose one of {', '.join(FORMAT_CHOICES)}")
@@ -205,12 +208,14 @@ class Samples(Sequence):
                     try:
                         if isinstance(obj, DataError):
                             raise obj
-                        parse_record(shape(obj, path, line, index), fmt, path, line, index, image_root,
-                                     allow_empty_answers)
+                        sample = parse_record(shape(obj, path, line, index), fmt, path, line, index, image_root,
+                                              allow_empty_answers)
                     except DataError as e:
                         fault(shape.in_file_terms(e, obj))
                         continue
                     self._add(len(self._files) - 1, span, line, index)
+                    if visit is not None:
+                        visit(len(self._index) - 1, sample)
             except DataError as e:
                 fault(e)  # a file that cannot be read, or a JSON list that breaks: the records before it stay
 

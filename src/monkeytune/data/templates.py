@@ -23,7 +23,9 @@ Two templates, used identically for training (:func:`encode_conversation`) and f
 In both, every image of a turn (an :class:`~monkeytune.data.records.ImageRef` in its parts, in
 place of its placeholder) expands to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>``
 and every image token has label ``IGNORE_INDEX``. :func:`render` is one pure function of the
-parsed turns: the dataset, ``data check`` and inference all call it.
+parsed turns: the dataset, ``data check`` and inference all call it. The fit of a rendered
+sample to ``max_length`` (:func:`size_problem`, :func:`fit_to_length`) and the compact form a
+dataset renders (:class:`Compact`) are here too: rendering is this module's alone.
 """
 
 from __future__ import annotations
@@ -31,7 +33,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from monkeytune.data.records import ASSISTANT, ROLE_ALIASES, SYSTEM, USER, ImageRef, Part, Turn
+import numpy as np
+
+from monkeytune.data.records import (
+    ASSISTANT,
+    ROLE_ALIASES,
+    SYSTEM,
+    TOO_LONG,
+    USER,
+    DataError,
+    ImageRef,
+    Part,
+    Sample,
+    Turn,
+)
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
 from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer  # noqa: F401 - re-exported
 
@@ -273,3 +288,96 @@ def build_prompt(
     system, turns = normalize_messages(messages)
     enc = render(template, system, turns, tokenizer, tokens_per_image, add_generation_prompt)
     return enc.input_ids, enc.image_paths
+
+
+# -- the fit to max_length, and the compact form the dataset keeps -----------------------------
+
+# No tokenizer in use puts more than this many characters into one token of real text, so a
+# text longer than max_length x this cannot fit and is refused before it is tokenized (a 10 MB
+# field would otherwise cost a minute and gigabytes). Qwen's longest tokens are runs of
+# whitespace well under 64 characters.
+MAX_CHARS_PER_TOKEN = 64
+
+
+@dataclass
+class Prepared:
+    """A rendered sample before its images are decoded.
+
+    Attributes:
+        encoded: Ids, labels and images after the fit to ``max_length``.
+        truncated_exchanges: Trailing exchanges dropped by ``truncate_turns``.
+    """
+
+    encoded: Encoded
+    truncated_exchanges: int
+
+
+def fit_to_length(
+    enc: Encoded, max_length: int, truncate_turns: bool, extra_per_image: int = 0
+) -> tuple[Encoded, int] | str:
+    """Return ``(encoded, dropped_exchanges)`` fitting ``max_length``, or the reason it cannot.
+
+    Only whole trailing exchanges without images are dropped, and at least one always remains.
+    ``extra_per_image`` counts tokens each image block will gain when ``enc`` was rendered with
+    fewer placeholders per image than the model takes (the compact cache renders one).
+    """
+    cum = [0]
+    for n_img in enc.exchange_images:
+        cum.append(cum[-1] + n_img)
+
+    def end(k: int) -> int:  # true length of exchanges 0..k-1
+        return enc.exchange_ends[k - 1] + extra_per_image * cum[k]
+
+    total = len(enc) + extra_per_image * len(enc.images)
+    if total <= max_length:
+        return enc, 0
+    n = len(enc.exchange_ends)
+    if truncate_turns:
+        keep = n
+        while keep > 1 and enc.exchange_images[keep - 1] == 0:
+            keep -= 1
+            if end(keep) <= max_length:
+                return enc.keep_exchanges(keep), n - keep
+        return (
+            f"{total} tokens > max_length {max_length}, and dropping trailing text-only "
+            f"exchanges cannot make it fit (first exchange alone: {end(1)} tokens)"
+        )
+    return f"{total} tokens > max_length {max_length} (samples are never cut; see truncate_turns)"
+
+
+def size_problem(sample: Sample, max_length: int) -> DataError | None:
+    """A ``too_long`` error when the text alone cannot fit ``max_length`` tokens, checked
+    from character counts before any tokenization (see :data:`MAX_CHARS_PER_TOKEN`)."""
+    limit = max_length * MAX_CHARS_PER_TOKEN
+    sizes = [(len(p), t.field) for t in sample.turns for p in t.parts if isinstance(p, str)]
+    total = sum(n for n, _ in sizes) + len(sample.system or "")
+    if total <= limit:
+        return None
+    n, fld = max(sizes, default=(0, ""))
+    return sample.error(
+        TOO_LONG,
+        f"{total} characters of text cannot fit in max_length {max_length} tokens "
+        f"(at most {MAX_CHARS_PER_TOKEN} characters per token; the longest field has {n}); "
+        "refused before tokenizing",
+        fld,
+    )
+
+
+class Compact:
+    """A sample rendered with one placeholder per image, small while it lives: ids as int32,
+    labels as one supervised bit per token. :meth:`expand` gives the model-ready form."""
+
+    __slots__ = ("ids", "supervised", "n_images", "dropped")
+
+    def __init__(self, enc: Encoded, dropped: int):
+        self.ids = np.asarray(enc.input_ids, dtype=np.int32)
+        self.supervised = np.asarray(enc.labels, dtype=np.int64) != IGNORE_INDEX
+        self.n_images = len(enc.images)
+        self.dropped = dropped
+
+    def expand(self, pad_id: int, tokens_per_image: int) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids [L], labels [L])`` int64 with every image block at full size."""
+        repeats = np.where(self.ids == pad_id, tokens_per_image, 1)
+        ids = np.repeat(self.ids.astype(np.int64), repeats)
+        labels = np.where(np.repeat(self.supervised, repeats), ids, IGNORE_INDEX)
+        return ids, labels

@@ -273,16 +273,15 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
         d.train, tokenizer, model_cfg, max_length=d.max_length, template=d.template,
         truncate_turns=d.truncate_turns, format=d.format, image_root=d.image_root,
         allow_empty_answers=d.allow_empty_answers, strict=not skip,
-        view_cache_bytes=int(d.view_cache_gib * 2**30), cache=d.cache, columns=d.columns,
+        view_cache_bytes=int(d.view_cache_gib * 2**30), cache=d.cache, scan=True, columns=d.columns,
         load_options=d.load_options,
     )
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")
         dataset = SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)
-    else:
-        # Fail before the first step, not hours in. The lengths are kept (DataLoader workers
-        # inherit them), and saved beside the data for the next run (data.cache).
-        dataset.scan_all()
+    # The dataset ran the scan as it read the records (scan=True): a bad record has stopped the
+    # run before its first step, not hours in; the lengths are kept (DataLoader workers inherit
+    # them) and saved beside the data for the next run (data.cache).
     if d.packing:
         dataset = PackedDataset(dataset, max_length=d.max_length, shuffle=d.shuffle, seed=cfg.train.seed)
     pad_to = d.max_length if d.padding == "max_length" and not d.packing else None
