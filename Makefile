@@ -31,7 +31,7 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/monkeytune demo
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15  # the slowest tests, so a regression shows
 
 bench: $(VENV)/.installed
 	$(PY) bench/vision.py
