@@ -139,3 +139,14 @@ def test_scanning_while_reading_finds_what_a_later_scan_finds(tmp_path, tok, cfg
     assert during._lengths.tolist() == later._lengths.tolist() and -1 in during._lengths.tolist()
     _items_equal([during[i] for i in range(len(during)) if i not in problems],
                  [later[i] for i in range(len(later)) if i not in problems])
+
+
+def test_a_damaged_index_is_read_afresh_with_a_warning(tmp_path, tok, cfg, caplog):
+    data = write_jsonl(tmp_path / "d.jsonl", _records(tmp_path))
+    _dataset(data, tok, cfg).scan_all()
+    (saved,) = (tmp_path / CACHE_FOLDER).iterdir()
+    saved.write_bytes(saved.read_bytes()[:100])  # cut short, as by a full disk
+    with caplog.at_level(logging.WARNING, logger="monkeytune.data.index"):
+        ds = _dataset(data, tok, cfg)
+    assert "ignoring the unreadable data index" in caplog.text
+    assert ds.scan_all() == {} and len(ds) == 12

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,7 @@ def load_index(path: Path) -> dict[str, Any] | None:
         if int(out.pop("version")) != VERSION:
             return None
         return out
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         logger.warning("ignoring the unreadable data index %s (%s); reading the data afresh", path, e)
         return None
 
