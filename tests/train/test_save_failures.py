@@ -123,19 +123,19 @@ def test_disk_full_while_writing_the_optimizer_state_reads_as_a_full_disk(make_c
 
 @pytest.fixture
 def small_tmpfs(tmp_path):
-    """Mount a small tmpfs; returns ``mount(size) -> folder``. Skipped where mounting needs
-    privileges this process lacks (only root on Linux may mount)."""
+    """``mount(size) -> folder``: a small tmpfs mounted there, or None where this process may
+    not mount one (only root on Linux may)."""
     mounted: list[Path] = []
 
-    def mount(size: str) -> Path:
+    def mount(size: str) -> Path | None:
         folder = tmp_path / f"tmpfs-{len(mounted)}"
         folder.mkdir()
         if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
-            pytest.skip("mounting a tmpfs needs root on Linux")
+            return None
         proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip()}")
+            return None
         mounted.append(folder)
         return folder
 
@@ -144,11 +144,16 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
-def test_a_real_full_disk_in_the_optimizer_state_keeps_the_last_checkpoint(make_config, small_tmpfs, tmp_path,
-                                                                          capsys):
+def test_a_real_full_disk_in_the_optimizer_state_keeps_the_last_checkpoint(make_config, small_tmpfs, monkeypatch,
+                                                                          tmp_path, capsys):
     # A checkpoint of the micro model takes ~2.4 MB (weights 0.8 MB, optimizer state 1.6 MB):
     # 3.5 MiB hold the first one, then the second one's weights, not its optimizer state.
+    # Where this process may not mount a tmpfs, the disk fills at the same place through the
+    # operating system's error on write instead, so the test still runs and asserts the same.
     disk = small_tmpfs("3584k")
+    if disk is None:
+        disk = tmp_path
+        fill_disk_in_optimizer_state(monkeypatch, 2)
     cfg = make_config("full-tmpfs", train={"max_steps": 3},
                       checkpoint={"every": 1, "keep_last": 3, "output_dir": str(disk / "run")})
     path = tmp_path / "full-tmpfs.yaml"
