@@ -143,17 +143,27 @@ class Samples(Sequence):
     """The valid samples of one or more data files, parsed again each time one is used.
 
     Construction reads every record once to decide each file's format (``auto``) and once more
-    to parse and check it; bad records go to ``errors`` (or the first raises), as with
-    :func:`load_samples`. For a valid sample only its place stays in memory, in arrays of
+    to parse and check it; bad records go to ``errors`` (or the first raises). For a valid sample only its place stays in memory, in arrays of
     fixed-size numbers (about 40 bytes a sample): its file, its byte span (a JSON record) or row
     (a table), its line and index. ``samples[i]`` reads that record back and parses it, so the
     memory of a run does not grow with the text of its records. Each record
     is shaped (``columns``, the_cauldron's ``texts``: :mod:`monkeytune.data.columns`) before its
     format is detected and it is parsed, each time it is read.
 
-    Args: as :func:`load_samples`, and ``visit``: called with ``(i, sample)`` for each valid
-    sample as it is read, so a caller can work on it without parsing it again (a
-    :class:`DataError` it raises is handled like a bad record's).
+    Args:
+        paths: A data file or a list of them.
+        errors: If given, bad records are appended here and reading goes on (a file that
+            cannot be read, or a JSON list that breaks, is one error and reading goes on
+            with the next file); otherwise the first bad record raises.
+        format: ``auto`` (detect per file, see :mod:`monkeytune.data.formats`) or a format name.
+        image_root: Folder relative image paths resolve against (default: each file's folder).
+        allow_empty_answers: Accept assistant turns without text.
+        formats: If given, filled with the format used for each file.
+        columns: ``data.columns``: the data's own names of record fields (``{messages: dialog}``).
+        load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` dataset names.
+        visit: Called with ``(i, sample)`` for each valid sample as it is read, so a caller
+            can work on it without parsing it again (a :class:`DataError` it raises is
+            handled like a bad record's).
 
     Raises:
         DataError: on the first problem when ``errors`` is ``None``.
@@ -297,35 +307,7 @@ class Samples(Sequence):
             yield index, line, obj
 
 
-def load_samples(
-    paths: str | os.PathLike | Sequence[str | os.PathLike],
-    errors: list[DataError] | None = None,
-    format: str = "auto",
-    image_root: str | None = None,
-    allow_empty_answers: bool = False,
-    formats: dict[str, str] | None = None,
-    columns: dict[str, str] | None = None,
-    load_options: dict | None = None,
-) -> list[Sample]:
-    """Read and validate every record of one or more data files.
-
-    Args:
-        paths: A data file or a list of them.
-        errors: If given, bad records are appended here and reading goes on (a file that
-            cannot be read, or a JSON list that breaks, is one error and reading goes on
-            with the next file); otherwise the first bad record raises.
-        format: ``auto`` (detect per file, see :mod:`monkeytune.data.formats`) or a format name.
-        image_root: Folder relative image paths resolve against (default: each file's folder).
-        allow_empty_answers: Accept assistant turns without text.
-        formats: If given, filled with the format used for each file.
-        columns: ``data.columns``: the data's own names of record fields (``{messages: dialog}``).
-        load_options: ``datasets.load_dataset`` keyword arguments for ``hf:`` dataset names.
-
-    Returns:
-        The valid samples, in file order.
-
-    Raises:
-        DataError: on the first problem when ``errors`` is ``None``.
-        ValueError: an unknown ``format``.
-    """
-    return list(Samples(paths, errors, format, image_root, allow_empty_answers, formats, columns, load_options))
+def load_samples(paths: str | os.PathLike | Sequence[str | os.PathLike], *args: Any, **kwargs: Any) -> list[Sample]:
+    """Every valid sample of one or more data files, parsed, in file order: :class:`Samples`
+    (same arguments, same errors) as a list."""
+    return list(Samples(paths, *args, **kwargs))
