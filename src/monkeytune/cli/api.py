@@ -16,8 +16,8 @@ KEY_ENV = "MONKEYTUNE_API_KEY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from monkeytune.prompts import TEMPLATES
-    from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_TIME_LIMIT_S, DEMO_ROOT
+    from monkeytune.cli.serve import add_server_options
+    from monkeytune.serve.launch import DEFAULT_TIME_LIMIT_S
 
     p = subparsers.add_parser(
         "api",
@@ -26,19 +26,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "GET /health for a monkeytune or official Monkey / Qwen-VL folder. Requests arriving together are "
         "generated together. Needs starlette and uvicorn (pip install 'monkeytune[serve]').",
     )
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help=f"model folder; default: the demo's trained model under {DEMO_ROOT}/")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    add_server_options(p, 8000)
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help=f"require 'Authorization: Bearer KEY' (default: ${KEY_ENV} if set, else no key)")
     p.add_argument("--name", default=None, help="model id in /v1/models and responses (default: the folder's name)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (default: as stored)")
-    p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="prompt template (default: the one the folder records, else chatml for chat models, "
-                   "else vqa with a warning)")
     p.add_argument("--batch-size", type=int, default=8, help="most requests generated together (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting; more get 429 (default 64)")
     p.add_argument("--max-tokens", type=int, default=256,

@@ -10,9 +10,27 @@ import argparse
 import sys
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def add_server_options(p: argparse.ArgumentParser, port: int) -> None:
+    """The options every server command takes: the model folder, where to bind, how to load it,
+    and the prompt template (``serve`` and ``api``)."""
     from monkeytune.prompts import TEMPLATES
-    from monkeytune.serve.launch import DEFAULT_HOST, DEFAULT_PORT, DEFAULT_TIME_LIMIT_S, DEMO_ROOT
+    from monkeytune.serve.launch import DEFAULT_HOST, DEMO_ROOT
+
+    p.add_argument("--model", default=None, metavar="DIR",
+                   help=f"model folder; default: the demo's trained model under {DEMO_ROOT}/")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=port, help=f"TCP port (default {port})")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (default: as stored)")
+    p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
+    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
+                   help="prompt template (default: the one the model folder records, else chatml for chat models, "
+                   "else vqa with a warning)")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from monkeytune.serve.launch import DEFAULT_PORT, DEFAULT_TIME_LIMIT_S
 
     p = subparsers.add_parser(
         "serve",
@@ -21,17 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "watch the answer stream in. Works with monkeytune and official Monkey / Qwen-VL folders. "
         "Needs the 'serve' extra: pip install 'monkeytune[serve]'.",
     )
-    p.add_argument("--model", default=None, metavar="DIR",
-                   help=f"model folder; default: the demo's trained model under {DEMO_ROOT}/")
-    p.add_argument("--host", default=DEFAULT_HOST,
-                   help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0 exposes the page to the network)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (default: as stored)")
-    p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="preselected prompt template (default: the one the model folder records, else chatml for "
-                   "chat models, else vqa with a warning)")
+    add_server_options(p, DEFAULT_PORT)
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MiB (default 20)")
     p.add_argument("--time-limit", type=float, default=DEFAULT_TIME_LIMIT_S, metavar="SECONDS",
                    help=f"longest one answer may take before it is stopped (default {DEFAULT_TIME_LIMIT_S:g})")
