@@ -99,3 +99,17 @@ def uneven(synthetic):
     path = train_file.with_name("uneven.jsonl")
     path.write_text("".join(json.dumps(r) + "\n" for r in head + records[16:]))
     return path
+
+
+class Interrupt(Exception):
+    """Raised by :func:`stop_at`: a run stopped as a crash would stop it."""
+
+
+def stop_at(step):
+    """An ``on_step`` hook that interrupts the run after optimizer step ``step``."""
+
+    def hook(row):
+        if row["step"] == step:
+            raise Interrupt
+
+    return hook

@@ -9,18 +9,7 @@ from monkeytune.train.checkpoint import CheckpointManager
 from monkeytune.train.loop import train
 from monkeytune.train.metrics import read_metrics
 
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(step):
-    def hook(row):
-        if row["step"] == step:
-            raise Interrupt
-
-    return hook
-
+from .conftest import Interrupt, stop_at
 
 SECTIONS = dict(
     policy={

@@ -18,18 +18,7 @@ from monkeytune.train.checkpoint import CheckpointManager, read_state
 from monkeytune.train.loop import train
 from monkeytune.train.metrics import read_metrics
 
-
-class Interrupt(Exception):
-    pass
-
-
-def stop_at(step):
-    def hook(row):
-        if row["step"] == step:
-            raise Interrupt
-
-    return hook
-
+from .conftest import Interrupt, stop_at
 
 # 48 records, 10 a step: the first epoch ends inside step 5; the checkpoint of step 3 is in the
 # middle of it.
