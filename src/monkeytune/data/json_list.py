@@ -25,6 +25,12 @@ READ_AHEAD_BYTES = 1 << 20  # text read ahead at a time; a record longer than th
 _WS = " \t\r\n"
 
 
+def utf8_error(e: UnicodeDecodeError, raw: bytes, path: str, line: int, index: int | None = None) -> DataError:
+    """The ``malformed_json`` error of a line that is not valid UTF-8, naming the bad byte."""
+    return DataError(MALFORMED_JSON, f"invalid UTF-8 at byte {e.start + 1} of the line "
+                     f"({raw[e.start:e.start + 4]!r}); re-encode the file as UTF-8", path, line, index)
+
+
 class _Buffer:
     """The decoded text of consecutive whole lines of the file, with where each line starts.
 
@@ -63,10 +69,7 @@ class _Buffer:
             try:
                 parts.append(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                self.bad[lineno] = DataError(
-                    MALFORMED_JSON,
-                    f"invalid UTF-8 at byte {e.start + 1} of the line ({raw[e.start:e.start + 4]!r}); "
-                    "re-encode the file as UTF-8", self.path, lineno)
+                self.bad[lineno] = utf8_error(e, raw, self.path, lineno)
                 parts.append(raw.decode("utf-8", errors="replace"))
             size += len(raw)
             length += len(parts[-1])

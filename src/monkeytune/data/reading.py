@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from monkeytune.data.columns import RecordShape
-from monkeytune.data.json_list import iter_json_list
+from monkeytune.data.json_list import iter_json_list, utf8_error
 from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
 from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
 from monkeytune.data.tables import is_table, iter_table_records, table_record
@@ -122,8 +122,7 @@ def _iter_json_lines(f, path: str) -> Iterator[tuple[int, int, Any, tuple[int, i
             try:
                 obj = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                obj = DataError(MALFORMED_JSON, f"invalid UTF-8 at byte {e.start + 1} of the line "
-                                f"({raw[e.start:e.start + 4]!r}); re-encode the file as UTF-8", path, lineno, index)
+                obj = utf8_error(e, raw, path, lineno, index)
             except json.JSONDecodeError as e:
                 obj = DataError(MALFORMED_JSON, f"invalid JSON: {e.msg} (column {e.colno})", path, lineno, index)
             yield index, lineno, obj, (start, start + len(raw))
