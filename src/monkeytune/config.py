@@ -22,6 +22,30 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 RESIZE_MODES = ("stretch", "crop", "pad")
+CONNECTORS = ("resampler", "mlp")
+
+
+@dataclass
+class EncoderConfig:
+    """A transformers vision encoder in place of the Qwen-VL ViT (a composed model).
+
+    Attributes:
+        hf_config: The encoder's transformers configuration as a dict (``model_type`` included;
+            e.g. a ``clip_vision_model``, ``siglip_vision_model`` or ``dinov2`` config), which
+            ``AutoModel.from_config`` builds.
+        feature_layer: Which hidden state feeds the connector: -1 the last layer's output (before
+            any final norm), -2 the penultimate (as LLaVA uses).
+        keep_cls: Keep the encoder's class token(s) in front of the patch tokens (``mlp``
+            connector without pixel shuffle only).
+        adapter_targets: Names of the encoder's ``nn.Linear`` layers that get per-window
+            adapters, matched as a suffix of the module path (``q_proj`` matches
+            ``...self_attn.q_proj``). Each must match at least one layer.
+    """
+
+    hf_config: dict[str, Any] = field(default_factory=dict)
+    feature_layer: int = -1
+    keep_cls: bool = False
+    adapter_targets: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -48,6 +72,12 @@ class VisionConfig:
             resampler emits tokens of norm ~16; visual tokens that dwarf the updates the LLM
             layers add to them make the fresh LLM much slower to learn to tell them apart (the
             embedded demo uses 0.2).
+        connector: How a view's patch features become LLM tokens: ``resampler`` (Monkey's:
+            ``n_queries`` tokens a view) or ``mlp`` (LLaVA's two-layer projector: one token per
+            patch, or per ``pixel_shuffle x pixel_shuffle`` patches).
+        pixel_shuffle: Side of the patch squares the ``mlp`` connector folds into one token.
+        encoder: A transformers vision encoder instead of the Qwen-VL ViT; ``patch_size``,
+            ``width``, ``layers`` and ``heads`` then mirror its configuration.
 
     Whether the ViT blocks are recomputed in backward is a training setting, not part of the
     model (``train.gradient_checkpointing``; ``VisionTower.gradient_checkpointing``).
@@ -68,6 +98,9 @@ class VisionConfig:
     lora_dropout: float = 0.05
     layer_norm_eps: float = 1e-6
     output_scale: float = 1.0
+    connector: str = "resampler"
+    pixel_shuffle: int = 1
+    encoder: EncoderConfig | None = None
 
     @property
     def mlp_width(self) -> int:
@@ -145,6 +178,8 @@ class ImageConfig:
 class LLMConfig:
     """Causal LM sizes (a transformers ``Qwen2ForCausalLM`` in the Qwen-7B layout by default).
 
+    ``hf_config`` (a composed model) holds any transformers causal LM's configuration as a dict,
+    which ``AutoModelForCausalLM.from_config`` builds; the sizes then mirror it.
     Activation checkpointing is a training setting (``train.gradient_checkpointing``), not stored.
     """
 
@@ -158,6 +193,7 @@ class LLMConfig:
     rope_theta: float = 10000.0
     max_position_embeddings: int = 8192
     tie_word_embeddings: bool = False
+    hf_config: dict[str, Any] | None = None
 
 
 # Sizes a config.json may state, with their smallest sensible values (anything smaller builds a
@@ -190,9 +226,24 @@ class ModelConfig:
     image_pad_id: int = 151859
 
     @property
+    def composed(self) -> bool:
+        """Whether the model is composed from a transformers vision encoder and causal LM."""
+        return self.vision.encoder is not None
+
+    @property
+    def tokens_per_view(self) -> int:
+        """Visual tokens of one view: the resampler's queries, or the ``mlp`` connector's
+        (folded) patches plus any kept class tokens."""
+        v = self.vision
+        if v.connector == "resampler":
+            return v.n_queries
+        side = self.image.window_size // v.patch_size // v.pixel_shuffle
+        return side * side + int(v.encoder is not None and v.encoder.keep_cls)
+
+    @property
     def tokens_per_image(self) -> int:
-        """Visual tokens one image occupies in the prompt: views x queries."""
-        return self.image.num_views * self.vision.n_queries
+        """Visual tokens one image occupies in the prompt: views x tokens per view."""
+        return self.image.num_views * self.tokens_per_view
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the offending field when the sizes do not fit together."""
@@ -218,6 +269,7 @@ class ModelConfig:
                 f"image.window_size ({im.window_size}) must be a multiple of "
                 f"vision.patch_size ({v.patch_size})"
             )
+        self._validate_connector()
         q = int(round(v.n_queries**0.5))
         if q * q != v.n_queries:
             raise ValueError(f"vision.n_queries ({v.n_queries}) must be a perfect square")
@@ -232,6 +284,26 @@ class ModelConfig:
         for name in ("image_start_id", "image_end_id", "image_pad_id"):
             if not 0 <= getattr(self, name) < llm.vocab_size:
                 raise ValueError(f"{name} ({getattr(self, name)}) is outside llm.vocab_size ({llm.vocab_size})")
+
+    def _validate_connector(self) -> None:
+        v = self.vision
+        if v.connector not in CONNECTORS:
+            raise ValueError(f"vision.connector must be one of {CONNECTORS}, got {v.connector!r}")
+        if not isinstance(v.pixel_shuffle, int) or v.pixel_shuffle < 1:
+            raise ValueError(f"vision.pixel_shuffle must be an integer >= 1, got {v.pixel_shuffle!r}")
+        if v.pixel_shuffle > 1 and v.connector != "mlp":
+            raise ValueError("vision.pixel_shuffle applies to the mlp connector only")
+        if (self.image.window_size // v.patch_size) % v.pixel_shuffle:
+            raise ValueError(f"vision.pixel_shuffle ({v.pixel_shuffle}) must divide the patch grid side "
+                             f"({self.image.window_size // v.patch_size})")
+        if v.encoder is None:
+            return
+        if not v.encoder.hf_config.get("model_type"):
+            raise ValueError("vision.encoder.hf_config needs a model_type")
+        if v.encoder.keep_cls and (v.connector != "mlp" or v.pixel_shuffle > 1):
+            raise ValueError("vision.encoder.keep_cls needs the mlp connector without pixel_shuffle")
+        if v.encoder.feature_layer >= 0 or v.encoder.feature_layer < -v.layers:
+            raise ValueError(f"vision.encoder.feature_layer must be in -1..-{v.layers}, got {v.encoder.feature_layer}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -283,10 +355,20 @@ class ModelConfig:
                 bad = set(value) - allowed - _RUNTIME_KEYS
                 if bad:
                     raise ValueError(f"unknown keys in model config section {key!r}: {sorted(bad)}")
-                kwargs[key] = section_cls(**{k: v for k, v in value.items() if k in allowed})
+                fields = {k: v for k, v in value.items() if k in allowed}
+                if key == "vision" and isinstance(fields.get("encoder"), dict):
+                    fields["encoder"] = _encoder_from_dict(fields["encoder"])
+                kwargs[key] = section_cls(**fields)
             else:
                 kwargs[key] = value
         return cls(**kwargs)
+
+
+def _encoder_from_dict(data: dict[str, Any]) -> EncoderConfig:
+    bad = set(data) - {f.name for f in dataclasses.fields(EncoderConfig)}
+    if bad:
+        raise ValueError(f"unknown keys in model config section 'vision.encoder': {sorted(bad)}")
+    return EncoderConfig(**data)
 
 
 def _monkey_7b() -> ModelConfig:

@@ -94,7 +94,8 @@ ADAM8BIT_MIN_SIZE = 4096  # smaller tensors keep fp32 moments (bitsandbytes' min
 NF4_BLOCK = 64
 NF4_BYTES = 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * 256)
 
-_BLOCK = re.compile(r"^(vision\.blocks\.(\d+)|llm\.model\.layers\.(\d+))\.")
+# A ViT block (Monkey's, or a composed transformers encoder's layer) or an LLM decoder layer.
+_BLOCK = re.compile(r"^(vision\.(?:blocks|encoder\.(?:\w+\.)*?layers?)\.(\d+)|llm\.model\.layers\.(\d+))\.")
 
 
 @dataclass(frozen=True)
@@ -164,12 +165,12 @@ def summarize(decisions: Iterable[Decision], config: ModelConfig, quantize: Iter
         if d.component in ("vision_tower", "vision_adapters"):
             idx = int(m.group(2)) if m and m.group(2) is not None else 0
             vision_first = idx if vision_first is None else min(vision_first, idx)
-        if d.component in ("vision_tower", "vision_adapters", "resampler", "embeddings"):
+        if d.component in ("vision_tower", "vision_adapters", "resampler", "projector", "image_tokens", "embeddings"):
             upstream = True
         if m and m.group(3) is not None:
             idx = int(m.group(3))
             llm_first = idx if llm_first is None else min(llm_first, idx)
-    resampler_grad = vision_first is not None or any(d.trainable and d.component == "resampler" for d in decisions)
+    resampler_grad = vision_first is not None or any(d.trainable and d.component in ("resampler", "projector") for d in decisions)
     llm_from = 0 if upstream else (llm_first if llm_first is not None else config.llm.num_layers)
     return ParamSummary(
         total=sum(d.numel for d in decisions),

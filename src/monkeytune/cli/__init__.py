@@ -15,7 +15,7 @@ import sys
 SUBCOMMANDS = [
     "smoke", "demo",
     "data",
-    "inspect",
+    "compose", "inspect",
     "train", "tokenizer",
     "chat", "score", "eval", "probe", "export",
     "serve", "api",

@@ -417,7 +417,7 @@ class ConversationDataset(Dataset):
             except (ValueError, OSError) as e:
                 raise sample.error(UNREADABLE_IMAGE, f"{ref.display()}: {e}", ref.field) from None
             v = processed.views
-            if v.shape[0] * self.model_cfg.vision.n_queries != self.tokens_per_image:
+            if v.shape[0] * self.model_cfg.tokens_per_view != self.tokens_per_image:
                 raise ValueError(
                     f"the image processor gave {v.shape[0]} views for {ref.display()}, but the prompt "
                     f"reserves {self.tokens_per_image} tokens per image"

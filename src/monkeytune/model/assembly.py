@@ -27,8 +27,14 @@ def check_size(config: ModelConfig, where: str | Path) -> None:
 
 
 def build_on_meta(config: ModelConfig) -> nn.Module:
-    """The model's structure without allocating weights (they are assigned from the folder)."""
-    with torch.device("meta"):
+    """The model's structure without allocating weights (they are assigned from the folder).
+
+    Buffers are built for real: the non-persistent ones (rotary tables, a transformers vision
+    encoder's position ids) are never in a folder, and each model computes them at construction.
+    """
+    from accelerate import init_empty_weights  # noqa: PLC0415
+
+    with init_empty_weights(include_buffers=False):
         return build_model(config)
 
 

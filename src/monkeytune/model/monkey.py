@@ -27,12 +27,20 @@ from monkeytune.config import LLMConfig, ModelConfig
 from monkeytune.model.auto import MonkeyConfig
 from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
 from monkeytune.model.qwen_compat import get_compat
+from monkeytune.vision.encoder import EncoderTower
+from monkeytune.vision.projector import Projector
 from monkeytune.vision.resampler import Resampler
 from monkeytune.vision.vit import VisionTower
 
 
-def build_llm(cfg: LLMConfig) -> Qwen2ForCausalLM:
-    """A ``Qwen2ForCausalLM`` in the Qwen-7B layout (q/k/v bias, no o_proj bias, RMSNorm, SwiGLU)."""
+def build_llm(cfg: LLMConfig) -> nn.Module:
+    """The causal LM: ``cfg.hf_config``'s transformers model (a composed model), else a
+    ``Qwen2ForCausalLM`` in the Qwen-7B layout (q/k/v bias, no o_proj bias, RMSNorm, SwiGLU)."""
+    if cfg.hf_config is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+
+        hf = AutoConfig.for_model(**cfg.hf_config)
+        return AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
     hf_cfg = Qwen2Config(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -119,22 +127,37 @@ class MonkeyForCausalLM(nn.Module):
         config: The model configuration (validated here).
         llm: An existing causal LM to use instead of building one from ``config.llm`` (any
             transformers causal LM whose hidden size equals ``config.vision.output_dim``).
+        encoder: An existing transformers vision encoder for a composed model's tower (it
+            gains the per-window adapters), instead of a fresh one from ``config.vision.encoder``.
     """
 
     #: For transformers' Auto classes (``AutoModelForCausalLM.register``); ``self.config`` is the
     #: typed :class:`ModelConfig`.
     config_class = MonkeyConfig
 
-    def __init__(self, config: ModelConfig, llm: nn.Module | None = None):
+    def __init__(self, config: ModelConfig, llm: nn.Module | None = None, encoder: nn.Module | None = None):
         super().__init__()
         config.validate()
         self.config = config
-        self.vision = VisionTower(config.vision)
-        self.resampler = Resampler(config.vision)
+        self.vision = EncoderTower(config.vision, encoder) if config.composed else VisionTower(config.vision)
+        if config.vision.connector == "mlp":
+            self.projector = Projector(config.vision)
+        else:
+            self.resampler = Resampler(config.vision)
         self.llm = llm if llm is not None else build_llm(config.llm)
         hidden = self.llm.get_input_embeddings().weight.shape[1]
         if hidden != config.vision.output_dim:
             raise ValueError(f"LLM hidden size {hidden} != vision.output_dim {config.vision.output_dim}")
+        if config.composed:
+            # The embeddings of <img> and </img>, new to a composed LLM's vocabulary. They live
+            # outside the LLM's table so that they train (with the connector) while the table
+            # stays frozen, without optimizer state for the whole vocabulary; see embed_inputs.
+            self.image_tokens = nn.Parameter(torch.zeros(2, hidden))
+
+    @property
+    def connector(self) -> nn.Module:
+        """What turns a view's patch features into LLM tokens: the resampler or the projector."""
+        return self.projector if self.config.vision.connector == "mlp" else self.resampler
 
     @property
     def device(self) -> torch.device:
@@ -229,7 +252,7 @@ class MonkeyForCausalLM(nn.Module):
         patch = self.config.vision.patch_size
         grid_hw = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
         feats = self.vision(pixel_values, view_slots.to(pixel_values.device))
-        return self.resampler(feats, grid_hw)
+        return self.connector(feats, grid_hw)
 
     def embed_inputs(
         self,
@@ -253,6 +276,9 @@ class MonkeyForCausalLM(nn.Module):
             ``[B, T, D]`` input embeddings.
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
+        if self.config.composed:
+            for row, token in enumerate((self.config.image_start_id, self.config.image_end_id)):
+                embeds = torch.where((input_ids == token)[..., None], self.image_tokens[row].to(embeds.dtype), embeds)
         pad_mask = input_ids == self.config.image_pad_id
         n_pad = int(pad_mask.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:

@@ -155,6 +155,9 @@ def load_native(
     directory = Path(directory)
     info = read_config(directory)
     config = model_config_of(info, directory)
+    if info.get("no_weights"):
+        raise ModelFolderError(f"{directory} holds no weights: it was composed from config-only folders, for "
+                               "planning with monkeytune inspect; compose it from folders with weights to load it")
     check_size(config, directory / MODEL_CONFIG_FILE)
     metadata = dict(info.get("metadata") or {})
     tensors = read_tensors(directory, device)

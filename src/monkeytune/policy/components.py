@@ -18,6 +18,8 @@ COMPONENTS: dict[str, str] = {
     "vision_tower": "vision tower",
     "vision_adapters": "per-window adapters",
     "resampler": "resampler",
+    "projector": "MLP projector",
+    "image_tokens": "image-token embeddings",
     "llm_layers": "LLM layers",
     "embeddings": "embeddings",
     "lm_head": "LM head",
@@ -30,6 +32,7 @@ COMPONENTS: dict[str, str] = {
 ALIASES: dict[str, tuple[str, ...]] = {
     "vision": ("vision_tower", "vision_adapters"),
     "adapters": ("vision_adapters",),
+    "connector": ("resampler", "projector"),
     "llm": ("llm_layers", "embeddings", "lm_head", "final_norm", "llm_lora"),
     "llm_base": ("llm_layers", "embeddings", "lm_head", "final_norm"),
     "lora": ("vision_adapters", "llm_lora"),
@@ -62,6 +65,10 @@ def component_of(name: str) -> str:
         return "vision_adapters" if "lora" in c else "vision_tower"
     if c.startswith("resampler."):
         return "resampler"
+    if c.startswith("projector."):
+        return "projector"
+    if c == "image_tokens":
+        return "image_tokens"
     if c.startswith("llm."):
         # peft names its tensors lora_A / lora_B / lora_embedding_A / lora_magnitude_vector.
         if "lora_" in c:

@@ -4,6 +4,7 @@
 | ---------------- | ----------------------------------------------------------------------------- |
 | ``monkey``       | per-window adapters, whole resampler, whole LLM (ViT base frozen)              |
 | ``monkey-fix-llm`` | per-window adapters, whole resampler (LLM layers/embeddings/norm/head frozen) |
+| ``align``        | the connector only (resampler or MLP projector, and a composed model's ``<img>`` embeddings) |
 | ``lora-only``    | parameters whose name contains ``lora``                                       |
 | ``llm-lora``     | peft LoRA on the LLM's q/k/v/o and gate/up/down, per-window adapters, resampler |
 | ``llm-qlora``    | as ``llm-lora`` with the frozen linear layers of the LLM and ViT in 4-bit NF4      |
@@ -66,20 +67,25 @@ class Preset:
 
 
 _LLM_ALL = ("llm_layers", "embeddings", "lm_head", "final_norm", "llm_lora")
+# What turns views into LLM tokens: the resampler or a composed model's MLP projector, and the
+# embeddings of a composed model's new <img> </img> tokens (see MonkeyForCausalLM.embed_inputs).
+_CONNECTOR = ("resampler", "projector", "image_tokens")
 POLICY_PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset("monkey", "ViT base frozen; per-window LoRA, resampler and LLM trainable",
-               ("vision_adapters", "resampler") + _LLM_ALL),
+               ("vision_adapters",) + _CONNECTOR + _LLM_ALL),
         Preset("monkey-fix-llm", "as monkey with the whole LLM frozen",
-               ("vision_adapters", "resampler")),
+               ("vision_adapters",) + _CONNECTOR),
+        Preset("align", "LLaVA-style alignment: only the connector (and a composed model's image-token embeddings)",
+               _CONNECTOR),
         Preset("lora-only", "only parameters whose name contains 'lora'", None, name_contains="lora"),
         Preset("llm-lora", "peft LoRA on the LLM (base frozen), per-window LoRA and resampler trainable",
-               ("vision_adapters", "resampler", "llm_lora"), llm_lora="lora"),
+               ("vision_adapters",) + _CONNECTOR + ("llm_lora",), llm_lora="lora"),
         Preset("llm-qlora", "llm-lora with the frozen LLM and ViT linear layers in 4-bit NF4 (needs bitsandbytes)",
-               ("vision_adapters", "resampler", "llm_lora"), llm_lora="qlora"),
+               ("vision_adapters",) + _CONNECTOR + ("llm_lora",), llm_lora="qlora"),
         Preset("full", "every parameter trainable",
-               ("vision_tower", "vision_adapters", "resampler", "other") + _LLM_ALL),
+               ("vision_tower", "vision_adapters") + _CONNECTOR + ("other",) + _LLM_ALL),
     )
 }
 

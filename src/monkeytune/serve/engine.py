@@ -129,7 +129,7 @@ class ChatEngine:
         cfg = model.config
         cfg.check_tokenizer(tokenizer)
         self.tiling_view = TilingView(cfg.image)
-        self.tiling_summary = describe_tiling(cfg.image, cfg.vision.n_queries)
+        self.tiling_summary = describe_tiling(cfg.image, cfg.tokens_per_view)
         self.default_template = template or default_template(model)
         if self.default_template not in TEMPLATE_LABELS:
             raise ValueError(f"unknown template {self.default_template!r}; choose one of {sorted(TEMPLATE_LABELS)}")
