@@ -3,8 +3,8 @@
 ``monkeytune compose --vision DIR --llm DIR --out DIR`` (and :func:`compose`) writes a monkeytune
 model folder holding:
 
-* the encoder's and the LLM's weights as they came (the encoder's targeted linear layers gain a
-  ``base_layer`` segment in their names, as peft's do);
+* the encoder's and the LLM's weights as they came (the encoder's adapted linear layers gain a
+  ``linear`` segment in their names: ``...q_proj.linear.weight`` beside ``...q_proj.lora.lora_a``);
 * zero-initialised per-window adapters on the encoder's linear layers (Monkey's windows);
 * a freshly initialised connector: Monkey's resampler or LLaVA's MLP projector;
 * the embeddings of the new ``<img>`` and ``</img>`` tokens (``image_tokens``), initialised to the

@@ -86,8 +86,11 @@ def open_safetensors(path: str | Path, device: str | torch.device = "cpu"):
     Raises:
         ModelFolderError: the header or the data cannot be read.
     """
+    device = torch.device(device)
+    # safetensors knows "cpu" but not "cpu:0", the device a CPU rank of a distributed run has.
+    where = "cpu" if device.type == "cpu" else str(device)
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device=where) as f:
             yield f
     except SafetensorError as e:
         raise ModelFolderError(f"{path}: not a readable safetensors file, truncated or corrupt ({e})") from None

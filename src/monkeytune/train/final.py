@@ -76,15 +76,14 @@ def rebuild_from_state(config, state: dict[str, torch.Tensor], plan) -> nn.Modul
         state: Full state dict with bare-model names (engine prefixes removed).
         plan: The ``TrainPlan`` in force (gives LoRA structure and trainable flags).
     """
-    from monkeytune.model import build_model
+    from monkeytune.model.assembly import build_on_meta
     from monkeytune.model.weights import assign_state_dict, materialize_buffers
     from monkeytune.policy import apply_plan, canonical_name, component_of, prepare_model
 
     # The base weights first, under their bare names (peft adds prefixes and `base_layer`) ...
     peft = {k for k in state if component_of(k) == "llm_lora"}
     base = {canonical_name(k): v.to("cpu") for k, v in state.items() if k not in peft}
-    with torch.device("meta"):
-        model = build_model(config)
+    model = build_on_meta(config)
     expected = model.state_dict()
     tied = [k for k in expected if k not in base]
     assign_state_dict(model, {k: v for k, v in base.items() if k in expected}, "gathered state", tied)

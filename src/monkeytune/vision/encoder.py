@@ -5,7 +5,7 @@ that ``AutoModel.from_config`` builds (CLIP, SigLIP, DINOv2 ...). Monkey's recip
 from it, both obtained through public module APIs only:
 
 * **per-window adapters.** Each targeted ``nn.Linear`` is replaced by an :class:`AdaptedLinear`
-  holding the original layer (``base_layer``, as peft names it) and a
+  holding the original layer (``linear``) and a
   :class:`~monkeytune.vision.multi_lora.MultiLoRA` with one adapter per window slot. The encoder's
   own forward runs unchanged; the slots of the current batch reach the adapters through a small
   shared :class:`_Slots` holder that the tower fills before each pass.
@@ -44,27 +44,37 @@ class _Slots:
 
 
 class AdaptedLinear(nn.Module):
-    """``base_layer(x) + adapter(x, slots)``: a frozen-able linear layer with per-window adapters.
+    """``linear(x) + lora(x, slots)``: an encoder's linear layer with per-window adapters.
+
+    The original layer keeps its own name (``linear``, not peft's ``base_layer``, which names
+    are stripped of: these adapters are part of the model, not a wrapper added for training).
 
     Args:
-        base_layer: The encoder's original layer.
+        linear: The encoder's original layer.
         adapter: K adapters shaped like it.
         slots: The tower's shared slot holder.
     """
 
-    def __init__(self, base_layer: nn.Linear, adapter: MultiLoRA, slots: _Slots):
+    def __init__(self, linear: nn.Linear, adapter: MultiLoRA, slots: _Slots):
         super().__init__()
-        self.base_layer = base_layer
+        self.linear = linear
         self.lora = adapter
         self._slots = slots
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[N, L, in]``, one row per view. Returns ``[N, L, out]``."""
-        return self.base_layer(x) + self.lora(x, self._slots.index)
+        return self.linear(x) + self.lora(x, self._slots.index)
+
+
+def layer_stack(encoder: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, layers)`` of the encoder's transformer layers: its longest ``nn.ModuleList``."""
+    return max(((n, m) for n, m in encoder.named_modules() if isinstance(m, nn.ModuleList)), key=lambda nm: len(nm[1]))
 
 
 def match_targets(encoder: nn.Module, targets: list[str] | tuple[str, ...], strict: bool = True) -> dict[str, list[str]]:
-    """The encoder's ``nn.Linear`` paths each target pattern matches (as a path suffix).
+    """The ``nn.Linear`` paths in the encoder's layers that each target pattern matches (as a path
+    suffix). Layers outside the stack (SigLIP's pooling head, whose attention reads its
+    projection's weight directly) keep no adapters: the features are taken before them.
 
     Args:
         encoder: The transformers vision model.
@@ -74,7 +84,8 @@ def match_targets(encoder: nn.Module, targets: list[str] | tuple[str, ...], stri
     Returns:
         ``{pattern: [module path, ...]}`` for the patterns that match.
     """
-    linears = [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+    stack = layer_stack(encoder)[0] + "."
+    linears = [name for name, m in encoder.named_modules() if isinstance(m, nn.Linear) and name.startswith(stack)]
     found = {t: [n for n in linears if n == t or n.endswith("." + t)] for t in targets}
     missing = [t for t, names in found.items() if not names]
     if strict and missing:
@@ -141,8 +152,7 @@ class EncoderTower(nn.Module):
     @property
     def blocks(self) -> nn.ModuleList:
         """The encoder's transformer layers (what FSDP2 shards one by one)."""
-        lists = [m for m in self.encoder.modules() if isinstance(m, nn.ModuleList)]
-        return max(lists, key=len)
+        return layer_stack(self.encoder)[1]
 
     @property
     def gradient_checkpointing(self) -> bool:

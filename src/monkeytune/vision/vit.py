@@ -126,7 +126,8 @@ class VisionTower(nn.Module):
 
         Args:
             pixel_values: ``[N, 3, S, S]`` normalised views.
-            slots: ``[N]`` int64 adapter slot per view (-1 for views without adapters).
+            slots: ``[N]`` int64 adapter slot per view (-1 for views without adapters), on the
+                CPU or on the views' device.
 
         Returns:
             ``[N, (S/patch)^2, width]`` patch features.
@@ -137,7 +138,9 @@ class VisionTower(nn.Module):
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, D]
         x = x + resize_pos_embed(self.pos_embed, grid_hw)
         x = self.ln_pre(x)
-        index = SlotIndex.from_slots(slots, self.cfg.lora_slots)  # once per forward, shared by every adapter
+        # Once per forward, shared by every adapter. Slots on the CPU (even for views on an
+        # accelerator) let the index see the regular window layout without a host sync.
+        index = SlotIndex.from_slots(slots, self.cfg.lora_slots, device=x.device)
         for block in self.blocks:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, index, use_reentrant=False)

@@ -1,0 +1,134 @@
+"""Composed models: a transformers vision encoder and causal LM joined the Monkey way.
+
+Every part is a tiny random transformers model saved with ``save_pretrained`` in the test; the
+references are the plain parts loaded back with transformers.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+
+from monkeytune.cli import main
+from monkeytune.model.compose import ComposeOptions, compose
+from monkeytune.model.io import ModelFolderError, load_model
+from monkeytune.vision.processor import ImageProcessor
+from tests.model.compose_parts import save_clip, save_llama, save_qwen2, save_siglip_pair
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    return {"clip": save_clip(root / "clip"), "siglip": save_siglip_pair(root / "siglip"),
+            "qwen2": save_qwen2(root / "qwen2"), "llama": save_llama(root / "llama"), "root": root}
+
+
+@pytest.fixture(scope="module")
+def clip_qwen2(parts):
+    """CLIP + Qwen2 with Monkey's resampler (4 queries a view)."""
+    return compose(parts["clip"], parts["qwen2"], parts["root"] / "clip-qwen2", ComposeOptions(queries=4))
+
+
+@pytest.fixture(scope="module")
+def siglip_llama(parts):
+    """A SigLIP pair's vision tower + Llama with LLaVA's projector, 2x2 patches folded a token."""
+    options = ComposeOptions(connector="mlp", pixel_shuffle=2, feature_layer=-2)
+    return compose(parts["siglip"], parts["llama"], parts["root"] / "siglip-llama", options)
+
+
+def _image(seed: int = 0) -> Image.Image:
+    g = torch.Generator().manual_seed(seed)
+    return Image.fromarray(torch.randint(0, 256, (50, 60, 3), generator=g, dtype=torch.uint8).numpy())
+
+
+@pytest.mark.parametrize("pair, plain, layer, drop", [("clip_qwen2", "clip", -1, 1), ("siglip_llama", "siglip", -2, 0)])
+def test_zero_adapters_leave_each_window_as_the_plain_encoder_sees_its_crop(pair, plain, layer, drop, parts, request):
+    model, _ = load_model(request.getfixturevalue(pair))
+    cls = CLIPVisionModel if plain == "clip" else SiglipVisionModel
+    encoder = cls.from_pretrained(parts[plain]).eval()
+    processed = ImageProcessor(model.config.image)(_image())
+    assert processed.slots.tolist() == [0, 1, 2, 3, -1]
+    with torch.no_grad():
+        batched = model.vision(processed.views, processed.slots)  # every view in one pass
+        for k, view in enumerate(processed.views):
+            alone = encoder(pixel_values=view[None], output_hidden_states=True).hidden_states[layer][:, drop:]
+            torch.testing.assert_close(batched[k : k + 1], alone, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("pair, llm", [("clip_qwen2", "qwen2"), ("siglip_llama", "llama")])
+def test_text_only_logits_and_greedy_answers_are_the_plain_llms(pair, llm, parts, request):
+    model, tokenizer = load_model(request.getfixturevalue(pair))
+    plain = AutoModelForCausalLM.from_pretrained(parts[llm]).eval()
+    ids = torch.tensor([tokenizer.encode("hello world what is this")])
+    with torch.no_grad():
+        ours = model(ids).logits
+        theirs = plain(ids).logits
+    vocab = theirs.shape[-1]
+    torch.testing.assert_close(ours[..., :vocab], theirs, rtol=0, atol=1e-5)
+    kwargs = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": tokenizer.pad_id}
+    answer = model.generate(ids, **kwargs)
+    assert answer.tolist() == plain.generate(ids, **kwargs)[:, ids.shape[1] :].tolist()
+
+
+def test_the_folder_loads_back_with_identical_image_logits(clip_qwen2, tmp_path):
+    model, tokenizer = load_model(clip_qwen2)
+    processed = ImageProcessor(model.config.image)(_image(1))
+    tpi = model.config.tokens_per_image
+    ids = torch.tensor([[tokenizer.image_start_id] + [tokenizer.image_pad_id] * tpi + [tokenizer.image_end_id]
+                        + tokenizer.encode("what is this")])
+    with torch.no_grad():
+        model.image_tokens.add_(0.5)  # the saved folder must carry the trained image-token embeddings
+        before = model(ids, pixel_values=processed.views, view_slots=processed.slots).logits
+        model.save_pretrained(tmp_path / "again", tokenizer=tokenizer)
+        again, _ = load_model(tmp_path / "again")
+        after = again(ids, pixel_values=processed.views, view_slots=processed.slots).logits
+    assert torch.equal(before, after)
+    assert model.config.to_dict() == again.config.to_dict()
+
+
+def test_a_composed_config_names_its_parts_and_counts_its_visual_tokens(clip_qwen2, siglip_llama):
+    resampled = json.loads((clip_qwen2 / "config.json").read_text())["model"]
+    assert resampled["vision"]["encoder"]["hf_config"]["model_type"] == "clip_vision_model"
+    assert resampled["vision"]["encoder"]["adapter_targets"] == []  # the defaults, resolved when built
+    assert resampled["llm"]["hf_config"]["model_type"] == "qwen2"
+    model, _ = load_model(siglip_llama)
+    # 28-pixel views of 14-pixel patches: a 2x2 grid folded into one token, 5 views an image.
+    assert model.config.tokens_per_view == 1 and model.config.tokens_per_image == 5
+    assert len(model.vision.blocks) == 2
+    adapted = sorted({n.split(".lora.")[0].rsplit(".", 1)[-1] for n, _ in model.named_parameters() if ".lora." in n})
+    assert adapted == ["fc1", "fc2", "k_proj", "out_proj", "q_proj", "v_proj"]
+
+
+def test_adapter_targets_that_match_nothing_are_one_error(parts, tmp_path, capsys):
+    code = main(["compose", "--vision", str(parts["clip"]), "--llm", str(parts["qwen2"]), "--out", str(tmp_path / "x"),
+                 "--queries", "4", "--adapter-targets", "q_proj", "query_proj"])
+    err = capsys.readouterr().err
+    assert code == 2 and "['query_proj'] match no linear layer" in err and "Traceback" not in err
+    assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_a_folder_without_config_is_named(parts, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code = main(["compose", "--vision", str(tmp_path / "empty"), "--llm", str(parts["qwen2"]), "--out", str(tmp_path / "x")])
+    assert code == 2 and f"--vision {tmp_path / 'empty'}: no config.json there" in capsys.readouterr().err
+
+
+def test_config_only_parts_compose_into_a_plan_that_inspect_reads(parts, tmp_path):
+    from monkeytune.inspection import inspect_plan
+    from monkeytune.model.spec import ModelSpec
+    from monkeytune.policy.plan import TrainPlan
+
+    for name in ("clip", "qwen2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text((parts[name] / "config.json").read_text())
+    out = compose(tmp_path / "clip", tmp_path / "qwen2", tmp_path / "plan", ComposeOptions(queries=4))
+    assert not (out / "model.safetensors").exists()
+    report = inspect_plan(ModelSpec(from_dir=str(out)), TrainPlan(preset="align"))
+    trainable = {d.component for d in report.report.decisions if d.trainable}
+    assert trainable == {"resampler", "image_tokens"}
+    with pytest.raises(ModelFolderError, match="holds no weights"):
+        load_model(out)

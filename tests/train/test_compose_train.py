@@ -1,0 +1,88 @@
+"""Training a composed model (CLIP + Qwen2 parts saved in the test): what each preset moves, and
+2-process engines against one process, with an exact resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from monkeytune.model.compose import ComposeOptions, compose
+from monkeytune.model.io import read_tensors
+from monkeytune.train.loop import train
+from tests.model.compose_parts import save_clip, save_qwen2
+from tests.train.test_engines import launch, losses, start, finish, kill
+
+
+@pytest.fixture(scope="module")
+def composed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("composed")
+    folder = compose(save_clip(root / "clip"), save_qwen2(root / "qwen2"), root / "model", ComposeOptions(queries=4))
+    info = json.loads((folder / "config.json").read_text())
+    info["model"]["vision"]["lora_dropout"] = 0.0  # the same numbers whichever process draws them
+    (folder / "config.json").write_text(json.dumps(info))
+    return folder
+
+
+def _sections(composed: Path, data: Path, preset: str) -> dict:
+    return dict(model={"from": str(composed), "config": None, "tokenizer": None},
+                data={"train": str(data), "template": "chatml", "shuffle": False, "max_length": 512},
+                policy={"preset": preset}, optim={"lr": 1e-2, "warmup_ratio": 0.0},
+                train={"epochs": 1, "micro_batch_size": 4, "grad_accum": 1},
+                checkpoint={"final_save": "full"}, log={"every": 1, "progress": False, "plot": False})
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
+@pytest.mark.parametrize("preset", ["monkey-fix-llm", "align"])
+def test_a_preset_moves_its_parts_and_leaves_every_base_weight_bit_identical(preset, composed, synthetic, make_config):
+    train_file, _ = synthetic
+    sections = _sections(composed, train_file, preset)
+    sections["train"] = {**sections["train"], "max_steps": 3, "epochs": 0}
+    result = train(make_config(preset, **sections))
+    before, after = read_tensors(composed), read_tensors(Path(result.run_dir) / "final")
+    moved = _changed(before, after)
+    base = {n for n in before if n.startswith(("llm.", "vision.")) and ".lora." not in n}
+    assert base and not moved & base  # the encoder's and the LLM's weights, bit for bit
+    assert "image_tokens" in moved and any(n.startswith("resampler.") for n in moved)
+    adapters_moved = {n for n in moved if ".lora.lora_b" in n}
+    if preset == "align":
+        assert moved <= {"image_tokens"} | {n for n in before if n.startswith("resampler.")}
+    else:
+        assert len(adapters_moved) == len([n for n in before if ".lora.lora_b" in n])
+
+
+def test_fsdp2_shards_the_composed_blocks_matches_one_process_and_resumes_exactly(composed, uneven, make_config,
+                                                                                 tmp_path):
+    # FSDP2 wraps the encoder's own layers (EncoderTower.blocks) and the LLM's; the ranks draw
+    # text-only and image micro-batches at the same step (the `uneven` data). DDP and DeepSpeed
+    # wrap the model whole, as for a Monkey model (tests/train/test_engines.py): one launch
+    # each per composed model would double this file's time and test nothing new.
+    engine, config_file = "fsdp2", "fsdp.yaml"
+    cfg = make_config(engine, **_sections(composed, uneven, "monkey"))
+    cfg.checkpoint.every = 3
+    cfg.save(tmp_path / "run.yaml")
+    proc = start(config_file, tmp_path / "run.yaml")
+    try:  # the reference trains while the ranks start
+        sections = _sections(composed, uneven, "monkey")
+        sections["train"] = {**sections["train"], "grad_accum": 2}
+        single = train(make_config(f"{engine}-single", **sections))
+    except BaseException:
+        kill([proc])
+        raise
+    finish(proc)
+    run = Path(cfg.checkpoint.output_dir)
+    got = losses(run)
+    assert len(got) == single.steps == 6
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(single.losses), rtol=1e-5, atol=0)
+    resumed = tmp_path / "resumed"
+    ckpt = run / "checkpoints" / "step-00000003"
+    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
+    launch(config_file, tmp_path / "run.yaml", "--resume", "--checkpoint.output_dir", str(resumed))
+    again = losses(resumed)
+    assert [again[s] for s in (4, 5, 6)] == [got[s] for s in (4, 5, 6)]
