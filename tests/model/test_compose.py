@@ -132,3 +132,24 @@ def test_config_only_parts_compose_into_a_plan_that_inspect_reads(parts, tmp_pat
     assert trainable == {"resampler", "image_tokens"}
     with pytest.raises(ModelFolderError, match="holds no weights"):
         load_model(out)
+
+
+def test_transformers_classes_load_it_and_the_llm_exports_alone_with_its_image_tokens(clip_qwen2, tmp_path):
+    import monkeytune
+    from monkeytune.model.hf_export import export_hf_llm
+    from transformers import AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(clip_qwen2)
+    assert isinstance(model, monkeytune.MonkeyForCausalLM) and model.config.composed
+    processor = monkeytune.MonkeyProcessor.from_pretrained(clip_qwen2)
+    inputs = processor(text=["<image> what is this"], images=[_image()])
+    assert inputs["pixel_values"].shape == (5, 3, 28, 28)
+    with torch.no_grad():
+        model.image_tokens.normal_()
+    export_hf_llm(model, tmp_path / "llm", tokenizer=processor.tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")
+    ids = torch.tensor([tokenizer.encode("<img> hello world </img>", add_special_tokens=False)])
+    assert ids[0, 0] == model.config.image_start_id and ids[0, -1] == model.config.image_end_id
+    with torch.no_grad():  # the same logits, <img> and </img> included: their trained rows went along
+        torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-5)

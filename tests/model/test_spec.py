@@ -41,7 +41,7 @@ def test_parse_accepts_every_written_form(tmp_path):
 @pytest.mark.parametrize("value, message", [
     ("tinny", "'tinny' is neither a model preset"),
     ({"preset": "tinny"}, r"model\.preset: unknown preset 'tinny' \(did you mean tiny\?\)"),
-    ({"preset": "tiny", "from": "x"}, "exactly one of preset, config or from; got \\['preset', 'from'\\]"),
+    ({"preset": "tiny", "from": "x"}, "exactly one of preset, config, from or compose; got \\['preset', 'from'\\]"),
     ({"config": {"vision": {"widht": 3}}}, r"model\.config: unknown keys in model config section 'vision'"),
     ({"config": {"vision": []}}, "section 'vision' must be a mapping"),
     ({"vision": {"width": 64, "heads": 3}}, r"vision\.width \(64\) must be divisible by vision\.heads \(3\)"),

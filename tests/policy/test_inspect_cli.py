@@ -89,7 +89,7 @@ def test_inspect_reads_a_training_config(tiny, tmp_path, capsys):
     assert params["llm.model.embed_tokens.weight"]["shape"][0] == tiny.config.matched_to_tokenizer(tok).llm.vocab_size
     run.write_text(yaml.safe_dump({"model": {"preset": "tiny", "from": str(tmp_path / "ckpt")}}))
     assert main(["inspect", "--config", str(run)]) == 2
-    assert "exactly one of preset, config or from" in capsys.readouterr().err
+    assert "exactly one of preset, config, from or compose" in capsys.readouterr().err
 
 
 def test_inspect_qlora_and_8bit_on_any_machine(capsys):

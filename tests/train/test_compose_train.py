@@ -14,13 +14,18 @@ from monkeytune.model.compose import ComposeOptions, compose
 from monkeytune.model.io import read_tensors
 from monkeytune.train.loop import train
 from tests.model.compose_parts import save_clip, save_qwen2
-from tests.train.test_engines import launch, losses, start, finish, kill
+from tests.train.test_engines import finish, kill, launch, losses, start
 
 
 @pytest.fixture(scope="module")
-def composed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("composed")
-    folder = compose(save_clip(root / "clip"), save_qwen2(root / "qwen2"), root / "model", ComposeOptions(queries=4))
+def parts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    return save_clip(root / "clip"), save_qwen2(root / "qwen2")
+
+
+@pytest.fixture(scope="module")
+def composed(parts, tmp_path_factory):
+    folder = compose(*parts, tmp_path_factory.mktemp("composed") / "model", ComposeOptions(queries=4))
     info = json.loads((folder / "config.json").read_text())
     info["model"]["vision"]["lora_dropout"] = 0.0  # the same numbers whichever process draws them
     (folder / "config.json").write_text(json.dumps(info))
@@ -86,3 +91,47 @@ def test_fsdp2_shards_the_composed_blocks_matches_one_process_and_resumes_exactl
     launch(config_file, tmp_path / "run.yaml", "--resume", "--checkpoint.output_dir", str(resumed))
     again = losses(resumed)
     assert [again[s] for s in (4, 5, 6)] == [got[s] for s in (4, 5, 6)]
+
+
+def test_a_training_config_composes_in_the_run_folder_and_resumes_from_it(parts, synthetic, make_config, composed):
+    # model.compose in the YAML: the run composes RUN/composed once and trains it like `from:`;
+    # the same parts composed by the command give the same losses.
+    train_file, _ = synthetic
+    vision, llm = parts
+    sections = _sections(composed, train_file, "align")
+    sections["train"] = {**sections["train"], "max_steps": 2, "epochs": 0}
+    sections["checkpoint"] = {"every": 1, "final_save": "none"}
+    by_command = train(make_config("by-command", **sections))
+    sections["model"] = {"from": None, "config": None, "tokenizer": None,
+                         "compose": {"vision": str(vision), "llm": str(llm), "queries": 4}}
+    cfg = make_config("by-yaml", **sections)
+    first = train(cfg)
+    run = Path(first.run_dir)
+    assert (run / "composed" / "model.safetensors").is_file()
+    assert "from: " + str(run / "composed") in (run / "config.yaml").read_text()
+    # lora_dropout differs from the command's folder (0 there), but align trains no adapter.
+    assert first.losses == by_command.losses
+    cfg.train.max_steps = 3
+    again = train(cfg, resume="latest")
+    assert again.steps == 3 and len(again.losses) == 1
+
+
+def test_a_bad_composition_is_one_error_naming_the_key(parts, synthetic, make_config):
+    from monkeytune.train.config import ConfigError
+
+    vision, llm = parts
+    with pytest.raises(ConfigError, match=r"model.compose: unknown keys \['grids'\]"):
+        make_config("bad", model={"config": None, "tokenizer": None,
+                                  "compose": {"vision": str(vision), "llm": str(llm), "grids": [1, 1]}})
+
+
+def test_inspect_plans_a_composition_from_its_configs(parts):
+    from monkeytune.inspection import inspect_plan
+    from monkeytune.model.spec import ModelSpec
+    from monkeytune.policy.plan import TrainPlan
+
+    vision, llm = parts
+    spec = ModelSpec(compose={"vision": str(vision), "llm": str(llm), "connector": "mlp"})
+    plan = inspect_plan(spec, TrainPlan(preset="monkey-fix-llm"))
+    trainable = {d.component for d in plan.report.decisions if d.trainable}
+    assert trainable == {"vision_adapters", "projector", "image_tokens"}

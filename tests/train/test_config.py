@@ -58,7 +58,7 @@ def test_yaml_values_and_overrides_are_converted(tmp_path):
         (BASE + "optimizer:\n  lr: 1\n", [], r"run\.yaml:10: optimizer: unknown section \(did you mean optim\?\)"),
         (BASE, ["--train.epochs", "two"], r"--train\.epochs: train\.epochs: expected an integer, got 'two'"),
         (BASE, ["--train.precision", "fp8"], r"train\.precision must be one of \['bf16', 'fp16', 'fp32'\]"),
-        (BASE, ["--model.from", "ckpt"], r"model needs exactly one of preset, config or from"),
+        (BASE, ["--model.from", "ckpt"], r"model needs exactly one of preset, config, from or compose"),
         (BASE, ["--train.grad_accum", "0"], r"train\.grad_accum must be >= 1"),
         (BASE, ["--optim.betas", "[0.9]"], r"optim\.betas must be two numbers"),
         (BASE, ["--train.max_steps"], r"override --train\.max_steps has no value"),

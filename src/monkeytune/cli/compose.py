@@ -44,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-cls", action="store_true", help="mlp: keep the class token")
     p.add_argument("--adapter-targets", nargs="+", default=None, metavar="NAME",
                    help="encoder linear layers with per-window adapters (default: attention and MLP projections)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the new parts' initialisation (default 0)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype of the output (default: the LLM's)")
     p.set_defaults(func=run)
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     options = ComposeOptions(
         grid=args.grid, global_view=args.global_view, window_size=args.window_size, connector=args.connector,
         queries=args.queries, pixel_shuffle=args.pixel_shuffle, feature_layer=args.feature_layer,
-        keep_cls=args.keep_cls, adapter_targets=args.adapter_targets, dtype=DTYPES[args.dtype],
+        keep_cls=args.keep_cls, adapter_targets=args.adapter_targets, seed=args.seed,
+        dtype=DTYPES[args.dtype],
     )
     try:
         out = compose(args.vision, args.llm, args.out, options)

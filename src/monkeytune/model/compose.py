@@ -59,6 +59,8 @@ class ComposeOptions:
         adapter_targets: Encoder linear layers that get per-window adapters (default: the
             attention and MLP projections).
         lora_rank_attn, lora_rank_mlp: Adapter ranks.
+        seed: Seeds the new parts' initialisation (the connector, the adapters' down
+            projections), so one composition always gives the same folder.
         dtype: Weight dtype of the output; None keeps the LLM's stored dtype.
     """
 
@@ -73,7 +75,28 @@ class ComposeOptions:
     adapter_targets: list[str] | None = None
     lora_rank_attn: int = 16
     lora_rank_mlp: int = 32
+    seed: int = 0
     dtype: torch.dtype | None = None
+
+
+def options_from_mapping(mapping: dict[str, Any]) -> tuple[str, str, ComposeOptions]:
+    """``(vision_dir, llm_dir, options)`` from a training config's ``model.compose`` mapping.
+
+    Raises:
+        ComposeError: not a mapping, ``vision`` or ``llm`` missing, or an unknown key (the known
+            ones listed).
+    """
+    if not isinstance(mapping, dict):
+        raise ComposeError(f"expected a mapping with vision and llm folders, got {type(mapping).__name__}")
+    known = {f.name for f in dataclasses.fields(ComposeOptions)} - {"dtype"}
+    unknown = sorted(set(mapping) - known - {"vision", "llm"})
+    if unknown:
+        raise ComposeError(f"unknown keys {unknown}; known: vision, llm, {', '.join(sorted(known))}")
+    missing = [k for k in ("vision", "llm") if not mapping.get(k)]
+    if missing:
+        raise ComposeError(f"needs {' and '.join(missing)} (a folder)")
+    options = ComposeOptions(**{k: v for k, v in mapping.items() if k in known})
+    return str(mapping["vision"]), str(mapping["llm"]), options
 
 
 def _hf_config(directory: Path, what: str):
@@ -243,7 +266,9 @@ def compose(vision_dir: str | Path, llm_dir: str | Path, out: str | Path, option
     metadata = {"composed_from": {"vision": str(vision_dir), "llm": str(llm_dir)}}
     if encoder is None or llm is None:
         return _write_plan(config, tokenizer, out, metadata)
-    model = MonkeyForCausalLM(config, llm=llm, encoder=encoder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(options.seed)
+        model = MonkeyForCausalLM(config, llm=llm, encoder=encoder)
     with torch.no_grad():
         table = llm.get_input_embeddings().weight
         mean = table[: llm.config.get_text_config().vocab_size].float().mean(0)

@@ -98,6 +98,15 @@ def unmerged_adapter(directory: str | Path, model: nn.Module) -> Path | None:
     return Path(directory) / info.get("folder", ADAPTER_FOLDER)
 
 
+def _write_image_tokens(model: nn.Module, llm: nn.Module) -> None:
+    """Put a composed model's trained ``<img>`` / ``</img>`` embeddings into the LLM's own table,
+    where a plain transformers model looks them up (the model keeps them apart while training)."""
+    table = llm.get_input_embeddings().weight
+    with torch.no_grad():
+        for row, token in enumerate((model.config.image_start_id, model.config.image_end_id)):
+            table[token] = model.image_tokens[row].to(table.dtype)
+
+
 def export_hf_llm(
     model: nn.Module,
     directory: str | Path,
@@ -131,6 +140,8 @@ def export_hf_llm(
         # merge_and_unload changes the wrapped modules in place; the caller's model is the
         # loaded one and is not used afterwards, so no copy is made.
         llm = llm.merge_and_unload()
+    if model.config.composed:
+        _write_image_tokens(model, llm)
     save_base_llm(llm, directory)
     if has_peft(llm):
         save_peft_adapter(llm, directory / ADAPTER_FOLDER, base_model=directory)

@@ -6,6 +6,7 @@ training config writes it::
     model: {preset: tiny, tokenizer: data/tokenizer}          # a built-in config, random weights
     model: {config: {vision: {...}, llm: {...}}, tokenizer: ...}  # an inline config, random weights
     model: {from: runs/a/final}                                # a model folder (monkeytune or official)
+    model: {compose: {vision: clip-dir, llm: qwen-dir, grid: [2, 2]}}  # pretrained parts joined
 
 :func:`resolve_model` turns a spec into the :class:`~monkeytune.config.ModelConfig` that will be
 built or loaded. ``train``, ``inspect``, ``data check`` and the demo all go through it, so a
@@ -32,8 +33,8 @@ from monkeytune.tokenizer.loading import load_tokenizer
 logger = logging.getLogger(__name__)
 
 # Keys of the ``model`` section of a training config, as YAML writes them.
-SPEC_KEYS = ("preset", "config", "from", "tokenizer", "init_seed")
-SOURCES = ("preset", "config", "from")
+SPEC_KEYS = ("preset", "config", "from", "compose", "tokenizer", "init_seed")
+SOURCES = ("preset", "config", "from", "compose")
 
 
 class ModelSpecError(ValueError):
@@ -49,6 +50,8 @@ class ModelSpec:
             initialised.
         config: An inline :class:`~monkeytune.config.ModelConfig`, randomly initialised.
         from_dir: A model folder, monkeytune or official (YAML key ``from``).
+        compose: A composition of pretrained parts: ``vision`` and ``llm`` folders plus any of
+            :class:`~monkeytune.model.compose.ComposeOptions` (``monkeytune compose``'s options).
         tokenizer: Tokenizer folder; by default the model folder's own.
         init_seed: Seed for the random initialisation of ``preset``/``config`` models.
     """
@@ -56,13 +59,15 @@ class ModelSpec:
     preset: str | None = None
     config: ModelConfig | None = None
     from_dir: str | None = field(default=None, metadata={"key": "from"})
+    compose: dict[str, Any] | None = None
     tokenizer: str | None = None
     init_seed: int = 0
 
     @property
     def sources(self) -> list[str]:
         """The source keys that are set (a valid spec has exactly one)."""
-        return [k for k, v in (("preset", self.preset), ("config", self.config), ("from", self.from_dir)) if v]
+        return [k for k, v in (("preset", self.preset), ("config", self.config), ("from", self.from_dir),
+                               ("compose", self.compose)) if v]
 
     def check(self, where: str = "model") -> None:
         """Check the spec without reading any file.
@@ -75,7 +80,8 @@ class ModelSpec:
                 spelling), or an inline config whose sizes do not fit together.
         """
         if len(self.sources) != 1:
-            raise ModelSpecError(f"{where} needs exactly one of preset, config or from; got {self.sources or 'none'}")
+            raise ModelSpecError(f"{where} needs exactly one of preset, config, from or compose; "
+                                 f"got {self.sources or 'none'}")
         if self.preset and self.preset not in MODEL_PRESETS:
             close = difflib.get_close_matches(self.preset, list(MODEL_PRESETS), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -86,6 +92,13 @@ class ModelSpec:
                 dataclasses.replace(self.config, image_start_id=0, image_end_id=0, image_pad_id=0).validate()
             except ValueError as e:
                 raise ModelSpecError(f"{where}.config: {e}") from None
+        if self.compose:
+            from monkeytune.model.compose import ComposeError, options_from_mapping  # noqa: PLC0415
+
+            try:
+                options_from_mapping(self.compose)
+            except ComposeError as e:
+                raise ModelSpecError(f"{where}.compose: {e}") from None
 
     @classmethod
     def parse(cls, value: Any, where: str = "model") -> "ModelSpec":
@@ -111,7 +124,7 @@ class ModelSpec:
             if any(k in value for k in SOURCES) and set(value) <= set(SPEC_KEYS):
                 config = value.get("config")
                 spec = cls(preset=value.get("preset"), config=config_from_mapping(config, f"{where}.config"),
-                           from_dir=value.get("from"), tokenizer=value.get("tokenizer"),
+                           from_dir=value.get("from"), compose=value.get("compose"), tokenizer=value.get("tokenizer"),
                            init_seed=int(value.get("init_seed") or 0))
             else:
                 spec = cls(config=config_from_mapping(value, where))
@@ -124,7 +137,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain data using the YAML key names (``from``, not ``from_dir``)."""
         return {"preset": self.preset, "config": self.config.to_dict() if self.config else None,
-                "from": self.from_dir, "tokenizer": self.tokenizer, "init_seed": self.init_seed}
+                "from": self.from_dir, "compose": self.compose, "tokenizer": self.tokenizer, "init_seed": self.init_seed}
 
 
 def config_from_mapping(value: Any, where: str) -> ModelConfig | None:
@@ -160,7 +173,7 @@ class ResolvedModel:
     @property
     def built_fresh(self) -> bool:
         """Whether the model is randomly initialised (``preset`` / ``config``), not loaded."""
-        return not self.spec.from_dir
+        return not self.spec.from_dir and not self.spec.compose
 
 
 def resolve_model(spec: ModelSpec, where: str = "model", tokenizer: Any = None) -> ResolvedModel:
@@ -193,6 +206,8 @@ def resolve_model(spec: ModelSpec, where: str = "model", tokenizer: Any = None) 
             raise ModelSpecError(f"{where}.tokenizer: {e}") from None
     if spec.from_dir:
         return ResolvedModel(spec, folder_config(spec.from_dir), tokenizer, tok_dir)
+    if spec.compose:
+        return _resolve_composition(spec, where)
     written = get_config(spec.preset) if spec.preset else copy.deepcopy(spec.config)
     config, adjusted = written, []
     if tokenizer is not None:
@@ -206,6 +221,19 @@ def resolve_model(spec: ModelSpec, where: str = "model", tokenizer: Any = None) 
     except ValueError as e:
         raise ModelSpecError(f"{where}: {e}") from None
     return ResolvedModel(spec, config, tokenizer, tok_dir, adjusted)
+
+
+def _resolve_composition(spec: ModelSpec, where: str) -> ResolvedModel:
+    """A composition's config and tokenizer, from the parts' configs and the LLM's tokenizer
+    (no weights are read: ``inspect`` plans it as it is, ``train`` composes it in the run folder)."""
+    from monkeytune.model.compose import ComposeError, composed_config, llm_tokenizer, options_from_mapping  # noqa: PLC0415
+
+    try:
+        vision, llm, options = options_from_mapping(spec.compose)
+        tokenizer = llm_tokenizer(llm)
+        return ResolvedModel(spec, composed_config(vision, llm, tokenizer, options), tokenizer, None)
+    except ComposeError as e:
+        raise ModelSpecError(f"{where}.compose: {e}") from None
 
 
 def _changes(old: ModelConfig, new: ModelConfig) -> list[str]:

@@ -29,6 +29,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from transformers import PreTrainedTokenizerFast
 
 from monkeytune.tokenizer.base import DEFAULT_SYSTEM, ENDOFTEXT, IM_END, IM_START
+from monkeytune.tokenizer.pretrained import PretrainedTokenizer
 from monkeytune.tokenizer.qwen import QWEN_PATTERN, QwenTokenizer
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
@@ -92,7 +93,9 @@ def to_transformers_tokenizer(tokenizer: Any, chat_template: str | None = CHATML
     """A transformers tokenizer equivalent to a monkeytune one.
 
     Args:
-        tokenizer: A :class:`SimpleTokenizer` or :class:`QwenTokenizer`.
+        tokenizer: A :class:`SimpleTokenizer` or :class:`QwenTokenizer` (a
+            :class:`PretrainedTokenizer`, a composed model's, is returned as the transformers
+            tokenizer it wraps, keeping its own chat template).
         chat_template: Jinja chat template (default: ChatML as monkeytune trains it); None for none.
 
     Returns:
@@ -102,6 +105,8 @@ def to_transformers_tokenizer(tokenizer: Any, chat_template: str | None = CHATML
     Raises:
         TypeError: a tokenizer of another kind.
     """
+    if isinstance(tokenizer, PretrainedTokenizer):
+        return tokenizer.to_transformers()  # already one, with the LLM's own chat template
     if isinstance(tokenizer, SimpleTokenizer):
         backend = tokenizer.to_tokenizers()
     elif isinstance(tokenizer, QwenTokenizer):

@@ -50,6 +50,7 @@ from monkeytune.train.setup import (
     hold_frozen_in_compute_dtype,
     load_model_and_tokenizer,
     resolve_run_model,
+    compose_for_run,
     run_vision_warmup,
     stream_position,
     total_steps,
@@ -198,6 +199,7 @@ def _open_run(cfg: TrainConfig, acc, run_dir: Path, resume: str | None, accept_c
         remove_leftovers(run_dir)
         remove_leftovers(ckpts.root)
     ensure_synthetic_data(cfg, acc)
+    cfg = compose_for_run(cfg, acc, run_dir)
     # The model spec is resolved once; from here on the run uses (and saves) what it resolved to.
     resolved = resolve_run_model(cfg)
     cfg = effective_config(cfg, resolved)

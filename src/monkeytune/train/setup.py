@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -163,6 +164,38 @@ def ensure_synthetic_data(cfg: TrainConfig, accelerator) -> None:
         logger.info("writing %d synthetic samples to %s", cfg.data.synthetic, train)
         write_synthetic_dataset(train, cfg.data.synthetic)
     accelerator.wait_for_everyone()
+
+
+def compose_for_run(cfg: TrainConfig, accelerator, run_dir: Path) -> TrainConfig:
+    """A ``model.compose`` run trains the folder the composition writes in the run folder.
+
+    The main process composes ``RUN/composed`` once (a resumed run finds it); the others wait.
+    Every rank checks the parts' configs first, so a bad folder stops them all alike.
+
+    Returns:
+        ``cfg`` with ``model.from`` naming that folder (what the run saves and resumes).
+    """
+    if not cfg.model.compose:
+        return cfg
+    from monkeytune.model.compose import ComposeError, compose  # noqa: PLC0415
+
+    folder = run_dir / "composed"
+    try:
+        resolve_model(cfg.model)  # configs and tokenizer only, on every rank
+        if accelerator.is_main_process and not (folder / "config.json").is_file():
+            from monkeytune.model.compose import options_from_mapping  # noqa: PLC0415
+
+            vision, llm, options = options_from_mapping(cfg.model.compose)
+            logger.info("composing %s and %s into %s", vision, llm, folder)
+            shutil.rmtree(folder.with_name(".tmp-composed"), ignore_errors=True)
+            compose(vision, llm, folder.with_name(".tmp-composed"), options)
+            folder.with_name(".tmp-composed").rename(folder)
+    except (ComposeError, ModelSpecError) as e:
+        raise SetupError(f"model.compose: {e}") from None
+    accelerator.wait_for_everyone()
+    out = copy.deepcopy(cfg)
+    out.model = dataclasses.replace(out.model, compose=None, from_dir=str(folder))
+    return out
 
 
 def tokenizer_dir(cfg: TrainConfig) -> str | None:
