@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence, TextIO
 import torch
 from transformers import StoppingCriteriaList
 
+from monkeytune.data.chat_template import turn_end_ids
 from monkeytune.data.templates import build_prompt
 from monkeytune.limits import Deadline, GenerationTimeout, check_prompt_length, check_raw_length
-from monkeytune.prompts import TEMPLATES, split_complete_prompt, user_text
+from monkeytune.prompts import CHAT_TEMPLATES, TEMPLATES, split_complete_prompt, user_text
 from monkeytune.streaming import TokenStreamer
 from monkeytune.vision.processor import ImageProcessor
 
@@ -53,10 +54,10 @@ def default_template(model: Any, where: str = "the model folder") -> str:
         if first:
             logger.info("prompt template %s, as %s records", recorded, where)
         return recorded
-    if meta.get("chat_format") == "chatml":
+    if meta.get("chat_format") in CHAT_TEMPLATES:
         if first:
-            logger.info("prompt template chatml: %s records a chat checkpoint", where)
-        return "chatml"
+            logger.info("prompt template %s: %s records a chat checkpoint", meta["chat_format"], where)
+        return meta["chat_format"]
     if first:
         why = f"records an unknown prompt template {recorded!r}" if recorded else "records no prompt template"
         logger.warning("%s %s: prompting with the %s layout; choose another with --template (or template=...)",
@@ -101,12 +102,12 @@ def prompt_ids(
         texts = [text, system or "", *(t for pair in history for t in pair)]
         check_raw_length(texts, tokenizer, config, max_new_tokens)
     turns: list[dict[str, str]] = []
-    if system is not None and template == "chatml":
+    if system is not None and template in CHAT_TEMPLATES:
         turns.append({"role": "system", "content": system})
     for user, answer in history:
         turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     turns.append({"role": "user", "content": user_text(template, text, image)})
-    kind = "chatml" if template == "chatml" else "monkey"
+    kind = template if template in CHAT_TEMPLATES else "monkey"
     ids, images = build_prompt(kind, turns, tokenizer, tokens_per_image, add_generation_prompt=True)
     if config is not None:
         check_prompt_length(len(ids), config, max_new_tokens)
@@ -116,6 +117,8 @@ def prompt_ids(
 def stop_ids(tokenizer: Any, template: str) -> list[int]:
     """Token ids that end an answer."""
     ids = [tokenizer.eos_id]
+    if template == "tokenizer":
+        ids += [i for i in turn_end_ids(tokenizer) if i not in ids]
     if template == "chatml":
         for name in ("<|im_end|>", "<|im_start|>"):
             try:
@@ -366,7 +369,7 @@ class ChatSession:
 
     def ask(self, text: str, stream: TextIO | Callable[[str], Any] | None = None) -> str:
         """Answer ``text`` (streaming to ``stream`` when given) and remember the exchange for ChatML."""
-        multi = self.template == "chatml"
+        multi = self.template in CHAT_TEMPLATES
         image = self.image if not (multi and self.history) else None
         ids, images = prompt_ids(self.template, self.tokenizer, self.model.config.tokens_per_image, text, image,
                                  self.history if multi else (), self.system, config=self.model.config,

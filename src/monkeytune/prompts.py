@@ -17,7 +17,10 @@ import re
 
 from monkeytune.tokenizer.base import split_image_tags
 
-TEMPLATES = ("vqa", "vqa-question-first", "caption", "chatml", "raw")
+TEMPLATES = ("vqa", "vqa-question-first", "caption", "chatml", "tokenizer", "raw")
+# The templates that keep a conversation (a system prompt, earlier exchanges); the others
+# answer each question on its own.
+CHAT_TEMPLATES = ("chatml", "tokenizer")
 CAPTION_PROMPT = "Generate the detailed caption in English:"
 
 
@@ -54,8 +57,8 @@ def infer_template(user_texts: list[str], conversation_template: str = "monkey")
     (``caption``, ``vqa`` or ``vqa-question-first``), else ``raw`` (text used as written), so
     that chat, eval and serve prompt a trained model the way its data did.
     """
-    if conversation_template == "chatml":
-        return "chatml"
+    if conversation_template in CHAT_TEMPLATES:
+        return conversation_template
     for name, pattern in _LAYOUTS:
         if user_texts and all(pattern.match(t) for t in user_texts):
             return name

@@ -153,3 +153,24 @@ def test_transformers_classes_load_it_and_the_llm_exports_alone_with_its_image_t
     assert ids[0, 0] == model.config.image_start_id and ids[0, -1] == model.config.image_end_id
     with torch.no_grad():  # the same logits, <img> and </img> included: their trained rows went along
         torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_the_tokenizer_template_is_the_llms_own_with_only_answers_and_their_turn_end_learnt(siglip_llama):
+    from monkeytune.data.chat_template import turn_end_ids
+    from monkeytune.data.templates import IGNORE_INDEX, normalize_messages, render
+
+    _, tokenizer = load_model(siglip_llama)
+    messages = [{"role": "user", "content": "<img>a.png</img>hello"}, {"role": "assistant", "content": "a cat"},
+                {"role": "user", "content": "what"}, {"role": "assistant", "content": "a dog"}]
+    system, turns = normalize_messages(messages)
+    enc = render("tokenizer", system, turns, tokenizer, tokens_per_image=3)
+    # The same text the template writes, the image expanded in place of its placeholder.
+    image = "<img>" + "<imgpad>" * 3 + "</img>"
+    plain = [{"role": m["role"], "content": m["content"].replace("<img>a.png</img>", image)} for m in messages]
+    assert tokenizer.decode(enc.input_ids, skip_special=False) == tokenizer.render_chat(plain)
+    learnt = [i for i, label in zip(enc.input_ids, enc.labels) if label != IGNORE_INDEX]
+    assert tokenizer.decode(learnt, skip_special=False) == "a cat</s>a dog</s>"
+    assert enc.input_ids.count(tokenizer.image_pad_id) == 3 and len(enc.images) == 1
+    assert turn_end_ids(tokenizer) == [tokenizer.special_id("</s>")]
+    prompt = render("tokenizer", system, turns[:1], tokenizer, 3, add_generation_prompt=True)
+    assert tokenizer.decode(prompt.input_ids, skip_special=False).endswith("hello</s>[assistant] ")

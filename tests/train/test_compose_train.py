@@ -135,3 +135,25 @@ def test_inspect_plans_a_composition_from_its_configs(parts):
     plan = inspect_plan(spec, TrainPlan(preset="monkey-fix-llm"))
     trainable = {d.component for d in plan.report.decisions if d.trainable}
     assert trainable == {"vision_adapters", "projector", "image_tokens"}
+
+
+def test_an_llm_without_chatml_trains_and_answers_in_its_own_chat_template(synthetic, make_config, tmp_path):
+    # Llama's tokenizer has no <|im_start|>: data.template tokenizer renders its own template;
+    # the final folder records it, and chat prompts the same way.
+    from monkeytune.generate import GenerationSettings, answer, default_template
+    from monkeytune.model.io import load_model
+    from tests.model.compose_parts import save_llama, save_siglip_pair
+
+    folder = compose(save_siglip_pair(tmp_path / "siglip"), save_llama(tmp_path / "llama"), tmp_path / "model",
+                     ComposeOptions(connector="mlp"))
+    train_file, _ = synthetic
+    sections = _sections(folder, train_file, "monkey")
+    sections["data"] = {**sections["data"], "template": "tokenizer"}
+    sections["train"] = {**sections["train"], "max_steps": 2, "epochs": 0}
+    result = train(make_config("llama", **sections))
+    assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
+    model, tokenizer = load_model(Path(result.run_dir) / "final")
+    assert default_template(model) == "tokenizer"
+    image = next(train_file.parent.glob("images/*.png"))
+    text = answer(model, tokenizer, "what is it?", str(image), settings=GenerationSettings(max_new_tokens=3))
+    assert isinstance(text, str)

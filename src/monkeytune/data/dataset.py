@@ -141,6 +141,9 @@ class ConversationDataset(Dataset):
                     tokenizer.special_id(token)
                 except KeyError:
                     raise ValueError(f"the chatml template needs {token} in the tokenizer") from None
+        if template == "tokenizer" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer template needs a tokenizer with its own chat template (a composed "
+                             "model's LLM's); this one has none: use monkey or chatml")
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.tokens_per_image = model_cfg.tokens_per_image

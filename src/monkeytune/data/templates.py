@@ -1,6 +1,6 @@
 """Conversation templates: how turns become token ids and which ids are supervised.
 
-Two templates, used identically for training (:func:`encode_conversation`) and for inference
+Three templates, used identically for training (:func:`encode_conversation`) and for inference
 (:func:`build_prompt`) so a fine-tuned model is always prompted the way it was trained:
 
 ``monkey`` (the official Monkey fine-tuning format)
@@ -20,7 +20,11 @@ Two templates, used identically for training (:func:`encode_conversation`) and f
     ``<|im_end|>``, so nothing after it needs learning). Role names, the newline and the text
     are tokenized separately, matching Qwen's own training and inference code.
 
-In both, every image of a turn (an :class:`~monkeytune.data.records.ImageRef` in its parts, in
+``tokenizer`` (a composed model's LLM)
+    The tokenizer's own Jinja chat template, with the assistant messages and the end-of-turn
+    token after each supervised (see :mod:`monkeytune.data.chat_template`).
+
+In all, every image of a turn (an :class:`~monkeytune.data.records.ImageRef` in its parts, in
 place of its placeholder) expands to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>``
 and every image token has label ``IGNORE_INDEX``. :func:`render` is one pure function of the
 parsed turns: the dataset, ``data check`` and inference all call it. The fit of a rendered
@@ -35,6 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from monkeytune.data.chat_template import render_chat_template
 from monkeytune.data.records import (
     ASSISTANT,
     ROLE_ALIASES,
@@ -50,7 +55,7 @@ from monkeytune.data.records import (
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
 from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer  # noqa: F401 - re-exported
 
-CONVERSATION_TEMPLATES = ("monkey", "chatml")
+CONVERSATION_TEMPLATES = ("monkey", "chatml", "tokenizer")
 
 
 @dataclass
@@ -138,7 +143,7 @@ def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]
     return system, turns
 
 
-class _Builder:
+class TokenBuilder:
     """Accumulates ids and labels, expanding images."""
 
     def __init__(self, tokenizer: Tokenizer, tokens_per_image: int):
@@ -200,7 +205,9 @@ def render(
     """
     if template not in CONVERSATION_TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {CONVERSATION_TEMPLATES}")
-    b = _Builder(tokenizer, tokens_per_image)
+    b = TokenBuilder(tokenizer, tokens_per_image)
+    if template == "tokenizer":
+        return render_chat_template(b, system, turns, add_generation_prompt)
     if template == "monkey":
         if system is not None:
             raise ValueError("the monkey template has no system prompt; remove the system turn")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from monkeytune.generate import prompt_ids
 from monkeytune.limits import PromptTooLongError
-from monkeytune.prompts import user_text
+from monkeytune.prompts import CHAT_TEMPLATES, user_text
 from monkeytune.serve.api_errors import APIError, bad_request
 from monkeytune.serve.api_request import ChatRequest, ImagePart, Message, RequestLimits
 from monkeytune.serve.uploads import UploadError, UploadLimits, check_upload
@@ -73,7 +73,7 @@ def render_prompt(request: ChatRequest, template: str, tokenizer: Any, config: A
     """
     messages = list(request.messages)
     system = messages.pop(0).text if messages[0].role == "system" else None
-    if system is not None and template != "chatml":
+    if system is not None and template not in CHAT_TEMPLATES:
         _drop_system(template)
         system = None
     remaining = iter(paths)

@@ -21,7 +21,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from monkeytune.generate import GenerationSettings, TokenStreamer, default_template, generate_ids, prompt_ids, stop_ids
-from monkeytune.prompts import user_text
+from monkeytune.prompts import CHAT_TEMPLATES, user_text
 from monkeytune.serve.launch import DEFAULT_TIME_LIMIT_S
 from monkeytune.serve.tiling import TilingView, describe_tiling
 from monkeytune.serve.uploads import UploadLimits
@@ -34,6 +34,7 @@ TEMPLATE_LABELS = {
     "vqa-question-first": "VQA, question before the image",
     "caption": "Caption",
     "chatml": "Free chat (ChatML)",
+    "tokenizer": "Free chat (the model's own chat template)",
     "raw": "Raw text",
 }
 MAX_NEW_TOKENS = 2048
@@ -188,7 +189,7 @@ class ChatEngine:
         self.check_turn(history, template)
         last = history[-1]
         start = len(history) - 1
-        if template == "chatml":
+        if template in CHAT_TEMPLATES:
             while start > 0 and history[start - 1].image == last.image:
                 start -= 1
         earlier = history[start:-1]

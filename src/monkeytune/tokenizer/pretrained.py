@@ -165,6 +165,25 @@ class PretrainedTokenizer:
         # saved to tokenizer_config.json and break apply_chat_template for plain transformers.
         return list(self._tok.encode(text, add_special_tokens=False, split_special_tokens=True))
 
+    def encode_markup(self, text: str) -> list[int]:
+        """Encode a chat template's own markup: its control-token strings become control tokens
+        (no BOS/EOS is added beyond what the text writes)."""
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The conversation as the tokenizer's own chat template writes it (text, not ids).
+
+        Raises:
+            ValueError: the tokenizer has no chat template, or the template refuses the messages
+                (e.g. a system turn it does not take).
+        """
+        if not self._tok.chat_template:
+            raise ValueError("the tokenizer has no chat template of its own; use data.template monkey or chatml")
+        try:
+            return self._tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        except Exception as e:  # jinja2's TemplateError (raise_exception in the template) and kin
+            raise ValueError(f"the tokenizer's chat template refused the conversation: {e}") from None
+
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         """Turn ids back into text.
 

@@ -61,7 +61,8 @@ class DataSection:
             (see docs/data.md).
         image_root: Folder relative image paths resolve against (default: each data file's folder).
         allow_empty_answers: Train on assistant turns without text (an error by default).
-        template: ``monkey`` (official) or ``chatml``.
+        template: ``monkey`` (official), ``chatml``, or ``tokenizer``: a composed model's LLM's own
+            chat template (see :mod:`monkeytune.data.chat_template`).
         max_length: Longest sample in tokens, images included (also the packed row length).
         padding: ``dynamic`` (pad to the longest sample of the batch) or ``max_length``
             (always pad to ``max_length``, the official behaviour). Ignored when packing.
@@ -375,7 +376,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         raise ConfigError(f"{origin}: data.train is required (a data file or a list of them)")
     _choice(cfg.data.padding, PADDINGS, "data.padding", origin)
     _choice(cfg.data.on_bad_sample, ("error", "skip"), "data.on_bad_sample", origin)
-    _choice(cfg.data.template, ("monkey", "chatml"), "data.template", origin)
+    _choice(cfg.data.template, ("monkey", "chatml", "tokenizer"), "data.template", origin)
     _choice(cfg.data.format, ("auto", "monkey", "llava", "sharegpt", "openai"), "data.format", origin)
     if not 0 <= cfg.data.max_skip_fraction <= 1:
         raise ConfigError(f"{origin}: data.max_skip_fraction must be in [0, 1], got {cfg.data.max_skip_fraction}")
