@@ -135,6 +135,13 @@ def test_inspect_plans_a_composition_from_its_configs(parts):
     plan = inspect_plan(spec, TrainPlan(preset="monkey-fix-llm"))
     trainable = {d.component for d in plan.report.decisions if d.trainable}
     assert trainable == {"vision_adapters", "projector", "image_tokens"}
+    # QLoRA holds the encoder's adapted projections in 4 bits too, as it does the Monkey ViT's.
+    from monkeytune.policy.quantize import is_vision_4bit_weight
+
+    qlora = inspect_plan(spec, TrainPlan(preset="llm-qlora"))
+    encoder_4bit = sum(d.numel for d in qlora.report.decisions if is_vision_4bit_weight(d.name))
+    assert encoder_4bit == 2 * (4 * 32 * 32 + 2 * 32 * 64)  # 2 layers of q/k/v/out and fc1/fc2
+    assert qlora.quantized > encoder_4bit
 
 
 def test_an_llm_without_chatml_trains_and_answers_in_its_own_chat_template(synthetic, make_config, tmp_path):

@@ -36,9 +36,11 @@ from torch import nn
 from monkeytune.policy.rules import PlanError
 
 NF4_BLOCKSIZE = 64
-# The ViT block projections stored in 4 bits (paths inside ``vision.blocks.<i>``).
+# The ViT block projections stored in 4 bits (paths inside ``vision.blocks.<i>``); in a composed
+# model's transformers encoder, the linear layers that carry per-window adapters.
 VISION_4BIT_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc", "mlp.proj")
-_VISION_WEIGHT = re.compile(r"^vision\.blocks\.\d+\.(" + "|".join(re.escape(p) for p in VISION_4BIT_LAYERS) + r")\.weight$")
+_VISION_WEIGHT = re.compile(r"^vision\.blocks\.\d+\.(" + "|".join(re.escape(p) for p in VISION_4BIT_LAYERS) + r")\.weight$"
+                            r"|^vision\.encoder\..+\.linear\.weight$")
 
 
 def qlora_unavailable_reason() -> str | None:
