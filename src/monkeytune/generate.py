@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TextIO
 
 import torch
-from transformers import StoppingCriteriaList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from monkeytune.data.chat_template import turn_end_ids
 from monkeytune.data.templates import build_prompt
@@ -187,6 +187,23 @@ def cut_at_stop(ids: Sequence[int], stops: Sequence[int]) -> list[int]:
     return out
 
 
+class OnlyTokenizerIds(LogitsProcessor):
+    """Never pick an id past the tokenizer's vocabulary.
+
+    Embedding tables are often larger than their tokenizer (rounded up for speed: Qwen's 151936
+    rows for 151851 tokens); a row no token maps to has no text, and an undertrained model may
+    still rank it first.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Args: scores ``[B, V]``. Returns them with ids ``>= vocab_size`` at -inf."""
+        scores[:, self.vocab_size :] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
 def generate_ids(
     model: Any,
@@ -218,6 +235,9 @@ def generate_ids(
     deadline = Deadline(settings.time_limit_s) if settings.time_limit_s else None
     if deadline is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([*(kwargs.get("stopping_criteria") or []), deadline])
+    if model.config.llm.vocab_size > tokenizer.vocab_size:
+        kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []),
+                                                          OnlyTokenizerIds(tokenizer.vocab_size)])
     device = next(model.parameters()).device
     width = max(len(ids) for ids, _ in prompts)
     input_ids = torch.full((len(prompts), width), tokenizer.pad_id, dtype=torch.long)

@@ -9,6 +9,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
+    Dinov2Config,
+    Dinov2Model,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedTokenizerFast,
@@ -43,6 +45,14 @@ def save_clip(directory: Path, seed: int = 0) -> Path:
     """A CLIP vision encoder folder (``clip_vision_model``)."""
     torch.manual_seed(seed)
     CLIPVisionModel(CLIPVisionConfig(**vision_kwargs())).save_pretrained(directory)
+    return directory
+
+
+def save_dinov2(directory: Path, seed: int = 0) -> Path:
+    """A DINOv2 encoder folder (class token first, an MLP width given as a ratio)."""
+    torch.manual_seed(seed)
+    kwargs = {k: v for k, v in vision_kwargs().items() if k != "intermediate_size"}
+    Dinov2Model(Dinov2Config(mlp_ratio=2, **kwargs)).save_pretrained(directory)
     return directory
 
 

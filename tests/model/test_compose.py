@@ -11,19 +11,20 @@ import json
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
+from transformers import AutoModelForCausalLM, CLIPVisionModel, Dinov2Model, SiglipVisionModel
 
 from monkeytune.cli import main
 from monkeytune.model.compose import ComposeOptions, compose
 from monkeytune.model.io import ModelFolderError, load_model
 from monkeytune.vision.processor import ImageProcessor
-from tests.model.compose_parts import save_clip, save_llama, save_qwen2, save_siglip_pair
+from tests.model.compose_parts import save_clip, save_dinov2, save_llama, save_qwen2, save_siglip_pair
 
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     return {"clip": save_clip(root / "clip"), "siglip": save_siglip_pair(root / "siglip"),
+            "dinov2": save_dinov2(root / "dinov2"),
             "qwen2": save_qwen2(root / "qwen2"), "llama": save_llama(root / "llama"), "root": root}
 
 
@@ -40,15 +41,23 @@ def siglip_llama(parts):
     return compose(parts["siglip"], parts["llama"], parts["root"] / "siglip-llama", options)
 
 
+@pytest.fixture(scope="module")
+def dinov2_qwen2(parts):
+    """DINOv2 + Qwen2 with the projector, the class token kept."""
+    options = ComposeOptions(connector="mlp", keep_cls=True)
+    return compose(parts["dinov2"], parts["qwen2"], parts["root"] / "dinov2-qwen2", options)
+
+
 def _image(seed: int = 0) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray(torch.randint(0, 256, (50, 60, 3), generator=g, dtype=torch.uint8).numpy())
 
 
-@pytest.mark.parametrize("pair, plain, layer, drop", [("clip_qwen2", "clip", -1, 1), ("siglip_llama", "siglip", -2, 0)])
+@pytest.mark.parametrize("pair, plain, layer, drop", [("clip_qwen2", "clip", -1, 1), ("siglip_llama", "siglip", -2, 0),
+                                                      ("dinov2_qwen2", "dinov2", -1, 0)])
 def test_zero_adapters_leave_each_window_as_the_plain_encoder_sees_its_crop(pair, plain, layer, drop, parts, request):
     model, _ = load_model(request.getfixturevalue(pair))
-    cls = CLIPVisionModel if plain == "clip" else SiglipVisionModel
+    cls = {"clip": CLIPVisionModel, "siglip": SiglipVisionModel, "dinov2": Dinov2Model}[plain]
     encoder = cls.from_pretrained(parts[plain]).eval()
     processed = ImageProcessor(model.config.image)(_image())
     assert processed.slots.tolist() == [0, 1, 2, 3, -1]
@@ -174,3 +183,28 @@ def test_the_tokenizer_template_is_the_llms_own_with_only_answers_and_their_turn
     assert turn_end_ids(tokenizer) == [tokenizer.special_id("</s>")]
     prompt = render("tokenizer", system, turns[:1], tokenizer, 3, add_generation_prompt=True)
     assert tokenizer.decode(prompt.input_ids, skip_special=False).endswith("hello</s>[assistant] ")
+
+
+def test_views_take_the_encoders_size_in_whole_patches_and_its_processors_normalisation(parts, tmp_path):
+    from monkeytune.model.compose import composed_config
+    from transformers import SiglipVisionConfig
+
+    from tests.model.compose_parts import vision_kwargs
+
+    SiglipVisionConfig(**vision_kwargs(image_size=32)).save_pretrained(tmp_path / "siglip")  # 32 px of 14-px patches
+    (tmp_path / "siglip" / "preprocessor_config.json").write_text('{"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}')
+    config = composed_config(tmp_path / "siglip", parts["qwen2"], None, ComposeOptions(queries=4))
+    assert config.image.window_size == 28 and config.image.mean == [0.5] * 3 and config.image.std == [0.5] * 3
+
+
+def test_generation_never_picks_an_embedding_row_no_token_maps_to(clip_qwen2):
+    from monkeytune.generate import GenerationSettings, generate_ids, stop_ids
+
+    model, tokenizer = load_model(clip_qwen2)
+    assert model.config.llm.vocab_size > tokenizer.vocab_size  # 320 rows, fewer tokens
+    with torch.no_grad():  # an id past the tokenizer's is the likeliest next token everywhere
+        model.llm.get_output_embeddings().weight[tokenizer.vocab_size + 1] = 50.0
+    ids = tokenizer.encode("hello world")
+    answer = generate_ids(model, tokenizer, [(ids, [])], GenerationSettings(max_new_tokens=4), stop_ids(tokenizer, "raw"))
+    assert answer[0] and max(answer[0]) < tokenizer.vocab_size
+    tokenizer.decode(answer[0])

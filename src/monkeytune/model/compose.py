@@ -117,13 +117,28 @@ def vision_config_of(directory: str | Path):
     return getattr(cfg, "vision_config", None) or cfg
 
 
-def _encoder_section(enc_cfg, options: ComposeOptions) -> tuple[VisionConfig, ImageConfig]:
+def _normalisation(vision_dir: Path, enc_cfg) -> tuple[list[float], list[float]] | None:
+    """The encoder's image mean and std: its processor's (``preprocessor_config.json``), else its
+    config's, else None (CLIP's, the default)."""
+    from monkeytune.model.folder import read_json_object  # noqa: PLC0415
+
+    path = vision_dir / "preprocessor_config.json"
+    found = read_json_object(path) if path.is_file() else {}
+    mean = found.get("image_mean", getattr(enc_cfg, "image_mean", None))
+    std = found.get("image_std", getattr(enc_cfg, "image_std", None))
+    return (list(mean), list(std)) if mean is not None and std is not None else None
+
+
+def _encoder_section(vision_dir: Path, enc_cfg, options: ComposeOptions) -> tuple[VisionConfig, ImageConfig]:
     hidden, patch = enc_cfg.hidden_size, enc_cfg.patch_size
     image_size = enc_cfg.image_size if isinstance(enc_cfg.image_size, int) else enc_cfg.image_size[0]
-    window = options.window_size or image_size
+    # The native size in whole patches (SigLIP so400m: 384 px of 14-px patches -> 27 patches, 378 px).
+    window = options.window_size or image_size // patch * patch
+    # DINOv2 states its MLP width as a ratio.
+    mlp_ratio = enc_cfg.intermediate_size / hidden if hasattr(enc_cfg, "intermediate_size") else enc_cfg.mlp_ratio
     vision = VisionConfig(
         patch_size=patch, width=hidden, layers=enc_cfg.num_hidden_layers, heads=enc_cfg.num_attention_heads,
-        mlp_ratio=enc_cfg.intermediate_size / hidden, pos_grid=image_size // patch,
+        mlp_ratio=float(mlp_ratio), pos_grid=image_size // patch,
         n_queries=options.queries, resampler_heads=0,
         lora_slots=(options.grid[0] * options.grid[1]), lora_rank_attn=options.lora_rank_attn,
         lora_rank_mlp=options.lora_rank_mlp, layer_norm_eps=float(getattr(enc_cfg, "layer_norm_eps", 1e-6)),
@@ -131,9 +146,9 @@ def _encoder_section(enc_cfg, options: ComposeOptions) -> tuple[VisionConfig, Im
         encoder=EncoderConfig(hf_config=enc_cfg.to_dict(), feature_layer=options.feature_layer,
                               keep_cls=options.keep_cls, adapter_targets=list(options.adapter_targets or [])),
     )
-    mean = getattr(enc_cfg, "image_mean", None)
     image = ImageConfig(grid=list(options.grid), window_size=window, global_view=options.global_view)
-    return vision, image if mean is None else dataclasses.replace(image, mean=list(mean), std=list(enc_cfg.image_std))
+    norm = _normalisation(vision_dir, enc_cfg)
+    return vision, image if norm is None else dataclasses.replace(image, mean=norm[0], std=norm[1])
 
 
 def _llm_section(llm_cfg, vocab_size: int) -> LLMConfig:
@@ -165,7 +180,7 @@ def composed_config(vision_dir: str | Path, llm_dir: str | Path, tokenizer: Any,
         ComposeError: a folder transformers cannot read, or sizes that do not fit together.
     """
     llm_cfg = _hf_config(Path(llm_dir), "llm")
-    vision, image = _encoder_section(vision_config_of(vision_dir), options)
+    vision, image = _encoder_section(Path(vision_dir), vision_config_of(vision_dir), options)
     vocab = llm_cfg.get_text_config().vocab_size
     if tokenizer is not None:
         ids = [int(tokenizer.image_start_id), int(tokenizer.image_end_id), int(tokenizer.image_pad_id)]
@@ -206,6 +221,16 @@ def load_encoder(vision_dir: str | Path, vision: VisionConfig) -> nn.Module | No
     if not weight_files_or_none(vision_dir):
         return None
     encoder = build_encoder(vision)
+    # transformers' own loading first: it renames checkpoints saved under older module names
+    # (DINOv2's attention.attention.query) and takes the vision half of a CLIP or SigLIP pair.
+    try:
+        loaded, info = type(encoder).from_pretrained(vision_dir, config=encoder.config, local_files_only=True,
+                                                     output_loading_info=True, attn_implementation="sdpa")
+        if not info["missing_keys"] and not info["mismatched_keys"]:
+            return loaded
+    except (OSError, ValueError, RuntimeError) as e:
+        logger.info("%s: transformers could not load the encoder by itself (%s); reading its tensors", vision_dir, e)
+    # A model holding the encoder under another prefix (a LLaVA folder's vision tower).
     tensors = _strip_to(encoder, read_tensors(vision_dir), vision_dir)
     encoder.load_state_dict(tensors, strict=True)
     return encoder

@@ -27,7 +27,7 @@ from monkeytune.config import LLMConfig, ModelConfig
 from monkeytune.model.auto import MonkeyConfig
 from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
 from monkeytune.model.qwen_compat import get_compat
-from monkeytune.vision.encoder import EncoderTower
+from monkeytune.vision.encoder import EncoderTower, enable_checkpointing
 from monkeytune.vision.projector import Projector
 from monkeytune.vision.resampler import Resampler
 from monkeytune.vision.vit import VisionTower
@@ -60,11 +60,7 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
 
 def enable_llm_checkpointing(llm: nn.Module) -> None:
     """transformers' activation checkpointing of the decoder layers (non-reentrant)."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(llm, "activation_checkpointing_enable"):  # the current name; the old one warns
-        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers releases before the rename
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    enable_checkpointing(llm)
 
 
 @dataclass

@@ -104,6 +104,15 @@ def default_targets(encoder: nn.Module) -> list[str]:
     return found
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """transformers' activation checkpointing of a model's layers (non-reentrant)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # the current name; the old one warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers releases before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_encoder(cfg: VisionConfig) -> nn.Module:
     """The bare transformers vision model that ``cfg.encoder.hf_config`` describes (random weights)."""
     from transformers import AutoConfig, AutoModel  # noqa: PLC0415 - transformers loads with the model
@@ -156,12 +165,13 @@ class EncoderTower(nn.Module):
 
     @property
     def gradient_checkpointing(self) -> bool:
-        return bool(getattr(self.encoder, "is_gradient_checkpointing", False))
+        """Whether the encoder's layers are recomputed in backward (``train.gradient_checkpointing: [vit]``)."""
+        return bool(getattr(self.encoder, "is_activation_checkpointing", False))
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, on: bool) -> None:
         if on:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.encoder)
 
     def forward(self, pixel_values: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Encode views.
