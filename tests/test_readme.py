@@ -69,3 +69,23 @@ def test_readme_using_it_block_runs_in_order(tmp_path, monkeypatch, capsys):
     assert ran == ["smoke", "inspect --config", "train examples/tiny-cpu.yaml", "data check",
                    "train examples/tiny-cpu.yaml"]
     assert "trained 4 steps" in capsys.readouterr().out
+
+
+def test_readme_composed_models_block_runs_in_order(tmp_path, monkeypatch, capsys):
+    import runpy
+    import sys
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Composed models\n", 1)[1].split("\n## ", 1)[0]
+    (block,) = re.findall(r"```bash\n(.*?)```", section, re.DOTALL)
+    shutil.copytree(ROOT / "examples", tmp_path / "examples")
+    monkeypatch.chdir(tmp_path)
+    for argv in (shlex.split(line) for line in block.splitlines() if line.strip()):
+        if argv[0] == "python":
+            monkeypatch.setattr(sys, "argv", argv[1:])
+            runpy.run_path(argv[1], run_name="__main__")
+            continue
+        if argv[1] == "chat":
+            argv[2:2] = ["--max-new-tokens", "2"]  # random weights: any two tokens will do
+        assert main(argv[1:]) == 0, capsys.readouterr().err[-2000:]
+    assert (tmp_path / "runs" / "compose-tiny" / "model" / "model.safetensors").is_file()
