@@ -54,11 +54,12 @@ def bench_vision(preset: str, n_images: int, repeats: int, device: str) -> dict:
         # The official recipe: tower frozen, adapters + resampler train.
         p.requires_grad_("lora" in name or name.startswith("resampler"))
     pv, slots = _views(model.config, n_images, device)
-    times = {}
     modes = ("batched", "per_position", "per_view")
-    for mode in modes + modes:  # warm-up pass, then measured pass
-        t = []
-        for _ in range(repeats):
+    samples = {mode: [] for mode in modes}
+    # A warm-up round, then `repeats` measured rounds of every mode in turn: on a shared machine
+    # the load drifts, and interleaving makes each mode's best time see the same conditions.
+    for round_ in range(repeats + 1):
+        for mode in modes:
             model.zero_grad(set_to_none=True)
             if device == "cuda":
                 torch.cuda.synchronize()
@@ -66,8 +67,9 @@ def bench_vision(preset: str, n_images: int, repeats: int, device: str) -> dict:
             _vision_step(model, pv, slots, mode)
             if device == "cuda":
                 torch.cuda.synchronize()
-            t.append(time.perf_counter() - start)
-        times[mode] = min(t)
+            if round_:
+                samples[mode].append(time.perf_counter() - start)
+    times = {mode: min(t) for mode, t in samples.items()}
     return {
         "preset": preset,
         "images": n_images,

@@ -247,7 +247,9 @@ class MonkeyForCausalLM(nn.Module):
             raise ValueError(f"view slot {max_slot} used but the model has {self.config.vision.lora_slots} adapter slots")
         patch = self.config.vision.patch_size
         grid_hw = (pixel_values.shape[-2] // patch, pixel_values.shape[-1] // patch)
-        feats = self.vision(pixel_values, view_slots.to(pixel_values.device))
+        # The slots stay where they are: on the CPU (as the processor makes them) the tower reads
+        # their layout for free and runs each view's own adapter only (see MultiLoRA).
+        feats = self.vision(pixel_values, view_slots)
         return self.connector(feats, grid_hw)
 
     def embed_inputs(

@@ -185,7 +185,7 @@ class EncoderTower(nn.Module):
             class token(s) in front when ``keep_cls``.
         """
         enc = self.cfg.encoder
-        self._slots.index = SlotIndex.from_slots(slots, self.cfg.lora_slots)
+        self._slots.index = SlotIndex.from_slots(slots, self.cfg.lora_slots, device=pixel_values.device)
         dtype = next(self.encoder.parameters()).dtype
         out = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True,
                            interpolate_pos_encoding=True)

@@ -8,7 +8,8 @@ windows and no gather or scatter of views:
 * Regular layout (the tower's own: image-major, window-minor, every image with the same views,
   e.g. ``[0, 1, 2, 3, -1] * B``): the views are reshaped to ``[B, V, L, in]``, the window views
   go through one batched matmul against the slice of adapters they use, and the views without an
-  adapter get zeros. Each view runs only its own adapter.
+  adapter get zeros. Each view runs only its own adapter. The layout is read from slots on the
+  CPU only (see :class:`SlotIndex`), so recognising it never waits on a device.
 * Any other slot vector: a dense pass. Each view is projected down by all K adapters at once
   (``K x rank`` features, a few dozen), everything but its own slot's features is zeroed by a
   gate, and one up projection sums what is left. It costs K times the adapter work of the
@@ -54,7 +55,7 @@ class WindowLayout:
 
     @classmethod
     def detect(cls, slots: list[int], num_slots: int) -> "WindowLayout | None":
-        """The layout of ``slots`` (``[N]`` ints, -1 for no adapter), or None if it is irregular.
+        """The layout of ``slots`` (``[N]`` ints, negative for no adapter), or None if it is irregular.
 
         A slot vector without any adapted view returns None too: the dense pass then still runs
         every adapter, which keeps all adapter weights in the graph (see
@@ -70,11 +71,10 @@ class WindowLayout:
             return None
         first, windows = adapted[0], len(adapted)
         first_slot = pattern[first]
+        # The adapted views must be consecutive and use consecutive slots, so that both are slices.
         if adapted[-1] - first + 1 != windows or first_slot + windows > num_slots:
             return None
         if pattern[first : first + windows] != list(range(first_slot, first_slot + windows)):
-            return None
-        if any(s != -1 for s in pattern[:first] + pattern[first + windows :]):
             return None
         return cls(n // period, period, first, first_slot, windows)
 
@@ -177,18 +177,24 @@ class MultiLoRA(nn.Module):
         if n != b * v:
             raise ValueError(f"x has {n} views but the slot layout has {b} x {v}")
         lo, hi = layout.first_slot, layout.first_slot + w
-        # [B, W, L, in]: a strided view of the window views; matmul copies it only if it must.
-        windows = self.dropout(x.view(b, v, length, self.in_features)[:, layout.first_view : layout.first_view + w])
+        before, after = layout.first_view, v - layout.first_view - w
+        windows = x.reshape(b, v, length, self.in_features)
+        if before or after:
+            # [B, W, L, in]: a strided view of the window views. Taken only when there are other
+            # views, as its backward writes the input gradient into a zero-filled buffer.
+            windows = windows[:, before : before + w]
+        windows = self.dropout(windows)
         # Slicing (not indexing) the adapters keeps the backward of the weights a matmul over each
         # slot's views plus a sum over images; unused slots get zero gradients, as in the dense pass.
         down = torch.matmul(windows, self.lora_a[lo:hi].transpose(1, 2))  # [B, W, L, r]
         down = down * self.lora_scale[lo:hi].to(down.dtype)[:, None, None]
         up = torch.matmul(down, self.lora_b[lo:hi].transpose(1, 2))  # [B, W, L, out]
-        before, after = layout.first_view, v - layout.first_view - w
         if before or after:
-            # Zeros for the views without an adapter, joined along the view axis: a copy, not a scatter.
-            parts = [up.new_zeros(b, before, length, self.out_features), up, up.new_zeros(b, after, length, self.out_features)]
-            up = torch.cat([p for p in parts if p.shape[1]], dim=1)
+            # Zeros for the views without an adapter, joined along the view axis: a copy, not a
+            # scatter. They are one expanded scalar, so only the joined result is written.
+            zero = up.new_zeros(())
+            zeros = [zero.expand(b, k, length, self.out_features) for k in (before, after)]
+            up = torch.cat([p for p in (zeros[0], up, zeros[1]) if p.shape[1]], dim=1)
         return up.reshape(n, length, self.out_features)
 
     def _forward_dense(self, x: torch.Tensor, pick: torch.Tensor) -> torch.Tensor:
