@@ -193,3 +193,39 @@ def test_adapter_delta_follows_autocast_dtype():
         out = tower(torch.randn(3, 3, 16, 16), torch.tensor([0, 1, -1]))
     out.float().sum().backward()
     assert tower.blocks[0].lora_mlp.lora_a.grad is not None
+
+
+def test_with_the_base_frozen_the_global_views_leave_autograd_and_nothing_else_changes():
+    # Monkey's recipe trains the adapters inside a frozen tower: the global views then run
+    # beside the windows without autograd. Outputs and every gradient are those of the one
+    # autograd pass over all views (forced here by a trainable base weight).
+    from monkeytune.config import get_config
+    from monkeytune.vision.vit import VisionTower
+
+    cfg = get_config("tiny").vision
+    cfg.lora_dropout = 0.0
+    torch.manual_seed(0)
+    tower = VisionTower(cfg)
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.02)
+    pixels = torch.randn(2 * 5, 3, 56, 56)
+    slots = torch.tensor([0, 1, 2, 3, -1] * 2)
+
+    def run(base_trains: bool):
+        for name, p in tower.named_parameters():
+            p.requires_grad_(".lora_" in name or (base_trains and name == "ln_pre.weight"))
+            p.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = tower(pixels, slots)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in tower.named_parameters() if ".lora_" in n}, sum(saved)
+
+    split_out, split_grads, split_saved = run(base_trains=False)
+    whole_out, whole_grads, whole_saved = run(base_trains=True)
+    assert split_saved < 0.9 * whole_saved  # a fifth of the views keeps nothing for backward
+    torch.testing.assert_close(split_out, whole_out, rtol=1e-5, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -302,10 +302,16 @@ class MonkeyForCausalLM(nn.Module):
         Data-parallel engines need every rank to run the same modules in every micro-batch:
         FSDP2 and ZeRO-3 all-gather each module's weights when it runs, and DDP and ZeRO-2 reduce
         the gradients of every trained weight. A rank whose micro-batch is text-only would skip
-        the tower and leave the others waiting (a hang under NCCL). So one blank window view
-        (slot -1: no adapter is selected, but every adapter runs, see ``MultiLoRA``) goes
-        through the tower and resampler, and its output is added multiplied by zero: the loss
-        and every gradient are exactly those of the text-only batch.
+        the tower and leave the others waiting (a hang under NCCL). So blank views go through the
+        tower and resampler, and their output is added multiplied by zero: the loss and every
+        gradient are exactly those of the text-only batch.
+
+        The blank views are laid out as an image's are, so the tower runs them the way it runs
+        images: a window view (slot 0) beside a global view (slot -1) when the layout has both
+        (the tower then runs each block on the windows with autograd and on the global views
+        without, and ZeRO-3, which gathers weights per submodule call, sees the same calls on
+        every rank), else one view of slot -1 (every adapter runs, gated, see ``MultiLoRA``).
+        The slots are on the CPU, where the tower reads their layout.
 
         Args:
             embeds: ``[B, T, D]`` the batch's input embeddings (for dtype and device).
@@ -313,9 +319,10 @@ class MonkeyForCausalLM(nn.Module):
         Returns:
             ``[]`` a zero scalar in ``embeds``' dtype, connected to every vision weight.
         """
-        size = self.config.image.window_size
-        blank = torch.zeros(1, 3, size, size, device=embeds.device)
-        slots = torch.full((1,), -1, dtype=torch.int64, device=embeds.device)
+        image = self.config.image
+        slots = torch.tensor([0, -1] if image.num_windows and image.global_view and self.config.vision.lora_slots
+                             else [-1])
+        blank = torch.zeros(len(slots), 3, image.window_size, image.window_size, device=embeds.device)
         return self.encode_images(blank, slots).sum().to(embeds.dtype) * 0.0
 
     # ------------------------------------------------------------------ LM

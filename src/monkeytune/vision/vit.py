@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from monkeytune.config import VisionConfig
-from monkeytune.vision.multi_lora import MultiLoRA, SlotIndex
+from monkeytune.vision.multi_lora import MultiLoRA, SlotIndex, WindowLayout
 
 
 def resize_pos_embed(table: torch.Tensor, grid_hw: tuple[int, int]) -> torch.Tensor:
@@ -82,25 +82,36 @@ class Block(nn.Module):
             self.lora_proj = MultiLoRA(k, w, w, cfg.lora_rank_attn, cfg.lora_dropout)
             self.lora_mlp = MultiLoRA(k, w, w, cfg.lora_rank_mlp, cfg.lora_dropout)
 
-    def forward(self, x: torch.Tensor, slots: "torch.Tensor | SlotIndex") -> torch.Tensor:
-        """Args: x ``[N, L, D]``; slots ``[N]`` (-1 = no adapter) or a :class:`SlotIndex`.
+    def forward(self, x: torch.Tensor, slots: "torch.Tensor | SlotIndex | None",
+                aside: torch.Tensor | None = None) -> "torch.Tensor | tuple[torch.Tensor, torch.Tensor]":
+        """Args: x ``[N, L, D]``; slots ``[N]`` (-1 = no adapter), a :class:`SlotIndex`, or None
+        for views without adapters; aside ``[M, L, D]``: views without adapters to run without
+        autograd in the same call (see :meth:`VisionTower.forward`).
 
-        Returns ``[N, L, D]``.
+        Returns ``[N, L, D]``, and with ``aside`` its ``[M, L, D]`` result too.
         """
+        if aside is None:
+            return self._run(x, slots)
+        out = self._run(x, slots)
+        with torch.no_grad():
+            return out, self._run(aside, None)
+
+    def _run(self, x: torch.Tensor, slots: "torch.Tensor | SlotIndex | None") -> torch.Tensor:
         n, length, d = x.shape
+        adapted = self.has_lora and slots is not None
         h = self.ln_1(x)
         qkv = self.attn.qkv(h)
-        if self.has_lora:
+        if adapted:
             qkv = qkv + self.lora_qkv(h, slots)
         q, k, v = self.attn.split_heads(qkv)
         ctx = F.scaled_dot_product_attention(q, k, v)
         ctx = ctx.transpose(1, 2).reshape(n, length, d)
         out = self.attn.proj(ctx)
-        if self.has_lora:
+        if adapted:
             out = out + self.lora_proj(ctx, slots)
         x = x + out
         y = x + self.mlp(self.ln_2(x))
-        if self.has_lora:
+        if adapted:
             y = y + self.lora_mlp(x, slots)
         return y
 
@@ -141,9 +152,36 @@ class VisionTower(nn.Module):
         # Once per forward, shared by every adapter. Slots on the CPU (even for views on an
         # accelerator) let the index see the regular window layout without a host sync.
         index = SlotIndex.from_slots(slots, self.cfg.lora_slots, device=x.device)
+        layout = index.layout
+        if layout is None or layout.windows == layout.views_per_image or not torch.is_grad_enabled() \
+                or not self._base_frozen():
+            return self._blocks(x, index, None)[0]
+        # Training with the tower's base frozen (Monkey's recipe): the views without an adapter
+        # (the global view) have nothing in the tower to train and no input that needs a
+        # gradient, so they run beside the window views without autograd: no activations kept
+        # for them, no backward through them. Each block still runs once (one all-gather when
+        # sharded), on the window views with autograd and on the others without.
+        b, v, first, w = layout.images, layout.views_per_image, layout.first_view, layout.windows
+        views = x.unflatten(0, (b, v))
+        windows = views[:, first : first + w].flatten(0, 1)
+        aside = torch.cat([views[:, :first], views[:, first + w :]], dim=1).flatten(0, 1)
+        pick = index.pick.unflatten(0, (b, v))[:, first : first + w].flatten(0, 1)
+        windows_only = SlotIndex(pick, WindowLayout(b, w, 0, layout.first_slot, w))
+        windows, aside = self._blocks(windows, windows_only, aside)
+        aside = aside.unflatten(0, (b, v - w))
+        out = torch.cat([aside[:, :first], windows.unflatten(0, (b, w)), aside[:, first:]], dim=1)
+        return out.flatten(0, 1)
+
+    def _base_frozen(self) -> bool:
+        return not any(p.requires_grad for name, p in self.named_parameters() if ".lora_" not in name)
+
+    def _blocks(self, x: torch.Tensor, index: SlotIndex, aside: torch.Tensor | None):
+        """Run the block stack on ``x`` (and ``aside`` without autograd). Returns ``(x, aside)``."""
         for block in self.blocks:
+            args = (x, index) if aside is None else (x, index, aside)
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, index, use_reentrant=False)
+                out = checkpoint(block, *args, use_reentrant=False)
             else:
-                x = block(x, index)
-        return x
+                out = block(*args)
+            x, aside = (out, None) if aside is None else out
+        return x, aside
