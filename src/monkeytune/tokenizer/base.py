@@ -49,6 +49,27 @@ class Tokenizer(Protocol):
         """Id of a named special token such as ``<|im_start|>``; ``KeyError`` if absent."""
 
 
+def checked_ids(ids: Sequence[int], vocab_size: int) -> list[int]:
+    """``ids`` as ints (0-d tensors and the like accepted), every tokenizer's ``decode`` input.
+
+    Raises:
+        ValueError: for an id outside ``0 .. vocab_size-1`` (decoders would drop or garble it).
+    """
+    clean = [int(i) for i in ids]
+    for i in clean:
+        if not 0 <= i < vocab_size:
+            raise ValueError(f"token id {i} is outside the vocabulary (0..{vocab_size - 1})")
+    return clean
+
+
+def special_token_id(specials: dict[str, int], token: str) -> int:
+    """``specials[token]``, or ``KeyError`` naming the token (every tokenizer's ``special_id``)."""
+    try:
+        return specials[token]
+    except KeyError:
+        raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
+
+
 @dataclass(frozen=True)
 class ImageSpan:
     """One ``<img>...</img>`` occurrence: the path as written and its character span."""

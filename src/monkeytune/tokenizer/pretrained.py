@@ -24,6 +24,8 @@ from typing import Any, Sequence
 from tokenizers import AddedToken
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from monkeytune.tokenizer.base import checked_ids, special_token_id
+
 IMAGE_TOKENS: tuple[str, ...] = ("<img>", "</img>", "<imgpad>")
 
 
@@ -195,21 +197,14 @@ class PretrainedTokenizer:
             ValueError: for an id outside ``0 .. vocab_size-1`` (transformers would silently
                 drop it).
         """
-        clean = [int(i) for i in ids]
-        size = self.vocab_size
-        for i in clean:
-            if not 0 <= i < size:
-                raise ValueError(f"token id {i} is outside the vocabulary (0..{size - 1})")
+        clean = checked_ids(ids, self.vocab_size)
         if skip_special:
             clean = [i for i in clean if i not in self._special_ids]
         return self._tok.decode(clean, skip_special_tokens=skip_special)
 
     def special_id(self, token: str) -> int:
         """Id of a control token such as ``<|im_start|>``; ``KeyError`` if absent."""
-        try:
-            return self._specials[token]
-        except KeyError:
-            raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
+        return special_token_id(self._specials, token)
 
     def __repr__(self) -> str:
         return f"PretrainedTokenizer({type(self._tok).__name__}, vocab_size={self.vocab_size})"

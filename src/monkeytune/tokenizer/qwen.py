@@ -27,7 +27,7 @@ from typing import Iterable, Sequence
 
 import tiktoken
 
-from monkeytune.tokenizer.base import ENDOFTEXT, IM_END, IM_START  # noqa: F401 - also imported from here
+from monkeytune.tokenizer.base import ENDOFTEXT, IM_END, IM_START, checked_ids, special_token_id  # noqa: F401 - also imported from here
 
 VOCAB_FILE = "qwen.tiktoken"
 
@@ -240,16 +240,9 @@ class QwenTokenizer:
         Raises:
             ValueError: for an id outside ``0 .. vocab_size-1``.
         """
-        clean: list[int] = []
-        for raw in ids:
-            i = int(raw)
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})"
-                )
-            if skip_special and i >= self._num_ranks:
-                continue
-            clean.append(i)
+        clean = checked_ids(ids, self.vocab_size)
+        if skip_special:
+            clean = [i for i in clean if i < self._num_ranks]
         return self._enc.decode(clean, errors="replace")
 
     def special_id(self, token: str) -> int:
@@ -258,10 +251,7 @@ class QwenTokenizer:
         Raises:
             KeyError: when ``token`` is not one of :data:`SPECIAL_TOKENS`.
         """
-        try:
-            return self._specials[token]
-        except KeyError:
-            raise KeyError(f"{token!r} is not a special token of the Qwen tokenizer") from None
+        return special_token_id(self._specials, token)
 
     def __repr__(self) -> str:
         return f"QwenTokenizer(num_ranks={self._num_ranks}, vocab_size={self.vocab_size})"

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from monkeytune.tokenizer.base import checked_ids, special_token_id
 from monkeytune.tokenizer.qwen import ENDOFTEXT, IM_END, IM_START, VISION_SPECIALS
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -183,22 +184,14 @@ class SimpleTokenizer:
         Raises:
             ValueError: for an id outside ``0 .. vocab_size-1``.
         """
-        clean = [int(i) for i in ids]
-        for i in clean:
-            if not 0 <= i < self.vocab_size:
-                raise ValueError(
-                    f"token id {i} is outside the vocabulary (0..{self.vocab_size - 1})"
-                )
+        clean = checked_ids(ids, self.vocab_size)
         if skip_special:
             clean = [i for i in clean if i not in self._special_ids]
         return self._hf.decode(clean, skip_special_tokens=False)
 
     def special_id(self, token: str) -> int:
         """Id of a special token such as ``<|im_start|>``; ``KeyError`` if absent."""
-        try:
-            return self._specials[token]
-        except KeyError:
-            raise KeyError(f"{token!r} is not a special token of this tokenizer") from None
+        return special_token_id(self._specials, token)
 
     def __repr__(self) -> str:
         return f"SimpleTokenizer(vocab_size={self.vocab_size})"
