@@ -24,7 +24,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from monkeytune.config import LLMConfig, ModelConfig
-from monkeytune.model.auto import MonkeyConfig
+from monkeytune.model.auto import MonkeyConfig, resolve_device, resolve_dtype
 from monkeytune.model.loss import LOSS_CHUNK, supervised_loss
 from monkeytune.model.qwen_compat import get_compat
 from monkeytune.vision.encoder import EncoderTower, enable_checkpointing
@@ -82,38 +82,6 @@ class MonkeyOutput:
 
 class ImageTokenMismatch(ValueError):
     """The prompt's image placeholders do not match the visual features supplied."""
-
-
-def _resolve_dtype(dtype: Any) -> torch.dtype | None:
-    """``torch_dtype`` / ``dtype`` as transformers users pass it: a dtype, its name, ``"auto"`` or None."""
-    if dtype is None or dtype == "auto":
-        return None  # as stored
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype, its name or 'auto'")
-    return resolved
-
-
-def _resolve_device(device_map: Any) -> torch.device:
-    """One device from a transformers-style ``device_map``.
-
-    The model is small enough per device to sit on one: ``"auto"`` picks the first GPU when
-    there is one; ``{"": dev}`` and plain devices are taken as given. Splitting layers across
-    devices is refused rather than silently ignored.
-    """
-    if device_map is None:
-        return torch.device("cpu")
-    if device_map == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(device_map, dict):
-        if set(device_map) != {""}:
-            raise ValueError("device_map: only a whole-model placement is supported ({'': device}, a device or 'auto')")
-        device_map = device_map[""]
-    if isinstance(device_map, int):
-        return torch.device("cuda", device_map)
-    return torch.device(device_map)
 
 
 class MonkeyForCausalLM(nn.Module):
@@ -200,8 +168,8 @@ class MonkeyForCausalLM(nn.Module):
 
         model, tokenizer = load_model(
             pretrained_model_name_or_path,
-            dtype=_resolve_dtype(dtype if dtype is not None else torch_dtype),
-            device=_resolve_device(device_map),
+            dtype=resolve_dtype(dtype if dtype is not None else torch_dtype),
+            device=resolve_device(device_map),
             base=base,
         )
         if tokenizer is not None:
