@@ -90,7 +90,7 @@ def test_the_folder_loads_back_with_identical_image_logits(clip_qwen2, tmp_path)
     ids = torch.tensor([[tokenizer.image_start_id] + [tokenizer.image_pad_id] * tpi + [tokenizer.image_end_id]
                         + tokenizer.encode("what is this")])
     with torch.no_grad():
-        model.image_tokens.add_(0.5)  # the saved folder must carry the trained image-token embeddings
+        model.image_tokens.weight.add_(0.5)  # the saved folder must carry the trained image-token embeddings
         before = model(ids, pixel_values=processed.views, view_slots=processed.slots).logits
         model.save_pretrained(tmp_path / "again", tokenizer=tokenizer)
         again, _ = load_model(tmp_path / "again")
@@ -154,7 +154,7 @@ def test_transformers_classes_load_it_and_the_llm_exports_alone_with_its_image_t
     inputs = processor(text=["<image> what is this"], images=[_image()])
     assert inputs["pixel_values"].shape == (5, 3, 28, 28)
     with torch.no_grad():
-        model.image_tokens.normal_()
+        model.image_tokens.weight.normal_()
     export_hf_llm(model, tmp_path / "llm", tokenizer=processor.tokenizer)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "llm")
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llm")

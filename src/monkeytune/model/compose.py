@@ -297,7 +297,7 @@ def compose(vision_dir: str | Path, llm_dir: str | Path, out: str | Path, option
     with torch.no_grad():
         table = llm.get_input_embeddings().weight
         mean = table[: llm.config.get_text_config().vocab_size].float().mean(0)
-        model.image_tokens.copy_(mean.expand_as(model.image_tokens))
+        model.image_tokens.weight.copy_(mean.expand_as(model.image_tokens.weight))
     dtype = options.dtype or table.dtype
     model.to(dtype)
     if _has_token(tokenizer, "<|im_start|>"):

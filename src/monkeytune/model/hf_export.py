@@ -104,7 +104,7 @@ def _write_image_tokens(model: nn.Module, llm: nn.Module) -> None:
     table = llm.get_input_embeddings().weight
     with torch.no_grad():
         for row, token in enumerate((model.config.image_start_id, model.config.image_end_id)):
-            table[token] = model.image_tokens[row].to(table.dtype)
+            table[token] = model.image_tokens.weight[row].to(table.dtype)
 
 
 def export_hf_llm(

@@ -37,10 +37,11 @@ def build_llm(cfg: LLMConfig) -> nn.Module:
     """The causal LM: ``cfg.hf_config``'s transformers model (a composed model), else a
     ``Qwen2ForCausalLM`` in the Qwen-7B layout (q/k/v bias, no o_proj bias, RMSNorm, SwiGLU)."""
     if cfg.hf_config is not None:
-        from transformers import AutoConfig, AutoModelForCausalLM  # noqa: PLC0415
+        from transformers import AutoConfig  # noqa: PLC0415
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING  # noqa: PLC0415
 
-        hf = AutoConfig.for_model(**cfg.hf_config)
-        return AutoModelForCausalLM.from_config(hf, attn_implementation="sdpa")
+        hf = AutoConfig.for_model(**cfg.hf_config, attn_implementation="sdpa")
+        return MODEL_FOR_CAUSAL_LM_MAPPING[type(hf)](hf)  # the class itself: see build_encoder
     hf_cfg = Qwen2Config(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -84,6 +85,30 @@ class ImageTokenMismatch(ValueError):
     """The prompt's image placeholders do not match the visual features supplied."""
 
 
+class ImageTokenEmbeddings(nn.Module):
+    """The embeddings of ``<img>`` and ``</img>``, new to a composed model's LLM vocabulary.
+
+    They live outside the LLM's table so that they train with the connector while the table stays
+    frozen, with no gradient or optimizer state for the whole vocabulary. A module of its own
+    (not a bare parameter of the model) so that engines that gather weights per module call
+    (ZeRO-3) see it used, in forward and in backward.
+
+    Attributes:
+        weight: ``[2, hidden]``: the ``<img>`` row, then the ``</img>`` row.
+    """
+
+    def __init__(self, start_id: int, end_id: int, hidden: int):
+        super().__init__()
+        self.ids = (start_id, end_id)
+        self.weight = nn.Parameter(torch.zeros(2, hidden))
+
+    def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+        """Args: input_ids ``[B, T]``; embeds ``[B, T, D]``. Returns embeds with the two tokens' rows written."""
+        for row, token in enumerate(self.ids):
+            embeds = torch.where((input_ids == token)[..., None], self.weight[row].to(embeds.dtype), embeds)
+        return embeds
+
+
 class MonkeyForCausalLM(nn.Module):
     """Monkey-style multimodal causal LM.
 
@@ -113,10 +138,7 @@ class MonkeyForCausalLM(nn.Module):
         if hidden != config.vision.output_dim:
             raise ValueError(f"LLM hidden size {hidden} != vision.output_dim {config.vision.output_dim}")
         if config.composed:
-            # The embeddings of <img> and </img>, new to a composed LLM's vocabulary. They live
-            # outside the LLM's table so that they train (with the connector) while the table
-            # stays frozen, without optimizer state for the whole vocabulary; see embed_inputs.
-            self.image_tokens = nn.Parameter(torch.zeros(2, hidden))
+            self.image_tokens = ImageTokenEmbeddings(config.image_start_id, config.image_end_id, hidden)
 
     @property
     def connector(self) -> nn.Module:
@@ -243,8 +265,7 @@ class MonkeyForCausalLM(nn.Module):
         """
         embeds = self.llm.get_input_embeddings()(input_ids)
         if self.config.composed:
-            for row, token in enumerate((self.config.image_start_id, self.config.image_end_id)):
-                embeds = torch.where((input_ids == token)[..., None], self.image_tokens[row].to(embeds.dtype), embeds)
+            embeds = self.image_tokens(input_ids, embeds)
         pad_mask = input_ids == self.config.image_pad_id
         n_pad = int(pad_mask.sum())
         if pixel_values is None or pixel_values.shape[0] == 0:

@@ -67,7 +67,7 @@ def component_of(name: str) -> str:
         return "resampler"
     if c.startswith("projector."):
         return "projector"
-    if c == "image_tokens":
+    if c.startswith("image_tokens."):
         return "image_tokens"
     if c.startswith("llm."):
         # peft names its tensors lora_A / lora_B / lora_embedding_A / lora_magnitude_vector.

@@ -115,12 +115,15 @@ def enable_checkpointing(model: nn.Module) -> None:
 
 def build_encoder(cfg: VisionConfig) -> nn.Module:
     """The bare transformers vision model that ``cfg.encoder.hf_config`` describes (random weights)."""
-    from transformers import AutoConfig, AutoModel  # noqa: PLC0415 - transformers loads with the model
+    from transformers import AutoConfig  # noqa: PLC0415 - transformers loads with the model
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING  # noqa: PLC0415
 
-    hf = dict(cfg.encoder.hf_config)
-    hf_config = AutoConfig.for_model(**hf)
     # SDPA: the same attention kernel the Monkey tower uses, and available for every encoder here.
-    return AutoModel.from_config(hf_config, attn_implementation="sdpa")
+    hf_config = AutoConfig.for_model(**cfg.encoder.hf_config, attn_implementation="sdpa")
+    # The class itself, not AutoModel.from_config: under DeepSpeed ZeRO-3 that partitions the
+    # weights as it builds them, which a model built on the meta device to be filled from its
+    # folder cannot take. The engine shards the whole model later, as it does a Monkey model.
+    return MODEL_MAPPING[type(hf_config)](hf_config)
 
 
 class EncoderTower(nn.Module):
