@@ -208,3 +208,33 @@ def test_generation_never_picks_an_embedding_row_no_token_maps_to(clip_qwen2):
     answer = generate_ids(model, tokenizer, [(ids, [])], GenerationSettings(max_new_tokens=4), stop_ids(tokenizer, "raw"))
     assert answer[0] and max(answer[0]) < tokenizer.vocab_size
     tokenizer.decode(answer[0])
+
+
+def test_with_the_encoder_frozen_the_global_views_leave_autograd_and_nothing_else_changes(clip_qwen2):
+    # As the Monkey tower (tests/vision/test_vit.py): same features and adapter gradients as one
+    # autograd pass over all views (forced by a trainable base weight), less kept for backward.
+    model, _ = load_model(clip_qwen2)
+    tower = model.vision  # eval mode: no adapter dropout, so both runs draw nothing
+    with torch.no_grad():
+        for name, p in tower.named_parameters():
+            if "lora_b" in name:
+                p.normal_(std=0.05)
+    pixels = torch.randn(10, 3, 28, 28)
+    slots = torch.tensor([0, 1, 2, 3, -1] * 2)
+
+    def run(base_trains: bool):
+        for name, p in tower.named_parameters():
+            p.requires_grad_(".lora." in name or (base_trains and name.endswith("pre_layrnorm.weight")))
+            p.grad = None
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            out = tower(pixels, slots)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad for n, p in tower.named_parameters() if ".lora." in n}, sum(saved)
+
+    split_out, split_grads, split_saved = run(base_trains=False)
+    whole_out, whole_grads, whole_saved = run(base_trains=True)
+    assert split_saved < 0.9 * whole_saved
+    torch.testing.assert_close(split_out, whole_out, rtol=1e-5, atol=1e-6)
+    for name, grad in whole_grads.items():
+        torch.testing.assert_close(split_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import VisionConfig
-from monkeytune.vision.multi_lora import MultiLoRA, SlotIndex
+from monkeytune.vision.multi_lora import MultiLoRA, SlotIndex, WindowLayout
 
 # Adapter targets tried when none are given: the attention and MLP projections of CLIP, SigLIP
 # and DINOv2 (and most ViTs in transformers). Those that match nothing are dropped.
@@ -36,8 +36,8 @@ class AdapterTargetError(ValueError):
 class _Slots:
     """The slot index of the views in flight, shared by every adapted layer of one tower.
 
-    Set before each encoder pass; it stays set until the next one, so that activation
-    checkpointing, which reruns layers during backward, sees the same slots.
+    Set before each encoder pass (None: views without adapters); it stays set until the next
+    one, so that activation checkpointing, which reruns layers during backward, sees the same slots.
     """
 
     index: SlotIndex | None = None
@@ -63,7 +63,8 @@ class AdaptedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x ``[N, L, in]``, one row per view. Returns ``[N, L, out]``."""
-        return self.linear(x) + self.lora(x, self._slots.index)
+        index = self._slots.index
+        return self.linear(x) if index is None else self.linear(x) + self.lora(x, index)
 
 
 def layer_stack(encoder: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -187,8 +188,35 @@ class EncoderTower(nn.Module):
             ``[N, T, width]``: the chosen layer's patch tokens, ``T = (S / patch)^2``, with the
             class token(s) in front when ``keep_cls``.
         """
+        index = SlotIndex.from_slots(slots, self.cfg.lora_slots, device=pixel_values.device)
+        layout = index.layout
+        if layout is None or layout.windows == layout.views_per_image or not torch.is_grad_enabled() \
+                or not self._base_frozen():
+            return self._encode(pixel_values, index)
+        # Training with the encoder frozen (Monkey's recipe): the views without an adapter (the
+        # global view) have nothing in the encoder to train and no input that needs a gradient,
+        # so they go through it without autograd: no activations kept, no backward through them.
+        # (The Monkey tower does this inside each block call; a transformers encoder runs its
+        # own layer loop, so here it is a second encoder call: under FSDP2 the encoder's
+        # layers are gathered twice in forward, a small cost beside the LLM's.)
+        b, v, first, w = layout.images, layout.views_per_image, layout.first_view, layout.windows
+        views = pixel_values.unflatten(0, (b, v))
+        pick = index.pick.unflatten(0, (b, v))[:, first : first + w].flatten(0, 1)
+        windows = self._encode(views[:, first : first + w].flatten(0, 1),
+                               SlotIndex(pick, WindowLayout(b, w, 0, layout.first_slot, w)))
+        with torch.no_grad():
+            aside = self._encode(torch.cat([views[:, :first], views[:, first + w :]], dim=1).flatten(0, 1), None)
+        aside = aside.unflatten(0, (b, v - w))
+        out = torch.cat([aside[:, :first], windows.unflatten(0, (b, w)), aside[:, first:]], dim=1)
+        return out.flatten(0, 1)
+
+    def _base_frozen(self) -> bool:
+        return not any(p.requires_grad for name, p in self.encoder.named_parameters() if ".lora." not in name)
+
+    def _encode(self, pixel_values: torch.Tensor, index: SlotIndex | None) -> torch.Tensor:
+        """One encoder pass over ``[N, 3, S, S]`` views with ``index``'s adapters (None: none)."""
         enc = self.cfg.encoder
-        self._slots.index = SlotIndex.from_slots(slots, self.cfg.lora_slots, device=pixel_values.device)
+        self._slots.index = index
         dtype = next(self.encoder.parameters()).dtype
         out = self.encoder(pixel_values=pixel_values.to(dtype), output_hidden_states=True,
                            interpolate_pos_encoding=True)
