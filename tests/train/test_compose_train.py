@@ -62,29 +62,52 @@ def test_a_preset_moves_its_parts_and_leaves_every_base_weight_bit_identical(pre
         assert len(adapters_moved) == len([n for n in before if ".lora.lora_b" in n])
 
 
+def _one_process(composed: Path, uneven: Path, make_config) -> list[float]:
+    """The 1-process reference: the two ranks' micro-batches as one accumulation window."""
+    sections = _sections(composed, uneven, "monkey")
+    sections["train"] = {**sections["train"], "grad_accum": 2}
+    return train(make_config("single", **sections)).losses
+
+
+def _assert_matches(run: Path, reference: list[float]) -> dict[int, float]:
+    got = losses(run)
+    assert len(got) == len(reference) == 6
+    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(reference), rtol=1e-5, atol=0)
+    return got
+
+
+def test_ddp_and_zero2_match_one_process(composed, uneven, make_config, tmp_path):
+    # Both launches side by side; the ranks draw text-only and image micro-batches at the same
+    # step (the `uneven` data). Their resume is the Monkey model's (tests/train/test_engines.py).
+    procs = {}
+    for engine, config_file in (("ddp", "ddp.yaml"), ("deepspeed-zero2", "deepspeed_zero2.yaml")):
+        make_config(engine, **_sections(composed, uneven, "monkey")).save(tmp_path / f"{engine}.yaml")
+        procs[engine] = start(config_file, tmp_path / f"{engine}.yaml")
+    try:  # the reference trains while the ranks start
+        reference = _one_process(composed, uneven, make_config)
+        for engine, proc in procs.items():
+            finish(proc)
+            _assert_matches(tmp_path / engine, reference)
+    finally:
+        kill(list(procs.values()))
+
+
 def test_fsdp2_shards_the_composed_blocks_matches_one_process_and_resumes_exactly(composed, uneven, make_config,
                                                                                  tmp_path):
-    # FSDP2 wraps the encoder's own layers (EncoderTower.blocks) and the LLM's; the ranks draw
-    # text-only and image micro-batches at the same step (the `uneven` data). DDP and DeepSpeed
-    # wrap the model whole, as for a Monkey model (tests/train/test_engines.py): one launch
-    # each per composed model would double this file's time and test nothing new.
+    # FSDP2 wraps the encoder's own layers (EncoderTower.blocks) and the LLM's.
     engine, config_file = "fsdp2", "fsdp.yaml"
     cfg = make_config(engine, **_sections(composed, uneven, "monkey"))
     cfg.checkpoint.every = 3
     cfg.save(tmp_path / "run.yaml")
     proc = start(config_file, tmp_path / "run.yaml")
     try:  # the reference trains while the ranks start
-        sections = _sections(composed, uneven, "monkey")
-        sections["train"] = {**sections["train"], "grad_accum": 2}
-        single = train(make_config(f"{engine}-single", **sections))
+        reference = _one_process(composed, uneven, make_config)
     except BaseException:
         kill([proc])
         raise
     finish(proc)
     run = Path(cfg.checkpoint.output_dir)
-    got = losses(run)
-    assert len(got) == single.steps == 6
-    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(single.losses), rtol=1e-5, atol=0)
+    got = _assert_matches(run, reference)
     resumed = tmp_path / "resumed"
     ckpt = run / "checkpoints" / "step-00000003"
     shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
