@@ -165,8 +165,8 @@ def run_round(client, url: str, bodies: list[tuple[str, bytes, bool]], concurren
     elapsed = time.monotonic() - started
     after = _health(client, url)
     return {"results": results, "seconds": elapsed, "sent": len(bodies),
-            "batches": after["batches"] - before["batches"],
-            "batched": after["batched_requests"] - before["batched_requests"]}
+            "batches": after["steps"] - before["steps"],
+            "batched": after["step_rows"] - before["step_rows"]}
 
 
 def summarize(concurrency: int, rounds: list[dict]) -> dict:

@@ -175,14 +175,15 @@ def test_greedy_answers_are_the_same_alone_and_batched(api):
     together: dict[int, str] = {}
     workers = [threading.Thread(target=lambda i=i: together.__setitem__(
         i, complete(api, ask(*questions[i]), max_tokens=16).choices[0].message.content)) for i in range(4)]
-    with busy(api):  # the four wait together while the model is busy, then run as one batch
+    batcher = api.server.batcher
+    with busy(api):  # the four join the long answer while it decodes, whenever they arrive
+        before = batcher.step_count
         for w in workers:
             w.start()
-        until(lambda: api.server.batcher.waiting == 4)
-        before = api.server.batcher.batch_count
-    for w in workers:
-        w.join(60)
-    assert list(api.server.batcher.recent)[before - api.server.batcher.batch_count:][0] == 4
+        for w in workers:
+            w.join(60)
+        steps = list(batcher.recent)[before - batcher.step_count:]
+    assert max(steps) >= 3 and min(steps) >= 1
     assert [together[i] for i in range(4)] == alone
 
 
@@ -225,7 +226,9 @@ def test_keys_routes_and_json_are_checked(api):
     assert complete(api, ask("hi"), max_tokens=2).choices[0].message is not None  # still serving
 
 
-def test_a_full_queue_is_refused_at_once_while_the_model_is_busy(api):
+def test_a_full_queue_is_refused_at_once_while_the_model_is_busy(api, monkeypatch):
+    # One row at a time: the busy answer fills the batch, so the others wait in the queue.
+    monkeypatch.setattr(api.server.batcher, "max_batch_size", 1)
     waiting = [threading.Thread(target=complete, args=(api, ask("a")), kwargs={"max_tokens": 2}) for _ in range(6)]
     with busy(api):
         started = time.monotonic()
@@ -265,7 +268,8 @@ def test_a_client_that_goes_away_stops_taking_a_slot(api, stream):
     body = {"model": "m", "messages": ask(BUSY), "max_tokens": 3000, "stream": stream}
     if stream:
         with httpx.stream("POST", api.url + "/chat/completions", json=body, headers=AUTH) as r:
-            next(r.iter_lines())
+            lines = r.iter_lines()  # kept: a dropped line iterator closes the connection at once
+            next(lines)
             until(lambda: api.server.batcher.running == 1)
     else:
         with pytest.raises(httpx.ReadTimeout):

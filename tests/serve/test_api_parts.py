@@ -132,9 +132,9 @@ def test_batches_keep_each_request_s_own_limits(engine, answer):
     jobs = [Job(ids, [], 32, None), Job(ids, [], 20, None), Job(ids, [], 32, None, stop=["square"], stream=True),
             Job(ids, [], 32, None, stop=["left", "on"]), Job(ids, [], 2, None),
             Job(ids, [], 32, None, temperature=0.5, seed=1), Job(ids, [], 32, None, temperature=0.5, seed=1)]
-    batches, events = run_jobs(engine, jobs)
-    # Greedy rows with budgets alike share a batch; 2 tokens is another budget; seeded samples run alone.
-    assert batches == [4, 1, 1, 1]
+    steps, events = run_jobs(engine, jobs)
+    # Every request shares the batch whatever its budget and sampling; each row leaves when it ends.
+    assert steps[0] == 7 and steps[1] == 7 and steps[2] == 6 and steps[-1] < 7
     assert [j.text for j in jobs[:5]] == [answer, answer, "a red", "a red square", "a red"]
     assert [j.finish_reason for j in jobs[:5]] == ["stop", "stop", "stop", "stop", "length"]
     streamed = [ev[1] for ev in events[id(jobs[2])] if ev[0] == "text"]
@@ -195,7 +195,7 @@ def test_the_command_loads_the_folder_and_serves_it(parrot_dir, monkeypatch, cap
     monkeypatch.setattr(launch, "serve_forever", fake_serve_forever)
     monkeypatch.setenv("MONKEYTUNE_API_KEY", "from-env")
     args = ["api", "--model", str(parrot_dir), "--port", "0", "--batch-size", "3", "--name", "parrot",
-            "--template", "chatml", "--image-root", str(tmp_path), "--max-image-mb", "1", "--log-level", "info"]
+            "--prompt-template", "chatml", "--image-root", str(tmp_path), "--max-image-mb", "1", "--log-level", "info"]
     assert main(args) == 0
     settings = served["server"].settings
     assert (settings.model_name, settings.template, settings.api_key, settings.max_batch_size) == \
@@ -217,5 +217,12 @@ def test_official_rotary_scales_are_not_mixed_in_a_batch(engine):
     assert ntk_alpha(10, 23) == ntk_alpha(20, 23) == 1 and ntk_alpha(89, 23) == 7
     with batcher._cond:
         batcher._waiting += [short, long, longer]
-        assert batcher._take() == [short, longer] and batcher._take() == [long]
+        assert batcher._take(None) == [short, longer] and batcher._take(None) == [long]
+        # Beside a running batch, no one joins past a job of another scale (it would wait for ever).
+        running = batcher.decoder.start([short])
+        batcher._waiting += [long, longer]
+        assert batcher._take(running) == [] and batcher.waiting == 2
+        batcher._waiting.reverse()
+        assert batcher._take(running) == [longer]
+        batcher._waiting.clear()
     batcher.close()

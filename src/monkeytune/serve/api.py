@@ -185,7 +185,7 @@ class APIServer:
         b = self.batcher
         return JSONResponse({"status": "ok", "model": self.settings.model_name, "waiting": b.waiting,
                              "running": b.running, "max_batch_size": b.max_batch_size, "max_queue": b.max_queue,
-                             "batches": b.batch_count, "batched_requests": b.batched_jobs})
+                             "steps": b.step_count, "step_rows": b.step_rows})
 
     # ------------------------------------------------------------------ chat completions
     async def _read_body(self, request: Request) -> bytes:

@@ -1,28 +1,29 @@
-"""Dynamic batching for the API: requests that arrive together are generated together.
+"""Continuous batching for the API: requests join the running batch at the next token and leave it when done.
 
-One worker thread owns the model. It takes the oldest waiting request and every other waiting
-request that can share its decoding (same sampling settings and a similar ``max_tokens``, see
-:meth:`Job.batch_key`), up to ``max_batch_size``, and generates them as one left-padded batch through
-:func:`monkeytune.generate.generate_ids`, the batched generator ``chat --questions`` and
-``eval`` use. As soon as a batch finishes, the next one is formed from whatever waits.
+One worker thread owns the model and runs one decode loop (:mod:`.decode`). Before every step
+it takes in the requests that wait, oldest first, up to ``max_batch_size`` rows: their prompts
+are prefilled (images included) and merged into the running batch's KV cache, and they get
+their first token in the same step as the running rows get their next. A row leaves the batch
+as soon as it ends: at its end-of-answer token, its own ``max_tokens``, a stop string, its time
+limit, or when its client went away; its slot is free for the next waiting request at the next
+step. So short and long answers, greedy and sampled ones, share a batch; a request is answered
+as soon as its row ends. A request cancelled while waiting is dropped before it takes a slot.
 
-Inside a batch each request keeps its own limits through one ``StoppingCriteria``
-(:class:`_Rows`), called after every token with the whole batch: it records each row's new
-token, ends a row at its end-of-answer token, its own ``max_tokens``, a stop string, its time
-limit, or when its client went away, and hands new text to streamed requests as it comes. A
-request is answered as soon as its row ends, not when its batch does. An ended row stops
-counting (transformers pads it); when every row has ended the batch ends, so a request nobody
-reads no longer holds the model. A request cancelled while waiting is dropped before it takes a
-slot. Batches do not take new rows while they run (transformers' ``generate`` is given its whole
-batch at once), which is why answers with very different ``max_tokens`` are not batched together.
+Each row keeps its own settings (temperature, top-p, seed: a seeded row draws from its own
+generator) and its own limits; :class:`_Answers` records each row's tokens, cuts stop strings
+and hands new text to streamed requests as it comes. Greedy rows give the same tokens alone or
+batched, whenever they joined (see :mod:`.decode`).
 
-Greedy rows give the same tokens alone or batched: left padding is masked and position ids
-follow the mask (transformers' generation), so each row sees exactly its own prompt.
+Two things keep a request from joining a running batch, and then it waits for the batch to end
+(and nothing behind it joins meanwhile, so it is not passed over for ever): a model whose cache
+cannot take rows in (sliding-window or linear-attention layers: its batches run as
+transformers' ``generate`` runs them, see :mod:`.decode`), and, for official checkpoints, a
+prompt of another rotary scale than the batch's (see :meth:`Batcher._key`) or a batch long
+enough for log-n attention.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
@@ -30,16 +31,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
-
-from monkeytune.generate import GenerationSettings, generate_ids, stop_ids
+from monkeytune.generate import stop_ids
+from monkeytune.limits import check_prompt_length
 from monkeytune.model.qwen_compat import get_compat, ntk_alpha
+from monkeytune.serve.decode import Batch, Decoder
 
 __all__ = ["Batcher", "Job", "QueueFull"]
 
 logger = logging.getLogger(__name__)
-_serial = itertools.count()
 
 
 class QueueFull(RuntimeError):
@@ -61,7 +60,7 @@ class Job:
 
     After ``done``: ``tokens`` (without the end-of-answer token), ``text`` (stripped, cut at a
     stop string), ``finish_reason`` (``stop``, ``length``, ``timeout``, ``cancelled`` or
-    ``error``) and ``error`` (the exception of a failed batch).
+    ``error``) and ``error`` (the exception of a failed prefill or step).
     """
 
     ids: list[int]
@@ -81,22 +80,6 @@ class Job:
     sent: int = 0
     cut: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
-    serial: int = field(default_factory=lambda: next(_serial))
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys may share a batch: one decoding setting, and answer budgets alike.
-
-        A batch runs until its longest row ends, and a row that has ended still takes its place
-        in every step: a 16-token answer batched with 512-token ones would hold its slot for all
-        of them. So ``max_tokens`` is bucketed by powers of two (1, 2, 3-4, 5-8, ... 9-16 ...).
-        """
-        budget = (self.max_tokens - 1).bit_length()
-        if self.temperature == 0:
-            return ("greedy", budget)
-        if self.seed is not None:
-            # A seeded sample is reproducible only when its batch is: it runs alone.
-            return ("seeded", self.serial)
-        return ("sample", self.temperature, self.top_p, budget)
 
     def cancel(self) -> None:
         """Stop generating for this job (its client went away); safe from any thread."""
@@ -110,22 +93,21 @@ class Job:
             logger.debug("event %s for a job nobody listens to", event[0], exc_info=True)
 
 
-class _Rows(StoppingCriteria):
-    """Per-row bookkeeping of one batch, run by transformers after every generated token."""
 
-    def __init__(self, jobs: list[Job], tokenizer: Any, stops: list[int]) -> None:
-        self.jobs, self.tokenizer, self.stops = jobs, tokenizer, set(stops)
-        self.ended = [False] * len(jobs)
 
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        now = time.monotonic()
-        for row, token in enumerate(input_ids[:, -1].tolist()):
-            if not self.ended[row]:
-                try:
-                    self._step(row, self.jobs[row], token, now)
-                except Exception as e:  # one row's failure ends that row, not the batch
-                    self.fail(row, e)
-        return torch.tensor(self.ended, dtype=torch.bool, device=input_ids.device)
+class _Answers:
+    """Each row's answer as its tokens come: text, stop strings, streaming, limits, the final event."""
+
+    def __init__(self, tokenizer: Any, stops: list[int]) -> None:
+        self.tokenizer, self.stops = tokenizer, set(stops)
+
+    def record(self, job: Job, token: int, now: float) -> bool:
+        """Take ``job``'s next ``token``; whether its row goes on (False: it was answered)."""
+        try:
+            self._step(job, token, now)
+        except Exception as e:  # one row's failure ends that row, not the batch
+            self.fail(job, e)
+        return job.finish_reason is None
 
     def decode(self, tokens: list[int]) -> str:
         """The text of ``tokens``; ids past the tokenizer's vocabulary (the model's padding rows) are skipped."""
@@ -135,22 +117,22 @@ class _Rows(StoppingCriteria):
             vocab = int(self.tokenizer.vocab_size)
             return self.tokenizer.decode([t for t in tokens if 0 <= t < vocab])
 
-    def _step(self, row: int, job: Job, token: int, now: float) -> None:
+    def _step(self, job: Job, token: int, now: float) -> None:
         if token in self.stops:
-            return self.end(row, "stop")
+            return self.end(job, "stop")
         job.tokens.append(token)
         if job.stream or job.stop:
-            self._text(row, job)
-        if self.ended[row]:
+            self._text(job)
+        if job.finish_reason is not None:
             return
         if len(job.tokens) >= job.max_tokens:
-            self.end(row, "length")
+            self.end(job, "length")
         elif job.cancelled.is_set():
-            self.end(row, "cancelled")
+            self.end(job, "cancelled")
         elif job.deadline is not None and now > job.deadline:
-            self.end(row, "timeout")
+            self.end(job, "timeout")
 
-    def _text(self, row: int, job: Job) -> None:
+    def _text(self, job: Job) -> None:
         text = self.decode(job.tokens).lstrip()
         if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the rest
             return
@@ -158,7 +140,7 @@ class _Rows(StoppingCriteria):
         if cut >= 0:
             job.text, job.cut = text[:cut].rstrip(), True
             self._send(job, job.text)
-            return self.end(row, "stop")
+            return self.end(job, "stop")
         if job.stream:
             # Hold back what may begin a stop string, and trailing spaces (the answer is stripped).
             hold = max((len(s) - 1 for s in job.stop), default=0)
@@ -171,12 +153,10 @@ class _Rows(StoppingCriteria):
             piece, job.sent = text[job.sent :], len(text)
             job.emit(("text", piece))
 
-    def end(self, row: int, reason: str) -> None:
-        """End ``row`` and answer its request at once: the rest of the batch may run on for a while."""
-        if self.ended[row]:
+    def end(self, job: Job, reason: str) -> None:
+        """End ``job``'s row and answer its request at once: the rest of the batch runs on."""
+        if job.finish_reason is not None:
             return
-        self.ended[row] = True
-        job = self.jobs[row]
         job.finish_reason = reason
         try:
             if not job.cut:
@@ -188,23 +168,16 @@ class _Rows(StoppingCriteria):
             job.error, job.finish_reason = e, "error"
         job.emit(("done", job))
 
-    def fail(self, row: int, error: BaseException) -> None:
-        logger.error("request in row %d failed", row, exc_info=error)
-        self.jobs[row].error = error
-        self.end(row, "error")
-
-    def finish(self, error: BaseException | None = None) -> None:
-        """End the rows still open: at the batch's own token limit, or with the batch's ``error``."""
-        for row in range(len(self.jobs)):
-            if not self.ended[row]:
-                if error is None:
-                    self.end(row, "length")
-                else:
-                    self.fail(row, error)
+    def fail(self, job: Job, error: BaseException) -> None:
+        """End ``job``'s row with ``error`` (reported to its request as ``generation_failed``); ended rows keep their answer."""
+        if job.finish_reason is None:
+            logger.error("a request failed", exc_info=error)
+            job.error = error
+            self.end(job, "error")
 
 
 class Batcher:
-    """The generation worker: a bounded queue of :class:`Job` and batches formed from it.
+    """The generation worker: a bounded queue of :class:`Job` and the running batch it feeds.
 
     Args:
         model: A loaded :class:`~monkeytune.model.MonkeyForCausalLM` in eval mode.
@@ -213,10 +186,14 @@ class Batcher:
         max_batch_size: Most requests generated together.
         max_queue: Most requests waiting for a slot; more are refused (:class:`QueueFull`).
         arriving: How many requests are being read or checked and will be submitted soon. An
-            idle worker waits up to ``gather_s`` for them (and for the clients of its last
-            batch), so that requests arriving together start together instead of the first
-            one alone.
+            idle worker waits up to ``gather_s`` for them, so that requests arriving together
+            are prefilled together instead of the first one alone.
         gather_s: Longest such wait.
+
+    Attributes:
+        running: Rows in the running batch. step_count, step_rows: Decoding steps run and
+            their rows summed (their ratio is the mean batch; ``/health`` reports both).
+        recent: The rows of the latest steps.
     """
 
     def __init__(self, model: Any, tokenizer: Any, template: str, max_batch_size: int = 8,
@@ -225,19 +202,19 @@ class Batcher:
             raise ValueError(f"need a batch size >= 1 and a queue size >= 0, got {max_batch_size}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.stops = stop_ids(tokenizer, template)
+        self.decoder = Decoder(model, int(tokenizer.vocab_size), tokenizer.pad_id)
+        self.answers = _Answers(tokenizer, self.stops)
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.arriving, self.gather_s = arriving, gather_s
-        self._last_size = 1
-        self._current: list[Job] = []  # the batch being generated
-        self.positions = int(model.config.llm.max_position_embeddings)
+        self._batch: Batch | None = None  # the running batch (worker thread only, read by close)
         compat = get_compat(model)
         self._ntk_length = compat.seq_length if compat is not None and compat.use_dynamic_ntk else None
         self._waiting: list[Job] = []
         self._cond = threading.Condition()
         self._closed = False
         self.running = 0
-        self.batch_count = self.batched_jobs = 0  # batches run and the requests in them (/health)
-        self.recent: deque[int] = deque(maxlen=1000)  # sizes of the latest batches
+        self.step_count = self.step_rows = 0
+        self.recent: deque[int] = deque(maxlen=1000)
         self._thread = threading.Thread(target=self._loop, name="monkeytune-api-generate", daemon=True)
         self._thread.start()
 
@@ -273,7 +250,8 @@ class Batcher:
             self._closed = True
             waiting, self._waiting = self._waiting, []
             self._cond.notify_all()
-        for job in self._current:
+        batch = self._batch
+        for job in batch.rows if batch is not None else ():
             job.cancel()  # ends at its next token
         for job in waiting:
             job.cancel()
@@ -281,87 +259,115 @@ class Batcher:
             job.emit(("done", job))
         self._thread.join(timeout)
 
-    # ------------------------------------------------------------------ worker
-    def _key(self, job: Job) -> tuple:
-        """:meth:`Job.batch_key`, and for official checkpoints their prompt's rotary scale.
+    # ------------------------------------------------------------------ taking jobs
+    def _key(self, job: Job) -> float:
+        """What rows must share to be batched: for official checkpoints, their prompt's rotary scale.
 
         Those scale their rotary embedding by the longest prompt of the batch (dynamic NTK,
         above ``seq_length`` tokens): a row batched with longer prompts would not answer as it
-        does alone, so only prompts of one scale share a batch.
+        does alone, so only prompts of one scale share a batch. Everything else shares.
         """
-        alpha = ntk_alpha(len(job.ids), self._ntk_length) if self._ntk_length else 1.0
-        return job.batch_key(), alpha
+        return ntk_alpha(len(job.ids), self._ntk_length) if self._ntk_length else 1.0
 
-    def _take(self) -> list[Job]:
-        """The next batch: the oldest job and the compatible ones after it that fit beside it."""
-        head = self._waiting[0]
-        key, batch = self._key(head), []
-        longest = most_new = 0
-        for job in list(self._waiting):
-            if len(batch) == self.max_batch_size:
-                break
-            new_most = max(most_new, job.max_tokens)
-            # generate_ids checks each prompt against the batch's token limit: keep every row fitting.
-            if self._key(job) != key or max(longest, len(job.ids)) + new_most > self.positions:
-                continue
-            batch.append(job)
-            longest, most_new = max(longest, len(job.ids)), new_most
-        for job in batch:
+    def _take(self, batch: Batch | None) -> list[Job]:
+        """The waiting jobs to start now: beside ``batch`` (None: idle), at most ``max_batch_size`` in all.
+
+        Idle, the oldest job and the compatible ones after it start. Beside a running batch,
+        jobs join oldest first, and none past one that cannot join: that one waits for the
+        batch to end, and would wait for ever if later ones kept it running.
+        """
+        taken: list[Job] = []
+        if batch is None:
+            key = self._key(self._waiting[0])
+            taken = [job for job in self._waiting if self._key(job) == key][: self.max_batch_size]
+        else:
+            key = self._key(batch.rows[0])
+            for job in self._waiting[: self.max_batch_size - len(batch.rows)]:
+                if self._key(job) != key or not self.decoder.fits(batch, [*taken, job]):
+                    break
+                taken.append(job)
+        for job in taken:
             self._waiting.remove(job)
-        return batch
+        return taken
 
     def _gather(self) -> None:
-        """Wait (at most ``gather_s``) for requests that are on their way.
+        """Wait (at most ``gather_s``) for requests that are on their way to an idle worker.
 
-        Those being read or checked arrived with the waiting ones. And the clients of the last
-        batch, answered together, tend to send their next requests together: a batch smaller
-        than the last one waits for them too, rather than leaving them a whole batch behind.
-        A lone client (last batch of one) never waits.
+        Those being read or checked arrived with the waiting ones: prefilled together, they
+        start in one forward rather than joining one by one. Nothing else is waited for: a
+        request that comes later joins at the next step anyway.
         """
         end = time.monotonic() + self.gather_s
-        while len(self._waiting) < self.max_batch_size and not self._closed:
-            if not self.arriving() and len(self._waiting) >= self._last_size:
-                break
+        while len(self._waiting) < self.max_batch_size and not self._closed and self.arriving():
             left = end - time.monotonic()
             if left <= 0:
                 break
             self._cond.wait(min(left, 0.005))  # submit() wakes it at once
 
+    # ------------------------------------------------------------------ worker
     def _loop(self) -> None:
+        batch: Batch | None = None
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._waiting or self._closed)
-                self._gather()
-                if self._closed:
+                if batch is None:
+                    self._cond.wait_for(lambda: self._waiting or self._closed)
+                    self._gather()
+                if self._closed and batch is None:
                     return
-                if not self._waiting:  # cancelled while gathering
-                    continue
-                batch = self._take()
-                self.running = self._last_size = len(batch)
-                self._current = batch
+                new = self._take(batch) if self._waiting and not self._closed else []
+                self.running += len(new)
             try:
-                self._run(batch)
-            except BaseException:  # the worker must outlive any batch: later requests depend on it
-                logger.exception("the generation worker lost a batch of %d", len(batch))
-            finally:
-                self.running, self._current = 0, []
+                batch = self._advance(batch, new)
+            except BaseException as e:  # the worker must outlive any batch: later requests depend on it
+                logger.exception("the generation worker lost a batch")
+                for job in [*(batch.rows if batch is not None else ()), *new]:
+                    self.answers.fail(job, e)
+                batch = None
+            self._batch = batch
+            self.running = 0 if batch is None else sum(j.finish_reason is None for j in batch.rows)
 
-    def _run(self, batch: list[Job]) -> None:
-        head = batch[0]
-        rows = _Rows(batch, self.tokenizer, self.stops)
-        settings = GenerationSettings(
-            max_new_tokens=max(j.max_tokens for j in batch), temperature=head.temperature, top_p=head.top_p,
-            extra={"stopping_criteria": StoppingCriteriaList([rows])})
-        self.batch_count += 1
-        self.batched_jobs += len(batch)
-        self.recent.append(len(batch))
-        error = None
+    def _start(self, jobs: list[Job]) -> Batch | None:
+        """Prefill ``jobs`` into a batch of their own; None when none could start (each is answered)."""
+        fitting = []
+        for job in jobs:
+            try:  # a prompt that cannot fit with its answer fails alone
+                check_prompt_length(len(job.ids), self.model.config, job.max_tokens)
+                fitting.append(job)
+            except Exception as e:  # noqa: BLE001 - reported to that request
+                self.answers.fail(job, e)
+        if not fitting:
+            return None
         try:
-            if head.seed is not None and head.temperature > 0:
-                torch.manual_seed(head.seed)
-            generate_ids(self.model, self.tokenizer, [(j.ids, j.images) for j in batch], settings, self.stops)
-        except Exception as e:  # the open rows get the error (ended ones have their answer); the worker lives on
-            logger.exception("generation failed for a batch of %d", len(batch))
-            error = e
-        finally:
-            rows.finish(error)
+            return self.decoder.start(fitting)
+        except Exception as e:  # noqa: BLE001 - these requests get the error; the running rows go on
+            logger.exception("starting %d requests failed", len(fitting))
+            for job in fitting:
+                self.answers.fail(job, e)
+            return None
+
+    def _advance(self, batch: Batch | None, new: list[Job]) -> Batch | None:
+        """Start ``new`` beside ``batch``, pick every row's next token and run one step; the batch after."""
+        started = self._start(new) if new else None
+        if started is not None:
+            batch = started if batch is None else self.decoder.join(batch, started)
+        if batch is None:
+            return None
+        try:
+            tokens = self.decoder.pick(batch)
+            now = time.monotonic()
+            rows = sum(job.finish_reason is None for job in batch.rows)
+            self.step_count += 1
+            self.step_rows += rows
+            self.recent.append(rows)
+            open_rows = [row for row, (job, token) in enumerate(zip(batch.rows, tokens))
+                         if job.finish_reason is None and self.answers.record(job, token, now)]
+            picked = dict(zip(batch.rows, tokens))
+            batch = self.decoder.keep(batch, open_rows)
+            if batch is not None:
+                self.decoder.step(batch, [picked[job] for job in batch.rows])
+            return batch
+        except Exception as e:  # the open rows get the error (ended ones have their answer)
+            logger.exception("generation failed for a batch of %d", len(batch.rows))
+            for job in batch.rows:
+                self.answers.fail(job, e)
+            return None

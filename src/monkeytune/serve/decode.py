@@ -1,0 +1,243 @@
+"""Continuous batching: one decode loop over a KV cache that requests join and leave between steps.
+
+A :class:`Batch` is the state of the rows being generated together: the model's KV cache of
+every row, left-padded to one width; the attention mask marking each row's real tokens; the
+position id of each row's next token; and the scores each row's next token is picked from.
+:class:`Decoder` makes and advances batches:
+
+* :meth:`Decoder.start` prefills new prompts into a batch of their own (their images go through
+  the vision tower here, once; decoding steps read the cache only);
+* :meth:`Decoder.join` merges two batches: the narrower one's cache and mask are padded on the
+  left to the wider one's width;
+* :meth:`Decoder.pick` picks every row's next token with the row's own settings (greedy, or
+  temperature and top-p with the row's own random generator when it has a seed);
+* :meth:`Decoder.keep` drops the rows that ended, and the padding columns only they needed;
+* :meth:`Decoder.step` feeds the picked tokens through the model and leaves the next scores.
+
+A row answers alike alone, batched or joined mid-decode: its cached keys and values are those
+of its own tokens whatever its neighbours, padding columns are masked out, and its position ids
+count its own real tokens only. Joining adds masked columns on a row's left and nothing else.
+
+Caches are handled through transformers' public cache API only: a merged or trimmed cache is a
+new ``DynamicCache`` built from per-layer tensors. Only a cache whose every layer is a plain
+``DynamicLayer`` (keys and values of every token seen, one column per token) can be padded that
+way. Sliding-window layers keep only their last window and linear-attention layers a state per
+row, with no column to pad: a model with such layers gets today's batches instead (its rows
+start together, take no one in, and ended rows stay in the batch, ignored, until the last ends).
+
+Official Qwen checkpoints scale a query by its cache index (log-n attention, padding counted,
+see :mod:`monkeytune.model.qwen_compat`) past ``seq_length`` positions: padding added by a join
+would change a running row's scale there. So with log-n on, a batch takes rows in (and drops
+padding columns) only while no row can reach that index.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from monkeytune.generate import OnlyTokenizerIds, load_views
+from monkeytune.model.qwen_compat import get_compat
+
+__all__ = ["Batch", "Decoder", "sample"]
+
+
+@dataclass(eq=False)
+class Batch:
+    """Rows being generated together.
+
+    Attributes:
+        rows: The jobs (:class:`~monkeytune.serve.batching.Job`), in cache row order.
+        cache: The LLM's KV cache, ``[B, heads, W, head_dim]`` per layer.
+        mask: ``[B, W]`` 1 where a row has a real token, 0 for its left padding.
+        positions: ``[B]`` the position id of each row's next token (its real tokens so far).
+        scores: ``[B, V]`` float32 scores of each row's next token, not yet picked.
+        generators: Each row's random generator (seeded sampling rows only, else None).
+        joins: Whether the cache can take rows in and let rows out (see the module's notes).
+    """
+
+    rows: list[Any]
+    cache: Any
+    mask: torch.Tensor
+    positions: torch.Tensor
+    scores: torch.Tensor
+    generators: list[torch.Generator | None]
+    joins: bool
+
+    @property
+    def width(self) -> int:
+        return int(self.mask.shape[1])
+
+    def remaining(self) -> int:
+        """The most tokens any open row may still add."""
+        return max((j.max_tokens - len(j.tokens) for j in self.rows if j.finish_reason is None), default=0)
+
+
+def sample(scores: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    """One token drawn from ``softmax(scores / temperature)`` cut to its top-``top_p`` mass.
+
+    Args:
+        scores: ``[V]`` float32 scores (ids never to pick at -inf).
+        temperature: Above 0.
+        top_p: The likeliest tokens are kept while the mass before them is under ``top_p``
+            (the likeliest always).
+        generator: The row's own generator (seeded requests), or None for torch's global one.
+    """
+    probs = torch.softmax(scores / temperature, dim=-1)
+    if top_p < 1:
+        ranked, order = probs.sort(descending=True)
+        ranked = ranked.masked_fill(ranked.cumsum(-1) - ranked >= top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, ranked)
+    # multinomial takes unnormalised weights: the cut mass need not be renormalised.
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _joinable(cache: Any) -> bool:
+    """Whether every layer of ``cache`` holds one key/value column per token (see the module's notes)."""
+    layers = getattr(cache, "layers", None)
+    return (isinstance(cache, DynamicCache) and bool(layers)
+            and all(type(layer) is DynamicLayer and getattr(layer, "keys", None) is not None
+                    and layer.keys.dim() == 4 for layer in layers))
+
+
+def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    """``t`` with zeros added before its entries along ``dim`` (-1 or -2) up to ``width``."""
+    extra = width - t.shape[dim]
+    if extra == 0:
+        return t
+    return F.pad(t, (extra, 0) if dim == -1 else (0, 0, extra, 0))
+
+
+class Decoder:
+    """Prefill, join, pick, step and trim for one model (see the module's notes).
+
+    Args:
+        model: A :class:`~monkeytune.model.MonkeyForCausalLM` (native or composed) in eval mode.
+        vocab_size: The tokenizer's vocabulary: ids at or above it are never picked
+            (:class:`~monkeytune.generate.OnlyTokenizerIds`).
+        pad_id: The id left padding is filled with (masked, never attended to).
+    """
+
+    def __init__(self, model: Any, vocab_size: int, pad_id: int) -> None:
+        self.model, self.llm, self.pad_id = model, model.llm, pad_id
+        params = inspect.signature(self.llm.forward).parameters
+        # transformers renamed ``past_key_values`` to ``cache`` within the 5.x releases monkeytune takes.
+        self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        # Only the last position's scores are needed; models that cannot say so return all.
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        self.only_tokens = OnlyTokenizerIds(vocab_size) if model.config.llm.vocab_size > vocab_size else None
+        compat = get_compat(model)
+        self.logn_length = compat.seq_length if compat is not None and compat.use_logn_attn else None
+
+    # ------------------------------------------------------------------ model calls
+    @torch.no_grad()
+    def _forward(self, cache: Any, **inputs: Any) -> tuple[Any, torch.Tensor]:
+        """``(cache, scores [B, V])`` after one forward of the LLM; a None ``cache`` lets the model make its own."""
+        kwargs = {self._cache_arg: cache} if cache is not None else {}
+        out = self.llm(**inputs, use_cache=True, **kwargs, **self._last_only)
+        cache = out["cache"] if "cache" in out else out["past_key_values"]
+        scores = out.logits[:, -1, :].to(dtype=torch.float32, copy=True)
+        if self.only_tokens is not None:
+            scores = self.only_tokens(None, scores)
+        return cache, scores
+
+    def start(self, jobs: Sequence[Any]) -> Batch:
+        """Prefill ``jobs``' prompts (left-padded, images included) into a batch of their own.
+
+        Raises:
+            Exception: whatever the images or the model raise (the caller answers these jobs).
+        """
+        device = self.model.device
+        width = max(len(j.ids) for j in jobs)
+        ids = torch.full((len(jobs), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(jobs), width), dtype=torch.long)
+        for row, job in enumerate(jobs):
+            ids[row, width - len(job.ids):] = torch.tensor(job.ids, dtype=torch.long)
+            mask[row, width - len(job.ids):] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pixel_values, slots = load_views(self.model, [path for job in jobs for path in job.images])
+        embeds = self.model.embed_inputs(ids, pixel_values, slots)
+        # Position ids count real tokens only (padding gets 0; it is masked anyway).
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache, scores = self._forward(None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
+        generators = [self._generator(job, device) for job in jobs]
+        return Batch(list(jobs), cache, mask, mask.sum(-1), scores, generators, _joinable(cache))
+
+    @staticmethod
+    def _generator(job: Any, device: torch.device) -> torch.Generator | None:
+        if job.temperature <= 0 or job.seed is None:
+            return None
+        # The row's own generator: its draws do not depend on what else runs beside it.
+        return torch.Generator(device=device).manual_seed(job.seed)
+
+    def pick(self, batch: Batch) -> list[int]:
+        """Every row's next token, by the row's own settings."""
+        chosen = batch.scores.argmax(dim=-1).tolist()
+        for row, job in enumerate(batch.rows):
+            if job.temperature > 0:
+                chosen[row] = sample(batch.scores[row], job.temperature, job.top_p, batch.generators[row])
+        return chosen
+
+    def step(self, batch: Batch, tokens: Sequence[int]) -> None:
+        """Feed one token per row (``tokens`` in row order) and leave the scores of the next."""
+        device = batch.mask.device
+        mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+        ids = torch.tensor(tokens, dtype=torch.long, device=device)[:, None]
+        batch.cache, batch.scores = self._forward(batch.cache, input_ids=ids, attention_mask=mask,
+                                                  position_ids=batch.positions[:, None])
+        batch.mask, batch.positions = mask, batch.positions + 1
+
+    # ------------------------------------------------------------------ joining and leaving
+    def _logn_free(self, width: int, remaining: int) -> bool:
+        """Whether no query of a ``width``-column batch adding ``remaining`` tokens reaches log-n scaling."""
+        return self.logn_length is None or width + remaining <= self.logn_length
+
+    def fits(self, batch: Batch, jobs: Sequence[Any]) -> bool:
+        """Whether ``jobs`` may join ``batch`` (a cache that joins; for log-n models, every row unscaled)."""
+        if not batch.joins:
+            return False
+        width = max([batch.width, *(len(j.ids) for j in jobs)])
+        return self._logn_free(width, max([batch.remaining(), *(j.max_tokens for j in jobs)]))
+
+    @staticmethod
+    def _rebuild(batch: Batch, rows: torch.Tensor | slice, start: int) -> Any:
+        """A new cache of ``rows`` from column ``start`` on."""
+        return DynamicCache([(layer.keys[rows, :, start:], layer.values[rows, :, start:])
+                             for layer in batch.cache.layers])
+
+    def join(self, running: Batch, new: Batch) -> Batch:
+        """One batch of ``running``'s rows then ``new``'s (``new`` was just prefilled; both join)."""
+        if not (running.joins and new.joins):
+            raise ValueError("these batches' caches cannot be merged")
+        width = max(running.width, new.width)
+        layers = []
+        for a, b in zip(running.cache.layers, new.cache.layers):
+            layers.append(tuple(torch.cat([_left_pad(x, width, -2), _left_pad(y, width, -2)])
+                                for x, y in ((a.keys, b.keys), (a.values, b.values))))
+        mask = torch.cat([_left_pad(running.mask, width, -1), _left_pad(new.mask, width, -1)])
+        return Batch(running.rows + new.rows, DynamicCache(layers), mask,
+                     torch.cat([running.positions, new.positions]), torch.cat([running.scores, new.scores]),
+                     running.generators + new.generators, True)
+
+    def keep(self, batch: Batch, rows: Sequence[int]) -> Batch | None:
+        """``batch`` with only ``rows`` (indices, in order); None when no row is left.
+
+        A batch that cannot let rows out keeps them all (their tokens are ignored) until none is kept.
+        """
+        if not rows:
+            return None
+        if not batch.joins or len(rows) == len(batch.rows):
+            return batch
+        index = torch.tensor(rows, dtype=torch.long, device=batch.mask.device)
+        mask = batch.mask[index]
+        # Columns that only the leaving rows used (padding for everyone left) go too.
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() and self._logn_free(batch.width, batch.remaining()) else 0
+        return Batch([batch.rows[r] for r in rows], self._rebuild(batch, index, start), mask[:, start:],
+                     batch.positions[index], batch.scores[index], [batch.generators[r] for r in rows], True)
