@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	# No build isolation: DeepSpeed's build imports torch, so it must build against the torch just
 	# installed (an isolated build would fetch another one), and ours uses the locked setuptools.
 	$(PY) -m pip install -q -c $(LOCK) --no-build-isolation -e ".[$(EXTRAS)]"
+	# On a CPU, DeepSpeed compiles a shared-memory collective the first time it starts (about 35 s
+	# on 2 cores). Build it here, into this environment, where tests/conftest.py points it, so the
+	# first distributed test does not pay for it and two checkouts do not rebuild each other's.
+	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(PY) -c "from deepspeed.accelerator import \
+	get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load(verbose=False)"
 	touch $@
 
 .PHONY: install demo test bench lock test-upstream test-floor

@@ -170,7 +170,7 @@ def test_score_equals_direct_log_softmax(saved, capsys):
     assert result["sum_logprob"] == pytest.approx(sum(direct), abs=1e-4)
     assert result["mean_nll"] == pytest.approx(-sum(direct) / len(ans), abs=1e-5)
     args = ["score", "--model", str(root / "model"), "--prompt", "what is in the picture?", "--answer", "a red square",
-            "--image", image, "--template", "vqa", "--json"]
+            "--image", image, "--prompt-template", "vqa", "--json"]
     assert main(args) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["sum_logprob"] == pytest.approx(result["sum_logprob"], abs=1e-5)

@@ -45,3 +45,18 @@ def test_monkeytune_train_is_one_object_the_package_that_trains_when_called():
     assert callable(monkeytune.train) and monkeytune.train.loop is loop
     exec("import monkeytune.train.loop as aliased\nassert aliased is loop", {"loop": loop})
     assert run is loop.train
+
+
+def test_template_has_one_meaning_across_commands(capsys):
+    # `--template` is a conversation template (data check, tokenizer train, like data.template);
+    # the commands that prompt a model take `--prompt-template`, and point to it when given the other.
+    import pytest
+
+    for command in (["chat", "--model", "m", "hi"], ["eval", "--model", "m", "--data", "d"],
+                    ["score", "--model", "m", "--prompt", "p", "--answer", "a"], ["serve", "--model", "m"],
+                    ["api", "--model", "m"]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--template", "vqa"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.endswith("the prompt layout of this command is --prompt-template"), err

@@ -60,7 +60,7 @@ def default_template(model: Any, where: str = "the model folder") -> str:
         return meta["chat_format"]
     if first:
         why = f"records an unknown prompt template {recorded!r}" if recorded else "records no prompt template"
-        logger.warning("%s %s: prompting with the %s layout; choose another with --template (or template=...)",
+        logger.warning("%s %s: prompting with the %s layout; choose another with --prompt-template (or template=...)",
                        where, why, FALLBACK_TEMPLATE)
     return FALLBACK_TEMPLATE
 

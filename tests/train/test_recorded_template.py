@@ -51,14 +51,14 @@ def test_a_trained_folder_records_its_template_and_every_consumer_uses_it(make_c
     assert meta["tokenizer"]["source"] == str(Path(synthetic[1]).resolve())
     assert meta["tokenizer"]["class"] == "SimpleTokenizer" and meta["tokenizer"]["vocab_size"] > 0
 
-    # eval without --template prompts exactly as with the recorded template named.
+    # eval without --prompt-template prompts exactly as with the recorded template named.
     with caplog.at_level(logging.INFO, logger="monkeytune"):
         assert main(["eval", "--model", str(final), "--data", str(eval_file), "--out", str(tmp_path / "e1"),
                      "--max-new-tokens", "3", "--device", "cpu"]) == 0
     assert f"prompt template vqa-question-first, as {final} records" in caplog.text
     assert "records no prompt template" not in caplog.text
     assert main(["eval", "--model", str(final), "--data", str(eval_file), "--out", str(tmp_path / "e2"),
-                 "--max-new-tokens", "3", "--device", "cpu", "--template", "vqa-question-first"]) == 0
+                 "--max-new-tokens", "3", "--device", "cpu", "--prompt-template", "vqa-question-first"]) == 0
     e1, e2 = ((tmp_path / e / "predictions.jsonl").read_text() for e in ("e1", "e2"))
     assert e1 == e2
 

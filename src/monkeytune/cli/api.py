@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         model_dir = args.model or find_demo_model()
-        server = load_api(model_dir, settings, args.dtype, args.device, args.template, args.name)
+        server = load_api(model_dir, settings, args.dtype, args.device, args.prompt_template, args.name)
     except (NoModelError, ModelFolderError, OSError, ValueError) as e:
         sock.close()
         print(f"monkeytune api: {e}", file=sys.stderr)

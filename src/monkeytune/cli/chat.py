@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from monkeytune.prompts import TEMPLATES
+from monkeytune.cli.options import add_prompt_template
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -38,10 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answers", default=None, metavar="FILE", help="JSONL written with --questions: each record "
                    "plus its answer")
     p.add_argument("--batch-size", type=int, default=8, help="questions generated together with --questions")
-    p.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="prompt template (default: the one the model folder records, else chatml for chat "
-                   "checkpoints, else vqa with a warning)")
-    p.add_argument("--raw", action="store_true", help="send the text as is (same as --template raw)")
+    add_prompt_template(p)
+    p.add_argument("--raw", action="store_true", help="send the text as is (same as --prompt-template raw)")
     p.add_argument("--system", default=None, help="ChatML system prompt")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) decodes greedily")
@@ -58,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from monkeytune.model.io import ModelFolderError
     from monkeytune.vision.image import ImageLoadError
 
-    template = "raw" if args.raw else args.template
+    template = "raw" if args.raw else args.prompt_template
     if args.questions is not None and (args.answers is None or args.prompt is not None or args.image is not None):
         print("monkeytune chat: --questions needs --answers FILE, and takes no PROMPT or --image "
               "(each question names its image)", file=sys.stderr)

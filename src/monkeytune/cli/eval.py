@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from monkeytune.prompts import TEMPLATES
+from monkeytune.cli.options import add_prompt_template
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,9 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--metric", action="append", default=None, metavar="NAME",
                    help="metric to compute (repeatable; default vqa_score and exact_match)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="prompt template (default: the one the model folder records, else chatml for chat "
-                   "checkpoints, else vqa with a warning)")
+    add_prompt_template(p)
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length limit (default: the longest reference's tokens + 4, at least 8)")
     p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
@@ -79,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 print(f"\r{done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-            template = args.template or default_template(model, args.model)
+            template = args.prompt_template or default_template(model, args.model)
             predictions, scores = evaluate(model, tokenizer, records, metrics, args.batch_size, template,
                                            args.max_new_tokens, progress=progress, time_limit_s=args.time_limit)
     except (EvalDataError, ModelFolderError, ImageLoadError, ValueError, FileNotFoundError, GenerationTimeout) as e:

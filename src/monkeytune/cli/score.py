@@ -16,14 +16,14 @@ import json
 import sys
 
 from monkeytune.cli.chat import add_model_args
-from monkeytune.prompts import TEMPLATES
+from monkeytune.cli.options import add_prompt_template
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "score",
         help="log-probability of an answer given a prompt",
-        description="Tokenise the prompt (rendered by --template) and the answer separately, "
+        description="Tokenise the prompt (laid out by --prompt-template) and the answer separately, "
         "concatenate them and report each answer token's log-probability. A prompt already written in the "
         "template's layout (e.g. '<img>a.png</img> What is it? Answer: ' under vqa) is used as the complete "
         "user turn, not wrapped again.",
@@ -32,10 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--answer", required=True, help="the answer to score")
     p.add_argument("--image", default=None, metavar="IMG", help="image the prompt is about")
-    p.add_argument("--template", choices=TEMPLATES, default=None,
-                   help="how the prompt is rendered (default: the template the model folder records; "
-                   "raw takes the prompt as given, image tag in front)")
-    p.add_argument("--raw", action="store_true", help="take the prompt exactly as given (same as --template raw)")
+    add_prompt_template(p, help="how the prompt is laid out (default: the layout the model folder records; "
+                        "raw takes the prompt as given, image tag in front)")
+    p.add_argument("--raw", action="store_true", help="take the prompt exactly as given (same as --prompt-template raw)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=run)
 
@@ -47,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         model, tokenizer = load_for_inference(args.model, args.dtype, args.device)
-        template = "raw" if args.raw else args.template
+        template = "raw" if args.raw else args.prompt_template
         result = score_answer(model, tokenizer, args.prompt, args.answer, args.image, template)
     except (ModelFolderError, ImageLoadError, ValueError, FileNotFoundError) as e:
         print(f"monkeytune score: {e}", file=sys.stderr)

@@ -12,8 +12,8 @@ import sys
 
 def add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     """The options every server command takes: the model folder, where to bind, how to load it,
-    and the prompt template (``serve`` and ``api``)."""
-    from monkeytune.prompts import TEMPLATES
+    and the prompt layout (``serve`` and ``api``)."""
+    from monkeytune.cli.options import add_prompt_template
     from monkeytune.serve.launch import DEFAULT_HOST, DEMO_ROOT
 
     p.add_argument("--model", default=None, metavar="DIR",
@@ -24,9 +24,7 @@ def add_server_options(p: argparse.ArgumentParser, port: int) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (default: as stored)")
     p.add_argument("--device", default=None, help="device for the model (default: cuda when available, else cpu)")
-    p.add_argument("--template", choices=sorted(TEMPLATES), default=None,
-                   help="prompt template (default: the one the model folder records, else chatml for chat models, "
-                   "else vqa with a warning)")
+    add_prompt_template(p)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     try:
         app, url = start(args.model, host=args.host, port=args.port, dtype=args.dtype, device=args.device,
-                         template=args.template, max_upload_mb=args.max_upload_mb, time_limit_s=args.time_limit)
+                         template=args.prompt_template, max_upload_mb=args.max_upload_mb, time_limit_s=args.time_limit)
     except NoModelError as e:
         print(e, file=sys.stderr)
         return 2
