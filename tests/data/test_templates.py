@@ -90,7 +90,7 @@ def test_chatml_generation_prompt_flag(tok):
 def test_prompt_errors(tok):
     with pytest.raises(ValueError, match="monkey template has no system prompt"):
         build_prompt("monkey", [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], tok, 2)
-    with pytest.raises(ValueError, match="expected a user message"):
+    with pytest.raises(ValueError, match="expected a user turn"):
         build_prompt("chatml", [{"role": "assistant", "content": "a"}], tok, 2)
     with pytest.raises(ValueError, match="unknown template"):
         build_prompt("llama", [{"role": "user", "content": "q"}], tok, 2)

@@ -48,8 +48,8 @@ from monkeytune.data.records import (
     ROLE_ALIASES,
     SYSTEM,
     UNBALANCED_IMAGE_TAGS,
+    turn_order_problem,
     UNKNOWN_FORMAT,
-    USER,
     DataError,
     ImageRef,
     Part,
@@ -295,21 +295,14 @@ class _Parser:
         system: str | None = None
         for i, (role_raw, role, parts, fld) in enumerate(raw):
             role_field = fld.rsplit(".", 1)[0] + (".from" if fld.endswith(".value") else ".role")
+            problem = turn_order_problem(role, i, len(turns))
+            if problem:
+                raise self.err(BAD_ROLES, problem if role == SYSTEM else f"{problem}, got {role_raw!r}", role_field)
             if role == SYSTEM:
-                if i != 0:
-                    raise self.err(BAD_ROLES, "a system turn is only allowed first", role_field)
                 if any(isinstance(p, ImageRef) for p in parts):
                     raise self.err(UNBALANCED_IMAGE_TAGS, "images are not allowed in the system turn", fld)
                 system = "".join(p for p in parts if isinstance(p, str))
                 continue
-            expected = USER if len(turns) % 2 == 0 else ASSISTANT
-            if role != expected:
-                raise self.err(
-                    BAD_ROLES,
-                    f"expected a {expected} turn here (turns must alternate user/assistant, starting "
-                    f"with user), got {role_raw!r}",
-                    role_field,
-                )
             turn = Turn(role, parts, fld)
             if role == ASSISTANT and not self.allow_empty and not turn.plain_text.strip() and not turn.images:
                 raise self.err(

@@ -18,6 +18,22 @@ from monkeytune.tokenizer.base import split_image_tags
 USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
 ROLE_ALIASES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT, "system": SYSTEM}
 
+
+def turn_order_problem(role: str, position: int, turns: int) -> str | None:
+    """Why a turn of ``role`` cannot come here, or None: the one rule every reader of turns applies.
+
+    Args:
+        role: The turn's role (``USER``, ``ASSISTANT`` or ``SYSTEM``).
+        position: Its index among all the messages, the system turn included.
+        turns: How many user and assistant turns came before it.
+    """
+    if role == SYSTEM:
+        return None if position == 0 else "a system turn is only allowed first"
+    expected = USER if turns % 2 == 0 else ASSISTANT
+    if role != expected:
+        return f"expected a {expected} turn here (turns must alternate user/assistant, starting with user)"
+    return None
+
 # Error kinds, used to group findings in reports and skip summaries.
 DATA_FILE = "data_file"  # the data file itself cannot be read (directory, permissions, ...)
 MALFORMED_JSON = "malformed_json"  # invalid UTF-8 or invalid JSON on a line

@@ -49,6 +49,7 @@ from monkeytune.data.records import (
     DataError,
     ImageRef,
     Part,
+    turn_order_problem,
     Sample,
     Turn,
 )
@@ -131,14 +132,12 @@ def normalize_messages(messages: Iterable[Any]) -> tuple[str | None, list[Turn]]
             raise ValueError(f"message {i}: content must be a string")
         role = ROLE_ALIASES[role.lower()]
         turn = text if isinstance(text, Turn) else Turn.from_text(role, text, field=f"message {i}")
+        problem = turn_order_problem(role, i, len(turns))
+        if problem:
+            raise ValueError(f"message {i}: {problem}, got {role!r}")
         if role == SYSTEM:
-            if i != 0:
-                raise ValueError(f"message {i}: a system message is only allowed first")
             system = turn.text
             continue
-        expected = USER if len(turns) % 2 == 0 else ASSISTANT
-        if role != expected:
-            raise ValueError(f"message {i}: expected a {expected} message, got {role!r}")
         turns.append(turn)
     return system, turns
 

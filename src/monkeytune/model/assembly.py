@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from monkeytune.config import ModelConfig
-from monkeytune.memory import check_fits_in_memory
+from monkeytune.model_size import check_fits_in_memory
 from monkeytune.model import build_model
 from monkeytune.model.qwen_compat import CompatConfig, apply_compat
 from monkeytune.model.weights import ModelFolderError, materialize_buffers
