@@ -21,7 +21,10 @@ names an image file by its ``path``, resolved like a path in JSON.
 
 Rows are read through arrow, a record batch of :data:`BATCH_ROWS` at a time, the text columns as
 Python values and the image columns as ``(has_bytes, path)`` without touching the bytes; one row
-alone (:func:`table_record`) is found by a binary search over the table's chunks.
+alone (:func:`table_record`) is found by a binary search over the table's chunks. Parquet is the
+exception while its rows are read in order (the start-up pass, and its check of each embedded
+image): they come straight from the files, a bounded batch at a time, and the arrow copy is made
+only when a row is first read out of order (:mod:`monkeytune.data.parquet_rows`, which says why).
 
 In the chat layout of ``datasets`` and TRL (``openai`` here), a content part ``{"type": "image"}``
 without a payload takes the next image of the ``images`` column.
@@ -37,11 +40,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from monkeytune.data import hub
+from monkeytune.data import hub, parquet_rows
+from monkeytune.data.parquet_rows import SAVED_MARK
 from monkeytune.data.records import DATA_FILE, DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
-SAVED_MARK = "state.json"  # written by save_to_disk beside dataset_info.json and the arrow shards
 EMBEDDED = "table:"
 IMAGE_COLUMNS = ("image", "images")
 BATCH_ROWS = 1000  # rows turned into Python values at once: fast, and little memory
@@ -166,7 +169,12 @@ def _chunks(key: str) -> tuple[list, list[int]]:
 
 
 def _row_slice(key: str, row: int):
-    """Row ``row`` of an opened table as a record batch of one row (zero-copy)."""
+    """Row ``row`` of a table as a record batch of one row: from the parquet batch read last
+    when the rows are asked for in order (the start-up pass), else from the opened table
+    (zero-copy)."""
+    in_order = parquet_rows.row_in_order(key, row, BATCH_ROWS)
+    if in_order is not None:
+        return in_order
     batches, starts = _chunks(key)
     if not 0 <= row < (starts[-1] + batches[-1].num_rows if batches else 0):
         raise IndexError(f"row {row} out of range")
@@ -188,7 +196,8 @@ def _plan(key: str, columns: dict[str, str] | None) -> _Plan:
     cache = (key, tuple(sorted(mapping.items())))
     if cache in _PLANS:
         return _PLANS[cache]
-    names = _open(key).column_names
+    files = parquet_rows.parquet_files(key)
+    names = parquet_rows.column_names(files) if files else _open(key).column_names
     for field, column in mapping.items():
         if column not in names:
             raise DataError(DATA_FILE, f"data.columns maps {field} to the column {column!r}, which the table "
@@ -221,6 +230,12 @@ def iter_table_records(path: str | os.PathLike, columns: dict[str, str] | None =
     """
     key = table_key(path, load_options)
     plan = _plan(key, columns)
+    files = parquet_rows.parquet_files(key)
+    if files:  # straight from the files, a bounded batch at a time: nothing converted or mapped
+        for first, batch in parquet_rows.batches(key, files, BATCH_ROWS):
+            for k, record in enumerate(_records(batch, plan, key, first)):
+                yield first + k, None, record
+        return
     row = 0
     for batch in _chunks(key)[0]:
         for start in range(0, batch.num_rows, BATCH_ROWS):
