@@ -115,6 +115,7 @@ class DemoSettings:
         progress: Progress bars.
         examples: Test images drawn in ``examples.png``.
         probe_records: Training questions the linear probes of the visual tokens are fitted on.
+        probe_steps: L-BFGS iterations of each probe fit.
         visibility_scenes: Training scenes the pixel-level visibility classifier is fitted on.
     """
 
@@ -137,13 +138,15 @@ class DemoSettings:
     progress: bool = True
     examples: int = 4
     probe_records: int = 1200
+    probe_steps: int = 100
     visibility_scenes: int = 300
 
     @classmethod
     def quick(cls, out_dir: str | Path, seed: int = 0, task: str = "textures") -> "DemoSettings":
         """A few samples and steps: exercises every step end to end in seconds (for tests)."""
         return cls(out_dir=Path(out_dir), task=task, seed=seed, n_train=4, n_val=1, n_test=2, steps1=2, steps2=2,
-                   vision_warmup_steps=2, batch_size=4, eval_batch_size=8, progress=False, examples=2)
+                   vision_warmup_steps=2, batch_size=4, eval_batch_size=8, progress=False, examples=2,
+                   probe_steps=5)
 
 
 @dataclass
@@ -257,7 +260,7 @@ def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> Non
     fine_test = [r for r in records if kinds[r["question_id"]][0] == "fine"]
     try:
         fine_train = [r for r in read_eval_records(data.root / "train_questions.jsonl") if "-fine-" in r["question_id"]]
-        stage.probe = probe(model, fine_train, fine_test, limit=settings.probe_records,
+        stage.probe = probe(model, fine_train, fine_test, limit=settings.probe_records, steps=settings.probe_steps,
                             group=lambda r: r["question_id"].split("-fine-")[-1]).to_dict()  # by region
     except ProbeError as e:  # the quick settings can leave a question with a single answer
         stage.probe = {"error": str(e)}

@@ -142,7 +142,8 @@ def _label(record: dict[str, Any], where: str) -> str:
 
 
 def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, Any]] | None = None,
-          folds: int = 5, limit: int | None = None, group: Callable[[dict], str] | None = None) -> ProbeResult:
+          folds: int = 5, limit: int | None = None, group: Callable[[dict], str] | None = None,
+          steps: int = 100) -> ProbeResult:
     """Fit probes on ``train`` records and score them on ``test`` (or by ``folds``-fold cross-validation).
 
     Args:
@@ -153,6 +154,7 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
         limit: Use at most this many records of each file (the first ones).
         group: The probe a record belongs to (default: its question text); records of one group
             must ask the same thing of different images.
+        steps: L-BFGS iterations of each probe fit.
 
     Raises:
         ProbeError: no usable records, or no question with two answers in its training records.
@@ -191,7 +193,7 @@ def probe(model: Any, train: Sequence[dict[str, Any]], test: Sequence[dict[str, 
             scored += len(targets)
             group_scored[question] += len(targets)
             for name, x in feats.items():
-                mean, std, weight = fit_linear_probe(x[[row[r["image"]] for r in recs]], y, len(labels))
+                mean, std, weight = fit_linear_probe(x[[row[r["image"]] for r in recs]], y, len(labels), steps=steps)
                 pred = predict_linear_probe(x[[row[r["image"]] for r in targets]], mean, std, weight)
                 hits = sum(int(p) == t for p, t in zip(pred.tolist(), truth))
                 correct[name] += hits
