@@ -5,8 +5,8 @@ Endpoints: ``POST /v1/chat/completions`` (plain or ``stream: true`` server-sent 
 OpenAI-shaped JSON error (:mod:`.api_errors`) and is decided in the request's own handler,
 from the request alone (key, body size, fields, prompt length, images) or the queue's length,
 so it is answered at once, never after waiting for the model. Accepted requests go to the
-:class:`~monkeytune.serve.batching.Batcher`, whose worker thread generates them in dynamic
-batches while the event loop keeps answering.
+:class:`~monkeytune.serve.batching.Batcher`, whose worker thread generates them in one
+continuous batch (a request joins it at the next token) while the event loop keeps answering.
 
 A request holds a slot only while someone reads it: the handler watches the connection, and a
 client that goes away (or a request past its time limit) is cancelled: dropped if it still

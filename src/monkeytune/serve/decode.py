@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -106,12 +105,15 @@ def _joinable(cache: Any) -> bool:
                     and layer.keys.dim() == 4 for layer in layers))
 
 
-def _left_pad(t: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``t`` with zeros added before its entries along ``dim`` (-1 or -2) up to ``width``."""
-    extra = width - t.shape[dim]
-    if extra == 0:
-        return t
-    return F.pad(t, (extra, 0) if dim == -1 else (0, 0, extra, 0))
+def _stack_left(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
+    """``a``'s rows then ``b``'s, each right-aligned in ``width`` columns (the last dim for masks, else -2)."""
+    dim = -1 if a.dim() == 2 else -2
+    shape = list(a.shape)
+    shape[0], shape[dim] = a.shape[0] + b.shape[0], width
+    out = a.new_zeros(shape)  # zeros: padding keys and values, and mask 0
+    out[: a.shape[0]].narrow(dim, width - a.shape[dim], a.shape[dim]).copy_(a)
+    out[a.shape[0]:].narrow(dim, width - b.shape[dim], b.shape[dim]).copy_(b)
+    return out
 
 
 class Decoder:
@@ -205,23 +207,14 @@ class Decoder:
         width = max([batch.width, *(len(j.ids) for j in jobs)])
         return self._logn_free(width, max([batch.remaining(), *(j.max_tokens for j in jobs)]))
 
-    @staticmethod
-    def _rebuild(batch: Batch, rows: torch.Tensor | slice, start: int) -> Any:
-        """A new cache of ``rows`` from column ``start`` on."""
-        return DynamicCache([(layer.keys[rows, :, start:], layer.values[rows, :, start:])
-                             for layer in batch.cache.layers])
-
     def join(self, running: Batch, new: Batch) -> Batch:
         """One batch of ``running``'s rows then ``new``'s (``new`` was just prefilled; both join)."""
         if not (running.joins and new.joins):
             raise ValueError("these batches' caches cannot be merged")
         width = max(running.width, new.width)
-        layers = []
-        for a, b in zip(running.cache.layers, new.cache.layers):
-            layers.append(tuple(torch.cat([_left_pad(x, width, -2), _left_pad(y, width, -2)])
-                                for x, y in ((a.keys, b.keys), (a.values, b.values))))
-        mask = torch.cat([_left_pad(running.mask, width, -1), _left_pad(new.mask, width, -1)])
-        return Batch(running.rows + new.rows, DynamicCache(layers), mask,
+        layers = [(_stack_left(a.keys, b.keys, width), _stack_left(a.values, b.values, width))
+                  for a, b in zip(running.cache.layers, new.cache.layers)]
+        return Batch(running.rows + new.rows, DynamicCache(layers), _stack_left(running.mask, new.mask, width),
                      torch.cat([running.positions, new.positions]), torch.cat([running.scores, new.scores]),
                      running.generators + new.generators, True)
 
@@ -239,5 +232,8 @@ class Decoder:
         # Columns that only the leaving rows used (padding for everyone left) go too.
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() and self._logn_free(batch.width, batch.remaining()) else 0
-        return Batch([batch.rows[r] for r in rows], self._rebuild(batch, index, start), mask[:, start:],
-                     batch.positions[index], batch.scores[index], [batch.generators[r] for r in rows], True)
+        # Views of the selected rows suffice: the next step's update concatenates them into new tensors.
+        cache = DynamicCache([(layer.keys.index_select(0, index)[:, :, start:],
+                               layer.values.index_select(0, index)[:, :, start:]) for layer in batch.cache.layers])
+        return Batch([batch.rows[r] for r in rows], cache, mask[:, start:], batch.positions[index],
+                     batch.scores[index], [batch.generators[r] for r in rows], True)
