@@ -41,6 +41,7 @@ The branch point cannot read parquet ("not supported"), and its JSON-list reader
 reported as such; "now" runs get ``--now-cap``. Usage::
 
     python bench/data_scale.py [--sizes 10000,100000,1000000] [--cap 600[,600,300]] [--before REV]
+                               [--formats jsonl,parquet] [--no-before] [--no-step]
 
 Each run prints its row as it finishes; the table follows, and the last line is JSON with every figure.
 """
@@ -378,6 +379,8 @@ def main() -> None:
     p.add_argument("--step-rows", type=int, default=2, help="rows of the timed training step")
     p.add_argument("--step-repeats", type=int, default=3, help="timed training steps per preset (median)")
     p.add_argument("--no-step", action="store_true", help="skip timing the training steps (no ÷step ratios)")
+    p.add_argument("--formats", default="json,jsonl,parquet", help="formats run, comma-separated")
+    p.add_argument("--no-before", action="store_true", help="skip the branch point's runs")
     args = p.parse_args()
     given = [int(x) for x in args.sizes.split(",")]
     caps = _caps(args.cap, given)
@@ -420,8 +423,12 @@ def main() -> None:
             hf_cache = tmp / "hf-cache"
             baseline = _hidden(folder)
             for fmt, data in (("json", as_list), ("jsonl", as_lines), ("parquet", parquet)):
+                if fmt not in args.formats.split(","):
+                    continue
                 runs = results.setdefault(str(n), {}).setdefault(fmt, {})
-                if fmt == "parquet" and not old_reads_tables:
+                if args.no_before:
+                    runs["before"] = {"status": "not run (--no-before)"}
+                elif fmt == "parquet" and not old_reads_tables:
                     runs["before"] = {"status": "not supported"}
                 else:
                     runs["before"] = _run(old_src, data, tok, caps[n], args, hf_cache)
@@ -477,7 +484,7 @@ def main() -> None:
         print(f"per-rank memory, {largest} records - {BASELINE} (main peak, bound {MEMORY_BOUND_MB} MB): " +
               ", ".join(f"{k} {v:+.0f}{'' if v <= MEMORY_BOUND_MB else ' OVER'}" for k, v in bounds.items()))
     ratios = {f"{n} {code}": round(r["json_over_jsonl"], 2) for n in map(str, all_sizes)
-              for code, r in results[n]["json"].items() if "json_over_jsonl" in r}
+              for code, r in results[n].get("json", {}).items() if "json_over_jsonl" in r}
     print(f"JSON list / JSON Lines, time to the first batch (bound {JSON_LIST_BOUND:g}x at 100k): " +
           ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
     print(json.dumps({"before_rev": before, "sizes": all_sizes, "caps_s": {str(k): v for k, v in caps.items()},

@@ -94,3 +94,18 @@ def test_the_start_up_pass_over_parquet_opens_no_arrow_copy(shards, tok, cfg):
         assert key not in tables._OPEN
     first = ds[0]
     assert ds[5]["num_images"] == 1 and first["num_images"] == 0
+
+
+def test_the_arrow_copy_is_written_once_in_few_batches_and_follows_the_files(shards, tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf")
+    key = str(shards.absolute())
+    files = parquet_rows.parquet_files(key)
+    copy = parquet_rows.arrow_copy(key, files)
+    (written,) = (tmp_path / "hf" / parquet_rows.COPY_FOLDER).glob("*.arrow")
+    assert copy.with_format("arrow")[:].to_pylist() == rows(13)
+    assert len(copy.with_format("arrow")[:].to_batches()) == 2  # a batch a shard, not 100 rows each
+    assert parquet_rows.arrow_copy(key, files).cache_files[0]["filename"] == str(written)  # found again
+    pq.write_table(pa.Table.from_pylist(rows(3), SCHEMA), shards / "part-1.parquet")
+    assert len(parquet_rows.arrow_copy(key, files)) == 10  # a changed shard: a new copy

@@ -24,7 +24,10 @@ DataLoader worker's random access), is not served here: the caller reads it from
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +37,7 @@ from monkeytune.data.records import DATA_FILE, DataError
 SAVED_MARK = "state.json"  # written by save_to_disk beside dataset_info.json and the arrow shards
 BATCH_BYTES = 16 * 2**20  # decoded bytes of one batch (rows of large images: fewer rows)
 READ_BUFFER = 2**22
+COPY_FOLDER = "monkeytune_parquet"  # in the datasets cache: the arrow copies of parquet tables
 
 # The cursor of each table key in this process (a forked worker ignores its parent's).
 _CURSORS: dict[str, "_Cursor"] = {}
@@ -177,3 +181,48 @@ def row_in_order(key: str, row: int, batch_rows: int):
     if not cursor.first <= row < cursor.end:
         return None
     return cursor.batch.slice(row - cursor.first, 1)
+
+
+def arrow_copy(key: str, files: list[str]):
+    """The ``datasets.Dataset`` of a parquet table, memory-mapped from its arrow copy in the
+    ``datasets`` cache (written the first time, keyed by the files' paths, sizes and times).
+
+    Rows read out of order come from this copy, as from ``datasets.Dataset.from_parquet``'s,
+    but it is written a bounded batch at a time, where ``from_parquet``'s scanner decodes the
+    whole table ahead of its writer; and in batches of :data:`BATCH_BYTES`, where ``datasets``
+    writes tables with images 100 rows a batch, so that opening it (each batch's header read
+    through the map) does not make the whole file resident.
+
+    Raises:
+        DataError: ``data_file`` when a shard cannot be read, or its columns differ from the
+            first shard's.
+    """
+    import datasets  # noqa: PLC0415 - heavy, and only tabular data needs it
+    from filelock import FileLock  # noqa: PLC0415 - a dependency of datasets
+
+    stamp = [[os.path.abspath(f), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    digest = hashlib.blake2b(json.dumps(stamp).encode(), digest_size=16).hexdigest()
+    folder = Path(datasets.config.HF_DATASETS_CACHE) / COPY_FOLDER
+    out = folder / f"{digest}.arrow"
+    if not out.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        # One writer per copy (DataLoader workers and ranks may all ask for it at once).
+        with FileLock(str(out) + ".lock"):
+            if not out.is_file():
+                _write_copy(key, files, out)
+    return datasets.Dataset.from_file(str(out))
+
+
+def _write_copy(key: str, files: list[str], out: Path) -> None:
+    import pyarrow as pa  # noqa: PLC0415
+
+    schema = _open(files[0]).schema_arrow  # with its metadata: datasets' features (Image cells)
+    tmp = out.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.arrow")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+            cursor = _Cursor(key, files, 2**62, driven=True)  # batches bounded by bytes alone
+            while cursor.next():
+                writer.write_batch(cursor.batch if cursor.batch.schema.equals(schema) else cursor.batch.cast(schema))
+        os.replace(tmp, out)  # whole or absent: a reader never maps a copy being written
+    finally:
+        tmp.unlink(missing_ok=True)

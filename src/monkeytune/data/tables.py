@@ -16,7 +16,8 @@ absolute path, or the dataset name with a digest of its load options), and :func
 reads the bytes when the image is decoded, from the table kept open once per process. Arrow
 files, ``save_to_disk`` folders and loaded datasets are memory-mapped, so DataLoader workers
 share their pages; parquet shards are converted once to memory-mapped arrow in ``datasets``'
-cache (keyed by the files' content), as ``datasets.load_dataset`` does. A struct without bytes
+cache (keyed by the files' paths, sizes and modification times), as ``datasets.load_dataset``
+does, a bounded batch at a time (:func:`~monkeytune.data.parquet_rows.arrow_copy`). A struct without bytes
 names an image file by its ``path``, resolved like a path in JSON.
 
 Rows are read through arrow, a record batch of :data:`BATCH_ROWS` at a time, the text columns as
@@ -115,9 +116,9 @@ def _open_path(key: str):
             parquet, arrow = _shards(p, ".parquet"), _shards(p, ".arrow")
             if parquet and arrow:
                 raise DataError(DATA_FILE, "the folder mixes parquet and arrow shards; keep one kind", key)
-            table = _from_parquet(parquet) if parquet else _from_arrow(arrow)
+            table = parquet_rows.arrow_copy(key, parquet) if parquet else _from_arrow(arrow)
         elif p.suffix == ".parquet":
-            table = _from_parquet([key])
+            table = parquet_rows.arrow_copy(key, [key])
         else:
             table = _from_arrow([key])
     except DataError:
@@ -133,10 +134,6 @@ def _shards(folder: Path, suffix: str) -> list[str]:
     return sorted(str(q) for q in folder.iterdir() if q.is_file() and q.suffix == suffix)
 
 
-def _from_parquet(files: list[str]):
-    import datasets  # noqa: PLC0415
-
-    return datasets.Dataset.from_parquet(files if len(files) > 1 else files[0])
 
 
 def _from_arrow(files: list[str]):
