@@ -167,27 +167,28 @@ def test_engine_matches_one_process_and_resumes_exactly(engine, make_config, eng
 # here for DeepSpeed, 2e-5 for FSDP2 (and for DDP, which autocasts as one process does and is
 # not repeated here). Gradients must still accumulate and reduce in fp32 everywhere (DeepSpeed's
 # own default under bf16 is bf16).
-@pytest.mark.parametrize("engine", list(ENGINES))
-def test_engine_matches_one_process_under_bf16(engine, make_config, engine_sections, tmp_path):
+def test_engines_match_one_process_under_bf16(make_config, engine_sections, tmp_path):
+    # The three launches run side by side against one reference.
     sections = {**engine_sections, "train": {**engine_sections["train"], "micro_batch_size": 2, "grad_accum": 2,
                                               "precision": "bf16", "max_steps": 4},
                 "checkpoint": {"final_save": "none"}}
-    cfg = make_config(engine, **sections)
-    cfg.save(tmp_path / "run.yaml")
-    proc = start(ENGINES[engine], tmp_path / "run.yaml")  # the reference trains while the ranks start up
-    try:
+    procs = {}
+    for engine, config_file in ENGINES.items():
+        make_config(engine, **sections).save(tmp_path / f"{engine}.yaml")
+        procs[engine] = start(config_file, tmp_path / f"{engine}.yaml")
+    try:  # the reference trains while the ranks start up
         reference = train(make_config("bf16-single", **{**sections, "train": {**sections["train"], "grad_accum": 4}}))
-    except BaseException:
-        kill([proc])
-        raise
-    finish(proc)
-    run = Path(cfg.checkpoint.output_dir)
-    assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
-    assert "gradients accumulate and reduce in float32\n" in (run / "train.log").read_text()
-    got = losses(run)
-    assert sorted(got) == [1, 2, 3, 4]
-    torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(reference.losses),
-                               rtol=1e-3, atol=0)
+        for engine, proc in procs.items():
+            finish(proc)
+            run = tmp_path / engine
+            assert json.loads((run / "run.json").read_text())["precision"] == "bf16"
+            assert "gradients accumulate and reduce in float32\n" in (run / "train.log").read_text()
+            got = losses(run)
+            assert sorted(got) == [1, 2, 3, 4]
+            torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(reference.losses),
+                                       rtol=1e-3, atol=0, msg=engine)
+    finally:
+        kill(list(procs.values()))
 
 
 def test_unfreezing_stages_are_refused_under_sharding_engines(make_config, engine_sections, tmp_path):
@@ -209,7 +210,11 @@ def test_unfreezing_stages_are_refused_under_sharding_engines(make_config, engin
 
 
 def test_two_machines_match_one_machine(make_config, engine_sections, single_process, tmp_path):
-    """Two launchers (machine ranks 0 and 1, one process each) meet on 127.0.0.1 and train as DDP."""
+    """Two launchers (machine ranks 0 and 1, one process each) meet on 127.0.0.1 and train as DDP.
+
+    This is also the suite's DDP check: on data whose ranks differ, the losses and final weights
+    are the one process's.
+    """
     cfg = make_config("two-machines", **engine_sections)
     cfg.save(tmp_path / "run.yaml")
     port = free_port()
@@ -227,3 +232,10 @@ def test_two_machines_match_one_machine(make_config, engine_sections, single_pro
     got = losses(run)
     torch.testing.assert_close(torch.tensor([got[s] for s in sorted(got)]), torch.tensor(single_process.losses),
                                rtol=1e-5, atol=0)
+    # Each rank keeps its own RNG state in the checkpoint, and the final weights are the one
+    # process's.
+    assert (run / "checkpoints" / "step-00000006" / "rng" / "rank-00001.pt").is_file()
+    final, _ = load_model(run / "final")
+    reference = dict(single_process.model.named_parameters())
+    for name, tensor in final.named_parameters():
+        torch.testing.assert_close(tensor, reference[name].detach(), rtol=1e-4, atol=1e-5, msg=name)
