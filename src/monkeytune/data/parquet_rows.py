@@ -38,6 +38,9 @@ SAVED_MARK = "state.json"  # written by save_to_disk beside dataset_info.json an
 BATCH_BYTES = 16 * 2**20  # decoded bytes of one batch (rows of large images: fewer rows)
 READ_BUFFER = 2**22
 COPY_FOLDER = "monkeytune_parquet"  # in the datasets cache: the arrow copies of parquet tables
+# Rows of one batch of the arrow copy at most: parquet's sizes are those of its encoding (a column
+# of few distinct images, dictionary-encoded, looks tiny), so the bytes alone do not bound a batch.
+COPY_ROWS = 10_000
 
 # The cursor of each table key in this process (a forked worker ignores its parent's).
 _CURSORS: dict[str, "_Cursor"] = {}
@@ -189,9 +192,9 @@ def arrow_copy(key: str, files: list[str]):
 
     Rows read out of order come from this copy, as from ``datasets.Dataset.from_parquet``'s,
     but it is written a bounded batch at a time, where ``from_parquet``'s scanner decodes the
-    whole table ahead of its writer; and in batches of :data:`BATCH_BYTES`, where ``datasets``
-    writes tables with images 100 rows a batch, so that opening it (each batch's header read
-    through the map) does not make the whole file resident.
+    whole table ahead of its writer; and in batches of up to :data:`COPY_ROWS` rows (or
+    :data:`BATCH_BYTES`), where ``datasets`` writes tables with images 100 rows a batch, so that
+    opening it (each batch's header read through the map) does not make the whole file resident.
 
     Raises:
         DataError: ``data_file`` when a shard cannot be read, or its columns differ from the
@@ -220,7 +223,7 @@ def _write_copy(key: str, files: list[str], out: Path) -> None:
     tmp = out.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex}.arrow")
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
-            cursor = _Cursor(key, files, 2**62, driven=True)  # batches bounded by bytes alone
+            cursor = _Cursor(key, files, COPY_ROWS, driven=True)
             while cursor.next():
                 writer.write_batch(cursor.batch if cursor.batch.schema.equals(schema) else cursor.batch.cast(schema))
         os.replace(tmp, out)  # whole or absent: a reader never maps a copy being written
