@@ -26,7 +26,8 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	# on 2 cores). Build it here, into this environment, where tests/conftest.py points it, so the
 	# first distributed test does not pay for it and two checkouts do not rebuild each other's.
 	TORCH_EXTENSIONS_DIR=$(abspath $(VENV))/torch_extensions $(PY) -c "from deepspeed.accelerator import \
-	get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load(verbose=False)"
+	get_accelerator as a; b = a().create_op_builder('ShareMemCommBuilder'); b and b.load(verbose=False)" \
+	|| echo "DeepSpeed's CPU op did not build now; DeepSpeed builds it when it first starts"
 	touch $@
 
 .PHONY: install demo test bench lock test-upstream test-floor
