@@ -54,7 +54,7 @@ from monkeytune.data.records import (
     Turn,
 )
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
-from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer  # noqa: F401 - re-exported
+from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer, image_block  # noqa: F401 - re-exported
 
 CONVERSATION_TEMPLATES = ("monkey", "chatml", "tokenizer")
 
@@ -161,8 +161,7 @@ class TokenBuilder:
                 if part:
                     self.ids(self.tok.encode(part), supervised)
                 continue
-            block = [self.tok.image_start_id] + [self.tok.image_pad_id] * self.tpi
-            self.ids(block + [self.tok.image_end_id], supervised=False)
+            self.ids(image_block(self.tok, self.tpi), supervised=False)
             self.out.images.append(part)
             self._images_in_exchange += 1
 

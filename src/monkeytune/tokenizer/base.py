@@ -125,7 +125,10 @@ def encode_with_images(
         if piece:
             ids.extend(tokenizer.encode(piece))
         if i < len(images):
-            ids.append(tokenizer.image_start_id)
-            ids.extend([tokenizer.image_pad_id] * tokens_per_image)
-            ids.append(tokenizer.image_end_id)
+            ids.extend(image_block(tokenizer, tokens_per_image))
     return ids, [im.path for im in images]
+
+
+def image_block(tokenizer: Tokenizer, tokens_per_image: int) -> list[int]:
+    """An image's ids in a prompt: start, ``tokens_per_image`` pads (the visual tokens' places), end."""
+    return [tokenizer.image_start_id, *[tokenizer.image_pad_id] * tokens_per_image, tokenizer.image_end_id]
