@@ -134,8 +134,6 @@ def _shards(folder: Path, suffix: str) -> list[str]:
     return sorted(str(q) for q in folder.iterdir() if q.is_file() and q.suffix == suffix)
 
 
-
-
 def _from_arrow(files: list[str]):
     import datasets  # noqa: PLC0415
 
