@@ -93,8 +93,6 @@ class Job:
             logger.debug("event %s for a job nobody listens to", event[0], exc_info=True)
 
 
-
-
 class _Answers:
     """Each row's answer as its tokens come: text, stop strings, streaming, limits, the final event."""
 
