@@ -130,7 +130,7 @@ def stop_ids(tokenizer: Any, template: str) -> list[int]:
 
 def prompt_image_path(path: str, root: str | Path | None) -> str:
     """An image path as written in a prompt, resolved against ``root`` unless absolute (records
-    resolve theirs by :func:`monkeytune.data.images.resolve_image`: URLs, data URIs, table cells)."""
+    resolve theirs by :func:`monkeytune.data.views.resolve_image`: URLs, data URIs, table cells)."""
     p = Path(path).expanduser()
     if root is not None and not p.is_absolute():
         p = Path(root) / p

@@ -115,8 +115,9 @@ def test_skip_mode_keeps_the_good_records_of_a_file_with_a_bad_byte(tmp_path, h,
     a = h.write_jsonl(tmp_path / "a.jsonl", [h.conv(("q", "a"), id=f"a{k}") for k in range(10)])
     b = h.write_jsonl(tmp_path / "b.jsonl", [h.conv(("q", "a"), id=f"b{k}") for k in range(10)])
     b.write_bytes(b.read_bytes().replace(b'"id": "b3"', b'"id": "b3\xc3"'))
-    ds = SkipBadSamples(ConversationDataset([a, b], tok, cfg, strict=False), tmp_path / "r.jsonl")
-    assert len(ds) == 19 and ds.summary() == "skipped 1 of 20 samples (5.0%): malformed_json 1 (5.0%)"
+    ds = ConversationDataset([a, b], tok, cfg, strict=False)
+    policy = SkipBadSamples(ds, tmp_path / "r.jsonl")
+    assert len(ds) == 19 and policy.summary() == "skipped 1 of 20 samples (5.0%): malformed_json 1 (5.0%)"
     assert "skipped 1 of 20 samples" in caplog.text
     (rep,) = [json.loads(x) for x in (tmp_path / "r.jsonl").read_text().splitlines()]
     assert (rep["file"], rep["line"], rep["kind"]) == (str(b), 4, "malformed_json")

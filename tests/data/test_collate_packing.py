@@ -3,9 +3,15 @@ import random
 import pytest
 import torch
 
-from monkeytune.data.collate import Collator, model_inputs, packed_attention_mask
+from monkeytune.data.collate import (
+    Collator,
+    PackedDataset,
+    first_fit_pack,
+    model_inputs,
+    pack_items,
+    packed_attention_mask,
+)
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.packing import PackedDataset, first_fit_pack, pack_items
 
 X = -100
 
@@ -161,12 +167,12 @@ def test_packing_leaves_out_bad_samples(tmp_path, h, tok, cfg):
     ]
     path = h.write_jsonl(tmp_path / "d.jsonl", recs)
     base = ConversationDataset(path, tok, cfg, max_length=64, strict=False)
-    ds = SkipBadSamples(base, tmp_path / "r.jsonl", max_skip_fraction=1.0)
-    assert ds.num_skipped == 2  # too long and missing: found by the scan, before any row is planned
-    packed = PackedDataset(ds, shuffle=False)
+    policy = SkipBadSamples(base, tmp_path / "r.jsonl", max_skip_fraction=1.0)
+    assert policy.num_skipped == 2  # too long and missing: found by the scan, before any row is planned
+    packed = PackedDataset(base, shuffle=False)
     assert packed.rows == [[0, 2]]
     assert packed[0]["ids"] == ["ok"]  # the undecodable image shows when loading
-    assert ds.num_skipped == 3 and ds.summary() == (
+    assert policy.num_skipped == 3 and policy.summary() == (
         "skipped 3 of 4 samples (75.0%): too_long 1 (25.0%), missing_image 1 (25.0%), unreadable_image 1 (25.0%)"
     )
 

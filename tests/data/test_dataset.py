@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.records import DataError
+from monkeytune.data.errors import DataError
 from monkeytune.data.skipping import SkipBadSamples, summarize_report
 
 TPI = 20  # tokens per image of the test config: 5 views x 4 queries
@@ -80,14 +80,14 @@ def test_skip_mode_counts_logs_reports_and_replaces(tmp_path, h, tok, cfg, caplo
     report = tmp_path / "skipped.jsonl"
     with caplog.at_level(logging.WARNING):
         base = ConversationDataset(path, tok, cfg, max_length=64, strict=False)
-        ds = SkipBadSamples(base, report, max_skip_fraction=1.0)
+        policy = SkipBadSamples(base, report, max_skip_fraction=1.0)
         # The scan finds what needs no decoding: the bad line, the missing file, the long sample.
-        assert len(ds) == 4 and ds.num_skipped == 3
+        assert len(base) == 4 and policy.num_skipped == 3 and base.skip is policy
         assert "skipped 3 of 5 samples (60.0%)" in caplog.text
-        items = [ds[i] for i in range(len(ds))]
+        items = [base[i] for i in range(len(base))]
     # Every bad item is replaced by the next good one (wrapping around).
     assert [it["id"] for it in items] == ["good", "good", "good", "good"]
-    assert ds.num_skipped == 4
+    assert policy.num_skipped == 4
     lines = [json.loads(x) for x in report.read_text().splitlines()]
     assert [(x["id"], x["line"], x["kind"]) for x in lines] == [
         (None, 5, "malformed_json"),
@@ -98,9 +98,9 @@ def test_skip_mode_counts_logs_reports_and_replaces(tmp_path, h, tok, cfg, caplo
     assert all(x["file"] == str(path) and x["reason"] for x in lines)
     assert sum("skipping bad sample" in r.message for r in caplog.records) == 4
     # Known-bad samples are not reported again.
-    ds[1]
-    assert ds.num_skipped == 4 and len(report.read_text().splitlines()) == 4
-    assert summarize_report(report, ds.total) == ds.summary() == (
+    base[1]
+    assert policy.num_skipped == 4 and len(report.read_text().splitlines()) == 4
+    assert summarize_report(report, policy.total) == policy.summary() == (
         "skipped 4 of 5 samples (80.0%): malformed_json 1 (20.0%), missing_image 1 (20.0%), "
         "too_long 1 (20.0%), unreadable_image 1 (20.0%)"
     )
@@ -192,7 +192,7 @@ def test_view_cache_decodes_each_image_once_and_changes_nothing(data, tok, cfg, 
     cached = ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=2**20)
     first = [cached[i] for i in range(3)]
     # a.png is shared by samples 0 and 1: two images processed, one drawn again from memory.
-    assert len(cached.view_cache) == 2 and cached.view_cache.hits == 1
+    assert len(cached.views.cache) == 2 and cached.views.cache.hits == 1
     (tmp_path / "img" / "a.png").unlink()
     (tmp_path / "img" / "b.jpg").unlink()
     with pytest.raises(DataError):
@@ -208,6 +208,6 @@ def test_view_cache_keeps_the_first_images_within_its_budget(data, tok, cfg):
     one_image = 5 * 3 * 28 * 28 * 4 + 5 * 8  # float32 views and int64 slots
     ds = ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=one_image)
     ds[0], ds[1]
-    assert len(ds.view_cache) == 1 and ds.view_cache.nbytes == one_image
+    assert len(ds.views.cache) == 1 and ds.views.cache.nbytes == one_image
     with pytest.raises(ValueError, match="max_bytes"):
         ConversationDataset(data, tok, cfg, max_length=256, view_cache_bytes=-1)

@@ -17,8 +17,7 @@ import torch
 from PIL import Image
 
 from monkeytune.data import Collator, ConversationDataset, DataError, load_samples, model_inputs
-from monkeytune.data.formats import detect_format
-from monkeytune.data.reading import iter_raw_records
+from monkeytune.data.reading import detect_format, iter_raw_records
 
 TPI = 20  # 5 views x 4 queries per image in the test config
 

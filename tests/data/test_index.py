@@ -10,7 +10,7 @@ import torch
 
 from monkeytune.data import ConversationDataset, SkipBadSamples
 from monkeytune.data.index import CACHE_FOLDER
-from monkeytune.data.records import MISSING_IMAGE, TOO_LONG, DataError
+from monkeytune.data.errors import MISSING_IMAGE, TOO_LONG, DataError
 
 from .conftest import make_image, write_jsonl
 
@@ -98,7 +98,7 @@ def test_problems_found_by_the_scan_are_saved_for_skip_and_error_runs(tmp_path, 
     assert second.summary() == first.summary() == "skipped 2 of 12 samples (16.7%): malformed_json 1 (8.3%), too_long 1 (8.3%)"
     read = [json.loads(x) for x in (tmp_path / "r1.jsonl").read_text().splitlines()]
     assert [json.loads(x) for x in (tmp_path / "r2.jsonl").read_text().splitlines()] == read
-    assert second.lengths() == first.lengths()
+    assert second.dataset.lengths() == first.dataset.lengths()
 
     # An error run over the same data and settings stops at the first problem in file order, as
     # a run that scans while it reads does without the index.

@@ -17,8 +17,7 @@ from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
 from monkeytune.config import get_config
-from monkeytune.data.collate import Collator, model_inputs, packed_attention_mask
-from monkeytune.data.packing import pack_items
+from monkeytune.data.collate import Collator, model_inputs, pack_items, packed_attention_mask
 from monkeytune.model import build_model
 
 X = -100

@@ -76,7 +76,7 @@ def test_skip_mode_counts_and_reports_bad_rows(bad, tok, cfg, tmp_path):
     skipping = SkipBadSamples(ds, report, max_skip_fraction=1.0)
     # Parse errors and the mismatch are known at start; the bytes are found bad when decoded.
     assert skipping.summary().startswith("skipped 3 of 5 samples (60.0%)")
-    assert skipping[0]["id"] == "good" and skipping[1]["id"] == "good"  # row 1 replaced by the next good one
+    assert ds[0]["id"] == "good" and ds[1]["id"] == "good"  # row 1 replaced by the next good one
     assert skipping.summary().startswith("skipped 4 of 5 samples")
     records = map(json.loads, report.read_text().splitlines())
     kinds = [(r["file"].rsplit("/", 1)[-1], r["index"], r["kind"]) for r in records]

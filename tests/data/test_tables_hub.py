@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from monkeytune.data import DataError, load_samples
-from monkeytune.data import hub, tables
+from monkeytune.data import DataError, hub, load_samples, reading, tables
 from monkeytune.data.dataset import ConversationDataset
 
 from .conftest import assert_same_items
@@ -85,7 +84,7 @@ def test_a_dataset_name_gives_the_jsonl_items_here_and_in_a_worker(data, offline
     forget_open_tables(monkeypatch)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1, multiprocessing_context="fork")
     assert_same_items(list(loader), reference)
-    assert hub.is_dataset_name("hf:parquet") and tables.is_table("hf:parquet")
+    assert hub.is_dataset_name("hf:parquet") and reading.is_table("hf:parquet")
 
 
 def test_dataset_name_errors_are_one_line_naming_the_dataset(data, offline):

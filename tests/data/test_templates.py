@@ -1,6 +1,6 @@
 import pytest
 
-from monkeytune.data.records import Turn
+from monkeytune.data.messages import Turn
 from monkeytune.data.templates import build_prompt, encode_conversation
 
 X = -100

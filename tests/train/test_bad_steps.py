@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monkeytune.train.loop import TrainingError, train
-from monkeytune.train.losses import TrainingModule
+from monkeytune.train.step import TrainingModule
 from monkeytune.train.metrics import read_metrics
 
 

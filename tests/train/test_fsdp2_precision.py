@@ -13,7 +13,7 @@ from monkeytune.config import get_config
 from monkeytune.model import build_model
 from monkeytune.model.qwen_compat import CompatConfig, apply_compat
 from monkeytune.train.engine import shard_fsdp2
-from monkeytune.train.losses import TrainingModule
+from monkeytune.train.step import TrainingModule
 
 
 @pytest.fixture

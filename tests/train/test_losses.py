@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from monkeytune.data import ConversationDataset
-from monkeytune.train.losses import sample_weights
+from monkeytune.train.step import sample_weights
 from monkeytune.train.loop import train
 from monkeytune.train.setup import load_model_and_tokenizer
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from monkeytune.cli import main
 from monkeytune.data import stream
-from monkeytune.data.records import DataError
+from monkeytune.data.errors import DataError
 from monkeytune.data.blocks import deal, list_blocks, read_block, sources
 from monkeytune.train.checkpoint import CheckpointManager, read_state
 from monkeytune.train.loop import train

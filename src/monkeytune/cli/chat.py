@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from monkeytune.data.records import DataError
+    from monkeytune.data.errors import DataError
     from monkeytune.generate import ChatSession, GenerationSettings, load_for_inference, run_interactive
     from monkeytune.limits import GenerationTimeout
     from monkeytune.model.io import ModelFolderError

@@ -135,7 +135,7 @@ def _mapping(text: str | None, flag: str) -> dict | None:
 
 def run_convert(args: argparse.Namespace) -> int:
     from monkeytune.data.convert import convert_file
-    from monkeytune.data.records import DataError
+    from monkeytune.data.errors import DataError
 
     errors: list[DataError] = []
     try:

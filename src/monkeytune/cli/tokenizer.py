@@ -40,7 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from monkeytune.data.records import DataError
+    from monkeytune.data.errors import DataError
     from monkeytune.tokenizer.training import train_tokenizer
 
     try:

@@ -1,13 +1,19 @@
-"""Conversation data: formats, records, templates, the training dataset, batching, packing, checks."""
+"""Conversation data: reading, messages, templates, views, the training dataset, batching and packing, checks."""
 
 from monkeytune.data.check import Report, check_dataset
-from monkeytune.data.collate import MODEL_KEYS, Collator, model_inputs, packed_attention_mask
+from monkeytune.data.collate import (
+    MODEL_KEYS,
+    Collator,
+    PackedDataset,
+    first_fit_pack,
+    model_inputs,
+    pack_items,
+    packed_attention_mask,
+)
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.formats import FORMAT_CHOICES, FORMATS, detect_format, parse_record
-from monkeytune.data.images import resolve_image
-from monkeytune.data.packing import PackedDataset, first_fit_pack, pack_items
-from monkeytune.data.reading import load_samples
-from monkeytune.data.records import DataError, ImageRef, Sample, Turn
+from monkeytune.data.errors import DataError
+from monkeytune.data.messages import FORMAT_CHOICES, FORMATS, ImageRef, Sample, Turn, parse_record
+from monkeytune.data.reading import detect_format, load_samples
 from monkeytune.data.skipping import DEFAULT_MAX_SKIP_FRACTION, SkipBadSamples
 from monkeytune.data.templates import (
     IGNORE_INDEX,
@@ -17,6 +23,7 @@ from monkeytune.data.templates import (
     encode_conversation,
     render,
 )
+from monkeytune.data.views import resolve_image
 
 __all__ = [
     "DEFAULT_MAX_SKIP_FRACTION",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 from typing import Any, Sequence
 
-from monkeytune.data.records import ASSISTANT, Turn
+from monkeytune.data.messages import ASSISTANT, Turn
 
 # A marker no text contains (NUL is refused in records) and no template rewrites.
 _MARK = "\x00{}\x00"

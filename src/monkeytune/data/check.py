@@ -27,7 +27,7 @@ import yaml
 from monkeytune.config import MODEL_PRESETS, ModelConfig
 from monkeytune.data.columns import columns_problem
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.records import TOO_LONG, DataError
+from monkeytune.data.errors import TOO_LONG, DataError
 from monkeytune.data.templates import CONVERSATION_TEMPLATES, IGNORE_INDEX, IM_END, IM_START
 from monkeytune.model.spec import ModelSpec, ModelSpecError, resolve_model
 from monkeytune.tokenizer.base import Tokenizer
@@ -172,7 +172,7 @@ def check_dataset(
             makes it fit, as training with ``truncate_turns=True`` would.
         decode_images: Fully decode every image (slow on big sets, but finds truncated
             files); otherwise only check that the files exist and are readable.
-        format: ``auto`` or a format name (see :mod:`monkeytune.data.formats`).
+        format: ``auto`` or a format name (see :mod:`monkeytune.data.messages`).
         image_root: Folder relative image paths resolve against (default: each file's folder).
         allow_empty_answers: Accept assistant turns without text.
         columns: The data's own names of record fields (:mod:`monkeytune.data.columns`).

@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from monkeytune.data.records import MALFORMED_RECORD, DataError
+from monkeytune.data.errors import MALFORMED_RECORD, DataError
 
 # The record fields a mapping may name (the columns every layout reads).
 FIELDS = ("id", "messages", "conversations", "image", "images", "texts")

@@ -4,16 +4,16 @@ The chain, shared by training and ``monkeytune data check`` (which runs it dry):
 
 1. **parse** (checked at construction, then again each time a sample is used; only its place in
    the file is kept, :class:`~monkeytune.data.reading.Samples`): every record, whatever its
-   format, becomes a :class:`~monkeytune.data.records.Sample` whose images sit where their
+   format, becomes a :class:`~monkeytune.data.messages.Sample` whose images sit where their
    placeholders were;
 2. **render** (:meth:`ConversationDataset.prepare`, its length kept): a cheap size check on the raw text,
    then :func:`~monkeytune.data.templates.render` to ids and labels, then the fit to
    ``max_length``; no image is opened;
 3. **load views** (:meth:`ConversationDataset.load`): decode each image into its views.
 
-This dataset raises a :class:`~monkeytune.data.records.DataError` for a bad sample; the
-bad-sample policy (skip, count, report, threshold) wraps it: see
-:class:`~monkeytune.data.skipping.SkipBadSamples`.
+This dataset raises a :class:`~monkeytune.data.errors.DataError` for a bad sample, or, once
+the skip policy (:class:`~monkeytune.data.skipping.SkipBadSamples`: count, report, threshold)
+is attached, replaces it by the next good one and tells the policy.
 
 A sample longer than ``max_length`` is never cut (a cut could fall inside an image span or
 leave an answer without its end token): it is an error, or, with ``truncate_turns=True``,
@@ -32,7 +32,6 @@ import torch
 from torch.utils.data import Dataset
 
 from monkeytune.config import ModelConfig
-from monkeytune.data.images import image_problem, open_image
 from monkeytune.data.index import (
     errors_from_array,
     errors_to_array,
@@ -43,16 +42,9 @@ from monkeytune.data.index import (
     tokenizer_identity,
 )
 from monkeytune.data.reading import Samples
-from monkeytune.data.records import (
-    MISSING_IMAGE,
-    TEMPLATE,
-    TOO_LONG,
-    UNREADABLE_IMAGE,
-    DataError,
-    ImageRef,
-    Sample,
-)
-from monkeytune.data.view_cache import ViewCache
+from monkeytune.data.errors import TEMPLATE, TOO_LONG, DataError
+from monkeytune.data.messages import ImageRef, Sample
+from monkeytune.data.views import ImageViews, image_problem
 from monkeytune.data.templates import (
     CONVERSATION_TEMPLATES,
     IGNORE_INDEX,
@@ -66,7 +58,6 @@ from monkeytune.data.templates import (
     size_problem,
 )
 from monkeytune.tokenizer.base import Tokenizer
-from monkeytune.vision.image import ImageLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -150,13 +141,13 @@ class ConversationDataset(Dataset):
         self.max_length = int(max_length)
         self.template = template
         self.truncate_turns = truncate_turns
-        self._processor = image_processor
         self.paths = [str(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
         self.strict = strict
         self.columns, self.load_options = dict(columns or {}), dict(load_options or {})
         self.parse_errors: list[DataError] = []
         self.formats: dict[str, str] = {}
-        self.view_cache = ViewCache(view_cache_bytes)
+        self.views = ImageViews(model_cfg, image_processor, view_cache_bytes)
+        self.skip = None  # the bad-sample policy, once one attaches (monkeytune.data.skipping)
         self._problems: dict[int, DataError] | None = None  # what scan_all found (None: not run yet)
         self._index_file = None
         if cache:
@@ -262,8 +253,18 @@ class ConversationDataset(Dataset):
         return int(self._lengths[i])
 
     def lengths(self) -> list[int | None]:
-        """Token counts of all samples (renders text only; images are counted, not opened)."""
-        return [self.length(i) for i in range(len(self.samples))]
+        """Token counts of all samples (renders text only; images are counted, not opened);
+        with the skip policy, ``None`` for a bad sample."""
+        if self.skip is None:
+            return [self.length(i) for i in range(len(self.samples))]
+        out: list[int | None] = []
+        for i in range(len(self.samples)):
+            try:
+                out.append(None if i in self.skip.bad else self.length(i))
+            except DataError as e:
+                self.skip.mark_bad(i, e)
+                out.append(None)
+        return out
 
     def image_errors(self, i: int, decode: bool, memo: dict[str, tuple[str, str] | None] | None = None,
                      sample: Sample | None = None) -> list[DataError]:
@@ -385,14 +386,6 @@ class ConversationDataset(Dataset):
 
     # -- step 3: load the views --------------------------------------------------------------
 
-    @property
-    def image_processor(self):
-        if self._processor is None:
-            from monkeytune.vision.processor import ImageProcessor
-
-            self._processor = ImageProcessor(self.model_cfg.image)
-        return self._processor
-
     def load(self, i: int | None, sample: Sample | None = None) -> dict[str, Any]:
         """Build item ``i`` with its decoded images.
 
@@ -406,35 +399,7 @@ class ConversationDataset(Dataset):
                 ``too_long`` ...), never silently fixed.
         """
         ids, labels, images, _, sample = self._prepared(i, sample)
-        views, slots = [], []
-        for ref in images:
-            cached = self.view_cache.get(ref.source)
-            if cached is not None:
-                views.append(cached[0])
-                slots.append(cached[1])
-                continue
-            try:
-                processed = self.image_processor(open_image(ref, self.model_cfg.image.max_pixels))
-            except ImageLoadError as e:
-                raise sample.error(MISSING_IMAGE if e.missing else UNREADABLE_IMAGE, str(e), ref.field) from None
-            except (ValueError, OSError) as e:
-                raise sample.error(UNREADABLE_IMAGE, f"{ref.display()}: {e}", ref.field) from None
-            v = processed.views
-            if v.shape[0] * self.model_cfg.tokens_per_view != self.tokens_per_image:
-                raise ValueError(
-                    f"the image processor gave {v.shape[0]} views for {ref.display()}, but the prompt "
-                    f"reserves {self.tokens_per_image} tokens per image"
-                )
-            views.append(v)
-            slots.append(processed.slots)
-            self.view_cache.put(ref.source, v, processed.slots)
-        if views:
-            pixel_values = torch.cat(views)
-            view_slots = torch.cat(slots).to(torch.int64)
-        else:
-            size = self.model_cfg.image.window_size
-            pixel_values = torch.empty(0, 3, size, size)
-            view_slots = torch.empty(0, dtype=torch.int64)
+        pixel_values, view_slots = self.views(images, sample)
         return {
             "input_ids": torch.from_numpy(ids),
             "labels": torch.from_numpy(labels),
@@ -446,11 +411,27 @@ class ConversationDataset(Dataset):
         }
 
     def try_load(self, i: int) -> dict[str, Any] | None:
-        """:meth:`load`; this dataset has no skip policy, so a bad sample raises."""
-        return self.load(i)
+        """:meth:`load`; a bad sample raises, or with the skip policy gives ``None`` once the
+        policy has recorded it."""
+        if self.skip is None:
+            return self.load(i)
+        if i in self.skip.bad:
+            return None
+        try:
+            return self.load(i)
+        except DataError as e:
+            self.skip.mark_bad(i, e)
+            return None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         n = len(self.samples)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
-        return self.load(i % n)
+        if self.skip is None:
+            return self.load(i % n)
+        # A bad sample is replaced by the next good one, so batches keep their size.
+        for step in range(n):
+            item = self.try_load((i + step) % n)
+            if item is not None:
+                return item
+        raise self.skip.every_sample_bad()

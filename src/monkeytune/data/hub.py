@@ -21,7 +21,7 @@ import json
 import os
 from typing import Any
 
-from monkeytune.data.records import DATA_FILE, DataError
+from monkeytune.data.errors import DATA_FILE, DataError
 
 PREFIX = "hf:"
 DEFAULT_SPLIT = "train"

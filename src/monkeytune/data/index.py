@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from monkeytune.data.records import DataError
+from monkeytune.data.errors import DataError
 
 logger = logging.getLogger(__name__)
 

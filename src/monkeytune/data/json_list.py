@@ -19,7 +19,7 @@ import json
 from bisect import bisect_right
 from typing import Any, BinaryIO, Iterator
 
-from monkeytune.data.records import MALFORMED_JSON, DataError
+from monkeytune.data.errors import MALFORMED_JSON, DataError
 
 READ_AHEAD_BYTES = 1 << 20  # text read ahead at a time; a record longer than this widens the buffer
 _WS = " \t\r\n"

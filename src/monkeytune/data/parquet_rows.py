@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from monkeytune.data import hub
-from monkeytune.data.records import DATA_FILE, DataError
+from monkeytune.data.errors import DATA_FILE, DataError
 
 SAVED_MARK = "state.json"  # written by save_to_disk beside dataset_info.json and the arrow shards
 BATCH_BYTES = 16 * 2**20  # decoded bytes of one batch (rows of large images: fewer rows)

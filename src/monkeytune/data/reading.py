@@ -7,6 +7,15 @@ makes that line (or, in a JSON list, the record spanning it) an error naming the
 column, and every other line is still read.
 A file that cannot be read at all (missing, a directory, a symlink loop, no permission) is one
 error that says what it is.
+
+Detection, per file, over all of its records (``data.format: auto``, the default):
+
+1. turns with ``role``/``content``: ``openai`` if any record has list-valued ``content``,
+   else ``sharegpt``;
+2. turns with ``from``/``value``: ``llava`` if any record has an ``image`` or ``images`` field
+   or an ``<image>`` placeholder, else ``monkey``;
+3. a file that mixes the two turn styles, or Monkey ``<img>`` tags with LLaVA images, is an
+   error that names a line of each: set ``data.format`` to say which one is meant.
 """
 
 from __future__ import annotations
@@ -23,9 +32,24 @@ import numpy as np
 
 from monkeytune.data.columns import RecordShape
 from monkeytune.data.json_list import iter_json_list, utf8_error
-from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
-from monkeytune.data.records import DATA_FILE, MALFORMED_JSON, DataError, Sample
-from monkeytune.data.tables import is_table, iter_table_records, table_record
+from monkeytune.data.errors import DATA_FILE, MALFORMED_JSON, UNKNOWN_FORMAT, DataError
+from monkeytune.data.messages import FORMAT_CHOICES, FORMATS, PLACEHOLDER, Sample, parse_record
+from monkeytune.data.hub import PREFIX as DATASET_PREFIX
+from monkeytune.data.parquet_rows import SAVED_MARK
+from monkeytune.data.tables import TABLE_SUFFIXES, iter_table_records, table_record
+
+
+def is_table(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is read as a table (:mod:`monkeytune.data.tables`): a ``datasets`` name
+    (``hf:NAME``), a parquet or arrow file, or a folder of them or of a ``save_to_disk``."""
+    if os.fspath(path).startswith(DATASET_PREFIX):
+        return True
+    if os.path.isfile(path):
+        return os.path.splitext(path)[1] in TABLE_SUFFIXES
+    if os.path.isdir(path):
+        return os.path.isfile(os.path.join(path, SAVED_MARK)) or any(
+            os.path.splitext(name)[1] in TABLE_SUFFIXES for name in os.listdir(path))
+    return False
 
 
 def _fail(path: str, what: str) -> DataError:
@@ -138,6 +162,60 @@ def read_span(path: str, span: tuple[int, int]) -> Any:
         return json.loads(f.read(span[1] - span[0]).decode("utf-8"))
 
 
+def _turns(obj: Any) -> tuple[str, list] | None:
+    for key in ("messages", "conversations"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), list):
+            return key, obj[key]
+    return None
+
+
+def detect_format(records: Sequence[tuple[int, int, Any]], file: str) -> str:
+    """The format of one file's records (``(index, line, obj)``), by the rule in the module doc.
+
+    Raises:
+        DataError: ``unknown_format`` for a file mixing layouts.
+    """
+    first: dict[str, int] = {}
+    for _, line, obj in records:
+        found = _turns(obj)
+        if found is None:
+            continue
+        turns = [t for t in found[1] if isinstance(t, dict)]
+        if any("role" in t or "content" in t for t in turns):
+            first.setdefault("role/content", line)
+            if any(isinstance(t.get("content"), list) for t in turns):
+                first.setdefault("content parts", line)
+        elif turns:
+            first.setdefault("from/value", line)
+        values = [t.get("value") for t in turns if isinstance(t.get("value"), str)]
+        if "image" in obj or "images" in obj or any(PLACEHOLDER in v for v in values):
+            first.setdefault("llava", line)
+        if any("<img>" in v for v in values):
+            first.setdefault("<img> tags", line)
+
+    def mixed(a: str, b: str) -> DataError:
+        return DataError(
+            UNKNOWN_FORMAT,
+            f"the file mixes {a} records (line {first[a]}) and {b} records (line {first[b]}); "
+            f"set data.format (--format) to one of {', '.join(FORMATS)}",
+            file,
+        )
+
+    if "role/content" in first and "from/value" in first:
+        raise mixed("role/content", "from/value")
+    if "role/content" in first:
+        return "openai" if "content parts" in first else "sharegpt"
+    if "llava" in first and "<img> tags" in first:
+        raise DataError(
+            UNKNOWN_FORMAT,
+            f"the file mixes Monkey <img>path</img> tags (line {first['<img> tags']}) and LLaVA "
+            f"image fields or <image> placeholders (line {first['llava']}); set data.format "
+            "(--format) to monkey or llava",
+            file,
+        )
+    return "llava" if "llava" in first else "monkey"
+
+
 class Samples(Sequence):
     """The valid samples of one or more data files, parsed again each time one is used.
 
@@ -154,7 +232,7 @@ class Samples(Sequence):
         errors: If given, bad records are appended here and reading goes on (a file that
             cannot be read, or a JSON list that breaks, is one error and reading goes on
             with the next file); otherwise the first bad record raises.
-        format: ``auto`` (detect per file, see :mod:`monkeytune.data.formats`) or a format name.
+        format: ``auto`` (detect per file, see the module doc) or a format name.
         image_root: Folder relative image paths resolve against (default: each file's folder).
         allow_empty_answers: Accept assistant turns without text.
         formats: If given, filled with the format used for each file.
@@ -187,7 +265,7 @@ class Samples(Sequence):
             paths = [paths]
         self.image_root, self.allow_empty_answers = image_root, allow_empty_answers
         self.columns, self.load_options = dict(columns or {}), dict(load_options or {})
-        self._shapes: dict[int, RecordShape] = {}
+        self._shapes: dict[str, RecordShape] = {}
         self._files: list[str] = []
         self._formats: list[str] = []
         self._file = array("i")
@@ -199,16 +277,13 @@ class Samples(Sequence):
             errors.append(e)
 
         for path in map(str, paths):
-            table = is_table(path)
-            shape = RecordShape(self.columns, renamed=table)
             try:
-                fmt = format if format != "auto" else detect_format(self._until_fault(path, shape), path)
+                fmt = format if format != "auto" else detect_format(self._until_fault(path), path)
             except DataError as e:
                 fault(e)
                 continue
             if formats is not None:
                 formats[path] = fmt
-            self._shapes[len(self._files)] = shape
             self._files.append(path)
             self._formats.append(fmt)
             records = iter_spans(path, self.columns, self.load_options)
@@ -217,10 +292,10 @@ class Samples(Sequence):
                     try:
                         if isinstance(obj, DataError):
                             raise obj
-                        sample = parse_record(shape(obj, path, line, index), fmt, path, line, index, image_root,
-                                              allow_empty_answers)
+                        sample = parse_record(self._shaped(obj, path, line, index), fmt, path, line, index,
+                                              image_root, allow_empty_answers)
                     except DataError as e:
-                        fault(shape.in_file_terms(e, obj))
+                        fault(self._shape(path).in_file_terms(e, obj))
                         continue
                     self._add(len(self._files) - 1, span, line, index)
                     if visit is not None:
@@ -276,15 +351,22 @@ class Samples(Sequence):
             obj = table_record(path, index, self.columns, self.load_options)
         else:
             obj = read_span(path, (self._start[i], self._end[i]))
-        obj = self._shape(self._file[i])(obj, path, line, index)
+        obj = self._shaped(obj, path, line, index)
         return parse_record(obj, fmt, path, line, index, self.image_root, self.allow_empty_answers)
 
-    def _shape(self, file: int) -> RecordShape:
-        if file not in self._shapes:  # samples rebuilt from a saved state
-            self._shapes[file] = RecordShape(self.columns, renamed=is_table(self._files[file]))
-        return self._shapes[file]
+    def _shaped(self, obj: Any, path: str, line: int | None, index: int) -> Any:
+        """``obj`` shaped for the parser. Without ``columns``, only a record in the_cauldron's
+        ``texts`` layout needs it; every other record goes straight to the parser."""
+        if self.columns or (isinstance(obj, dict) and "texts" in obj):
+            return self._shape(path)(obj, path, line, index)
+        return obj
 
-    def _until_fault(self, path: str, shape: RecordShape) -> Iterator[tuple[int, int | None, Any]]:
+    def _shape(self, path: str) -> RecordShape:
+        if path not in self._shapes:
+            self._shapes[path] = RecordShape(self.columns, renamed=is_table(path))
+        return self._shapes[path]
+
+    def _until_fault(self, path: str) -> Iterator[tuple[int, int | None, Any]]:
         """A file's shaped records for format detection (one that cannot be shaped is its
         error); a JSON list that breaks ends them (the fault is reported by the parsing pass)
         and a file that cannot be read raises."""
@@ -300,7 +382,7 @@ class Samples(Sequence):
                 return
             if not isinstance(obj, DataError):
                 try:
-                    obj = shape(obj, path, line, index)
+                    obj = self._shaped(obj, path, line, index)
                 except DataError as e:
                     obj = e
             yield index, line, obj

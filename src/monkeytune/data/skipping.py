@@ -1,6 +1,8 @@
-"""The ``skip`` bad-sample policy, wrapped around a dataset: counted, logged, reported, bounded.
+"""The ``skip`` bad-sample policy of a dataset: counted, logged, reported, bounded.
 
-:class:`SkipBadSamples` never lets a bad sample pass silently. At construction it runs the
+:class:`SkipBadSamples` attaches itself to a :class:`~monkeytune.data.dataset.ConversationDataset`,
+which then replaces a bad sample by the next good one and tells the policy; a good sample never
+comes here. The policy never lets a bad sample pass silently. At construction it runs the
 text side of the chain over every sample (parse errors, rendering, length, image files exist),
 so the run starts with a summary, and it stops at once when the skipped share is already above
 ``max_skip_fraction``. Samples that fail later (an image that only fails to decode) are
@@ -20,10 +22,8 @@ import os
 from collections import Counter
 from typing import Any
 
-from torch.utils.data import Dataset
-
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.records import TOO_MANY_SKIPPED, DataError
+from monkeytune.data.errors import TOO_MANY_SKIPPED, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,12 @@ def summarize_report(report_path: str | os.PathLike, total: int) -> str:
     return format_summary(Counter(seen.values()), total)
 
 
-class SkipBadSamples(Dataset):
-    """A dataset that replaces bad samples by the next good one, and says so.
+class SkipBadSamples:
+    """The skip policy of ``dataset``: what was skipped, why, and whether that is still acceptable.
 
     Args:
-        dataset: A :class:`ConversationDataset` built with ``strict=False``.
+        dataset: A :class:`ConversationDataset` built with ``strict=False``; it holds this
+            policy as ``dataset.skip`` from then on.
         report_path: JSON Lines file each skipped sample is appended to (``None``: log only).
         max_skip_fraction: Largest accepted share of skipped records (of all records read);
             above it a :class:`DataError` of kind ``too_many_skipped`` stops the run.
@@ -86,30 +87,23 @@ class SkipBadSamples(Dataset):
         self.report_path = str(report_path) if report_path is not None else None
         self.max_skip_fraction = float(max_skip_fraction)
         self.total = dataset.num_records
-        self._bad: dict[int, DataError] = {}
+        self.bad: dict[int, DataError] = {}  # the dataset reads it: a known-bad sample is not loaded again
         self.kinds: Counter = Counter()
         self._write = report_scan
+        dataset.skip = self
         for err in dataset.parse_errors:
             if err.index is None:
                 raise err  # a data file that cannot be read or classified is not a sample to skip
             self._record(err)
         if scan:
             for i, e in dataset.scan_all().items():
-                self._mark_bad(i, e)
+                self.bad[i] = e
+                self._record(e)
             logger.log(logging.WARNING if self.num_skipped else logging.INFO, "%s", self.summary())
         self._write = True
         self._check_bound()
-        if len(self._bad) == len(dataset):
-            raise DataError(TOO_MANY_SKIPPED, f"every sample is bad ({self.summary()})", ", ".join(dataset.paths))
-
-    # -- the dataset protocol ----------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    @property
-    def max_length(self) -> int:
-        return self.dataset.max_length
+        if len(self.bad) == len(dataset):
+            raise self.every_sample_bad()
 
     @property
     def num_skipped(self) -> int:
@@ -118,48 +112,14 @@ class SkipBadSamples(Dataset):
     @property
     def skipped(self) -> dict[int, DataError]:
         """Samples found bad so far in this process, by index."""
-        return dict(self._bad)
+        return dict(self.bad)
 
     def summary(self) -> str:
         """Skipped count and share by kind, in this process."""
         return format_summary(self.kinds, self.total)
 
-    def lengths(self) -> list[int | None]:
-        """Token counts; ``None`` for a bad sample (it is recorded once)."""
-        out: list[int | None] = []
-        for i in range(len(self.dataset)):
-            if i in self._bad:
-                out.append(None)
-                continue
-            try:
-                out.append(self.dataset.length(i))
-            except DataError as e:
-                self._mark_bad(i, e)
-                out.append(None)
-        return out
-
-    def try_load(self, i: int) -> dict[str, Any] | None:
-        """The item, or ``None`` after recording the problem."""
-        if i in self._bad:
-            return None
-        try:
-            return self.dataset.load(i)
-        except DataError as e:
-            self._mark_bad(i, e)
-            self._check_bound()
-            return None
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        n = len(self.dataset)
-        if not -n <= i < n:
-            raise IndexError(f"sample index {i} out of range for {n} samples")
-        i %= n
-        # A bad sample is replaced by the next good one, so batches keep their size.
-        for step in range(n):
-            item = self.try_load((i + step) % n)
-            if item is not None:
-                return item
-        raise DataError(TOO_MANY_SKIPPED, f"every sample is bad ({self.summary()})", ", ".join(self.dataset.paths))
+    def every_sample_bad(self) -> DataError:
+        return DataError(TOO_MANY_SKIPPED, f"every sample is bad ({self.summary()})", ", ".join(self.dataset.paths))
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
@@ -173,9 +133,15 @@ class SkipBadSamples(Dataset):
                 ", ".join(self.dataset.paths),
             )
 
-    def _mark_bad(self, i: int, err: DataError) -> None:
-        self._bad[i] = err
+    def mark_bad(self, i: int, err: DataError) -> None:
+        """Record sample ``i`` as bad (logged, reported, counted against the bound).
+
+        Raises:
+            DataError: ``too_many_skipped`` once the bound is passed.
+        """
+        self.bad[i] = err
         self._record(err)
+        self._check_bound()
 
     def _record(self, err: DataError) -> None:
         self.kinds[err.kind] += 1
@@ -191,11 +157,11 @@ def run_summary(dataset: Any) -> str | None:
     """The skip summary of a training dataset at the end of a run (``None`` when not skipping).
 
     Read from the report file when there is one, so it counts what every DataLoader worker
-    skipped; ``dataset`` may be packed around the skip wrapper.
+    skipped; ``dataset`` may be packed.
     """
-    inner = getattr(dataset, "base", dataset)
-    if not isinstance(inner, SkipBadSamples):
+    policy = getattr(getattr(dataset, "base", dataset), "skip", None)
+    if policy is None:
         return None
-    if inner.report_path:
-        return summarize_report(inner.report_path, inner.total) + f" (listed in {inner.report_path})"
-    return inner.summary()
+    if policy.report_path:
+        return summarize_report(policy.report_path, policy.total) + f" (listed in {policy.report_path})"
+    return policy.summary()

@@ -27,7 +27,7 @@ worker in turn. The state after a batch, ``{"next": worker, "cursors": [...]}`` 
 what a checkpoint saves; a resumed run starts every worker at its cursor and the turn at
 ``next``, so it reads exactly what the uninterrupted run would have read.
 
-Bad records raise their :class:`~monkeytune.data.records.DataError` (file, line or row, field),
+Bad records raise their :class:`~monkeytune.data.errors.DataError` (file, line or row, field),
 or, with the skip policy, are logged, appended to the report file and counted, the share of
 skipped records bounded by ``max_skip_fraction`` once a worker has seen :data:`MIN_SEEN` records
 and at the end of each of its epochs. A JSON Lines record's line and index are counted only when
@@ -55,9 +55,10 @@ from monkeytune.data.blocks import (
     sources,
 )
 from monkeytune.data.dataset import ConversationDataset
-from monkeytune.data.formats import FORMAT_CHOICES, detect_format, parse_record
-from monkeytune.data.packing import pack_items
-from monkeytune.data.records import DATA_FILE, TOO_MANY_SKIPPED, DataError, Sample
+from monkeytune.data.messages import FORMAT_CHOICES, Sample, parse_record
+from monkeytune.data.reading import detect_format
+from monkeytune.data.collate import pack_items
+from monkeytune.data.errors import DATA_FILE, TOO_MANY_SKIPPED, DataError
 
 logger = logging.getLogger(__name__)
 

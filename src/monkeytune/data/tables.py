@@ -5,7 +5,7 @@ folder written by ``datasets.Dataset.save_to_disk`` (it holds ``state.json``), o
 name prefixed with ``hf:`` (``hf:HuggingFaceM4/the_cauldron``, ``hf:parquet``), loaded by
 ``datasets.load_dataset`` with ``data.load_options`` as its keyword arguments (``split``
 defaults to ``train``), from its cache when offline (:mod:`monkeytune.data.hub`). Each row is one
-record, with the same four layouts as JSON (:mod:`monkeytune.data.formats`); the columns are the
+record, with the same four layouts as JSON (:mod:`monkeytune.data.messages`); the columns are the
 record's fields (``conversations`` or ``messages``, ``image`` or ``images``, ``id``), or the
 columns ``data.columns`` names for them (:mod:`monkeytune.data.columns`).
 
@@ -43,7 +43,7 @@ from typing import Any, Iterator
 
 from monkeytune.data import hub, parquet_rows
 from monkeytune.data.parquet_rows import SAVED_MARK
-from monkeytune.data.records import DATA_FILE, DataError
+from monkeytune.data.errors import DATA_FILE, DataError
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 EMBEDDED = "table:"
@@ -56,18 +56,6 @@ BATCH_ROWS = 1000  # rows turned into Python values at once: fast, and little me
 _OPEN: dict[str, Any] = {}
 _CHUNKS: dict[str, tuple[list, list[int]]] = {}
 _PLANS: dict[tuple[str, tuple], "_Plan"] = {}
-
-
-def is_table(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is read as a table (see the module docstring)."""
-    if hub.is_dataset_name(path):
-        return True
-    p = Path(path)
-    if p.is_file():
-        return p.suffix in TABLE_SUFFIXES
-    if p.is_dir():
-        return (p / SAVED_MARK).is_file() or any(q.suffix in TABLE_SUFFIXES for q in p.iterdir())
-    return False
 
 
 def table_key(path: str | os.PathLike, load_options: dict | None = None) -> str:

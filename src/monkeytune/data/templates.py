@@ -24,7 +24,7 @@ Three templates, used identically for training (:func:`encode_conversation`) and
     The tokenizer's own Jinja chat template, with the assistant messages and the end-of-turn
     token after each supervised (see :mod:`monkeytune.data.chat_template`).
 
-In all, every image of a turn (an :class:`~monkeytune.data.records.ImageRef` in its parts, in
+In all, every image of a turn (an :class:`~monkeytune.data.messages.ImageRef` in its parts, in
 place of its placeholder) expands to ``<img>``, ``tokens_per_image`` x ``<imgpad>``, ``</img>``
 and every image token has label ``IGNORE_INDEX``. :func:`render` is one pure function of the
 parsed turns: the dataset, ``data check`` and inference all call it. The fit of a rendered
@@ -40,19 +40,18 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from monkeytune.data.chat_template import render_chat_template
-from monkeytune.data.records import (
+from monkeytune.data.messages import (
     ASSISTANT,
     ROLE_ALIASES,
     SYSTEM,
-    TOO_LONG,
     USER,
-    DataError,
     ImageRef,
     Part,
     turn_order_problem,
     Sample,
     Turn,
 )
+from monkeytune.data.errors import TOO_LONG, DataError
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
 from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer, image_block  # noqa: F401 - re-exported
 

@@ -11,7 +11,7 @@ An evaluation file is JSON Lines, one question per line::
 questions per batch (left-padded), and scored with :mod:`monkeytune.eval.metrics`.
 
 A file of conversation records in any training format (monkey, llava, sharegpt, openai; see
-:mod:`monkeytune.data.formats`) is read too: each record gives one question, its first user
+:mod:`monkeytune.data.messages`) is read too: each record gives one question, its first user
 turn (text, and at most one image), and the reference answer is its first assistant turn.
 
 A predictions file (one JSON per line) can be scored without a model: each line holds
@@ -67,7 +67,7 @@ def _check_refs(value: Any, where: str, field: str) -> None:
 
 def _conversation_records(path: Path) -> list[dict[str, Any]]:
     from monkeytune.data.reading import load_samples
-    from monkeytune.data.records import DataError
+    from monkeytune.data.errors import DataError
 
     try:
         samples = load_samples(path)

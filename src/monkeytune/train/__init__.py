@@ -56,7 +56,7 @@ def __getattr__(name: str) -> Any:
 def input_errors() -> tuple[type[BaseException], ...]:
     """The errors of a run stopped by bad input (configuration, data, model, checkpoint, launcher
     settings): ``monkeytune train`` exits 2. A TrainingError (the run itself failed) exits 1."""
-    from monkeytune.data.records import DataError  # noqa: PLC0415
+    from monkeytune.data.errors import DataError  # noqa: PLC0415
     from monkeytune.model.spec import ModelSpecError  # noqa: PLC0415
     from monkeytune.model.weights import ModelFolderError  # noqa: PLC0415
     from monkeytune.policy import PlanError  # noqa: PLC0415

@@ -129,7 +129,7 @@ class _Guarded(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int) -> Any:
-        from monkeytune.data.records import DataError
+        from monkeytune.data.errors import DataError
 
         try:
             return self.dataset[i]
@@ -198,7 +198,7 @@ def stream_batches(dataset, start: Position, seed: int = 0,
         dataset: A :class:`~monkeytune.data.stream.StreamingDataset` (it says how many workers).
         start: Where to start; ``start.stream`` None: at the beginning.
     """
-    from monkeytune.data.records import DataError
+    from monkeytune.data.errors import DataError
 
     state = start.stream if start.stream is not None else dataset.fresh_state()
     dataset.state = state

@@ -311,7 +311,7 @@ def build_data(cfg: TrainConfig, tokenizer: Any, model_cfg: ModelConfig, run_dir
     )
     if skip:
         report = d.report_file or str(run_dir / "bad_samples.jsonl")
-        dataset = SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)
+        SkipBadSamples(dataset, report, d.max_skip_fraction, report_scan=rank == 0)  # held as dataset.skip
     # The dataset ran the scan as it read the records (scan=True): a bad record has stopped the
     # run before its first step, not hours in; the lengths are kept (DataLoader workers inherit
     # them) and saved beside the data for the next run (data.cache).

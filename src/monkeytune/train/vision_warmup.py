@@ -53,7 +53,7 @@ class VisionWarmupError(ValueError):
 class WindowExample:
     """One record the warm-up uses: an image, the view that holds the answer, the question, the answer."""
 
-    image: Any  # monkeytune.data.records.ImageRef
+    image: Any  # monkeytune.data.messages.ImageRef
     window: int
     question: str
     answer: str
@@ -87,7 +87,7 @@ def window_examples(samples: Sequence[Any], windows: int) -> tuple[list[WindowEx
     """The records that name a window, checked.
 
     Args:
-        samples: Validated :class:`~monkeytune.data.records.Sample` objects.
+        samples: Validated :class:`~monkeytune.data.messages.Sample` objects.
         windows: Windows of the model's grid (0 for a single-view model: every example then
             uses the global view, whatever window it names).
 
@@ -140,8 +140,7 @@ def warm_up_vision(model: nn.Module, examples: Sequence[WindowExample], settings
     Returns:
         :class:`VisionWarmupResult`. The model's other weights are untouched and nothing else is kept.
     """
-    from monkeytune.data.images import open_image
-    from monkeytune.data.view_cache import ViewCache
+    from monkeytune.data.views import ViewCache, open_image
     from monkeytune.vision.processor import ImageProcessor
 
     if not examples:

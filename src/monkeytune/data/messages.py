@@ -1,4 +1,11 @@
-"""The four record layouts monkeytune reads, how a file's layout is detected, and parsing.
+"""Messages: what every record becomes, and the four record layouts parsed into it.
+
+Every supported layout is parsed once into a :class:`Sample`: its turns hold text pieces and
+:class:`ImageRef` objects in order, so each image sits exactly where its placeholder was (no tag
+is parsed twice, no parallel list of paths). A bad record raises a located
+:class:`~monkeytune.data.errors.DataError`.
+
+The layouts:
 
 ``monkey`` (Monkey / Qwen-VL)
     ``{"conversations": [{"from": "user", "value": "<img>a.jpg</img> What?"}, {"from": "assistant", ...}]}``;
@@ -19,15 +26,6 @@
     without a payload takes the next image of the record's ``images`` list, as in the chat layout
     that ``datasets`` and TRL use for vision data.
 
-Detection, per file, over all of its records (``data.format: auto``, the default):
-
-1. turns with ``role``/``content``: ``openai`` if any record has list-valued ``content``,
-   else ``sharegpt``;
-2. turns with ``from``/``value``: ``llava`` if any record has an ``image`` or ``images`` field
-   or an ``<image>`` placeholder, else ``monkey``;
-3. a file that mixes the two turn styles, or Monkey ``<img>`` tags with LLaVA images, is an
-   error that names a line of each: set ``data.format`` to say which one is meant.
-
 Roles are ``user``/``human``, ``assistant``/``gpt`` and an optional first ``system`` (any case).
 Text-only and multi-image records work in every format. A record of another layout than its
 file's is an error with a hint, never a silent text-only sample.
@@ -35,85 +33,168 @@ file's is an error with a hint, never a silent text-only sample.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Union
 
-from monkeytune.data.images import resolve_image
-from monkeytune.data.records import (
-    ASSISTANT,
+from monkeytune.data.errors import (
     BAD_ROLES,
     EMPTY_ANSWER,
     IMAGE_MISMATCH,
     MALFORMED_RECORD,
-    ROLE_ALIASES,
-    SYSTEM,
     UNBALANCED_IMAGE_TAGS,
-    turn_order_problem,
-    UNKNOWN_FORMAT,
     DataError,
-    ImageRef,
-    Part,
-    Sample,
-    Turn,
 )
+from monkeytune.data.views import resolve_image
+from monkeytune.tokenizer.base import split_image_tags
+
+USER, ASSISTANT, SYSTEM = "user", "assistant", "system"
+ROLE_ALIASES = {"user": USER, "human": USER, "assistant": ASSISTANT, "gpt": ASSISTANT, "system": SYSTEM}
+
+
+def turn_order_problem(role: str, position: int, turns: int) -> str | None:
+    """Why a turn of ``role`` cannot come here, or None: the one rule every reader of turns applies.
+
+    Args:
+        role: The turn's role (``USER``, ``ASSISTANT`` or ``SYSTEM``).
+        position: Its index among all the messages, the system turn included.
+        turns: How many user and assistant turns came before it.
+    """
+    if role == SYSTEM:
+        return None if position == 0 else "a system turn is only allowed first"
+    expected = USER if turns % 2 == 0 else ASSISTANT
+    if role != expected:
+        return f"expected a {expected} turn here (turns must alternate user/assistant, starting with user)"
+    return None
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a sample, resolved once by :func:`monkeytune.data.views.resolve_image`.
+
+    Attributes:
+        source: Absolute file path, a ``data:image/...;base64,`` URI for an inline image, or a
+            ``table:`` reference to an image stored in a table (:mod:`monkeytune.data.tables`).
+        field: Where the record names it, e.g. ``images[1]`` or ``conversations[0].value``.
+    """
+
+    source: str
+    field: str = ""
+
+    @property
+    def inline(self) -> bool:
+        return self.source.startswith("data:")
+
+    @property
+    def embedded(self) -> bool:
+        """Stored in a table's cell (:mod:`monkeytune.data.tables`), read when decoded."""
+        return self.source.startswith("table:")
+
+    def display(self) -> str:
+        """The source for messages: inline images shortened to their media type, embedded ones
+        to their table's file name, row and cell."""
+        if self.inline:
+            return self.source.split(",", 1)[0] + ",..."
+        if self.embedded:
+            table, _, cell = self.source[len("table:"):].rpartition("#")
+            row, column, item = cell.split("/")
+            return f"{table.rsplit('/', 1)[-1]} row {row}, {column}" + (f"[{item}]" if item != "-1" else "")
+        return self.source
+
+
+Part = Union[str, ImageRef]
+
+
+@dataclass
+class Turn:
+    """One message: text pieces and images in order.
+
+    Attributes:
+        role: ``user``, ``assistant`` or ``system``.
+        parts: Strings and :class:`ImageRef` objects in order of appearance.
+        field: The record field holding the message, e.g. ``messages[2]`` (for errors).
+    """
+
+    role: str
+    parts: list[Part]
+    field: str = ""
+
+    @classmethod
+    def from_text(
+        cls, role: str, text: str, resolve: Callable[[str], str] | None = None, field: str = ""
+    ) -> "Turn":
+        """A turn from Monkey's inline syntax, ``<img>path</img>`` tags in the text.
+
+        Args:
+            role: Canonical role.
+            text: Text that may hold image tags.
+            resolve: Maps a tag's path to the stored source (default: kept as written).
+            field: Field of the text, recorded on each image.
+
+        Raises:
+            ValueError: unbalanced or empty tags.
+        """
+        pieces, spans = split_image_tags(text)
+        parts: list[Part] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                parts.append(piece)
+            if k < len(spans):
+                path = spans[k].path
+                parts.append(ImageRef(resolve(path) if resolve else path, field))
+        return cls(role, parts, field)
+
+    @property
+    def text(self) -> str:
+        """The turn in Monkey's inline syntax (what ``monkeytune data convert`` writes)."""
+        return "".join(p if isinstance(p, str) else f"<img>{p.source}</img>" for p in self.parts)
+
+    @property
+    def images(self) -> list[ImageRef]:
+        return [p for p in self.parts if isinstance(p, ImageRef)]
+
+    @property
+    def plain_text(self) -> str:
+        """The text pieces alone."""
+        return "".join(p for p in self.parts if isinstance(p, str))
+
+
+@dataclass
+class Sample:
+    """A validated conversation.
+
+    Attributes:
+        id: The record's ``id`` (or ``"<file>:<index>"`` when absent).
+        turns: Alternating user/assistant turns, first user, last assistant.
+        system: System prompt from a leading ``system`` turn, or ``None`` for the template default.
+        file: Data file the record came from.
+        line: 1-based line where the record starts.
+        index: 0-based record index within the file.
+        format: The file format the record was read as (``monkey``, ``llava``, ...).
+        extra: Other top-level fields of the record.
+    """
+
+    id: Any
+    turns: list[Turn]
+    system: str | None
+    file: str
+    line: int
+    index: int
+    format: str = "monkey"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images(self) -> list[ImageRef]:
+        """Every image in order of appearance."""
+        return [ref for t in self.turns for ref in t.images]
+
+    def error(self, kind: str, reason: str, field: str = "") -> DataError:
+        return DataError(kind, reason, self.file, self.line, self.index, field, self.id)
+
 
 FORMATS = ("monkey", "llava", "sharegpt", "openai")
 FORMAT_CHOICES = ("auto",) + FORMATS
 PLACEHOLDER = "<image>"
-
-
-def _turns(obj: Any) -> tuple[str, list] | None:
-    for key in ("messages", "conversations"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), list):
-            return key, obj[key]
-    return None
-
-
-def detect_format(records: Sequence[tuple[int, int, Any]], file: str) -> str:
-    """The format of one file's records (``(index, line, obj)``), by the rule in the module doc.
-
-    Raises:
-        DataError: ``unknown_format`` for a file mixing layouts.
-    """
-    first: dict[str, int] = {}
-    for _, line, obj in records:
-        found = _turns(obj)
-        if found is None:
-            continue
-        turns = [t for t in found[1] if isinstance(t, dict)]
-        if any("role" in t or "content" in t for t in turns):
-            first.setdefault("role/content", line)
-            if any(isinstance(t.get("content"), list) for t in turns):
-                first.setdefault("content parts", line)
-        elif turns:
-            first.setdefault("from/value", line)
-        values = [t.get("value") for t in turns if isinstance(t.get("value"), str)]
-        if "image" in obj or "images" in obj or any(PLACEHOLDER in v for v in values):
-            first.setdefault("llava", line)
-        if any("<img>" in v for v in values):
-            first.setdefault("<img> tags", line)
-
-    def mixed(a: str, b: str) -> DataError:
-        return DataError(
-            UNKNOWN_FORMAT,
-            f"the file mixes {a} records (line {first[a]}) and {b} records (line {first[b]}); "
-            f"set data.format (--format) to one of {', '.join(FORMATS)}",
-            file,
-        )
-
-    if "role/content" in first and "from/value" in first:
-        raise mixed("role/content", "from/value")
-    if "role/content" in first:
-        return "openai" if "content parts" in first else "sharegpt"
-    if "llava" in first and "<img> tags" in first:
-        raise DataError(
-            UNKNOWN_FORMAT,
-            f"the file mixes Monkey <img>path</img> tags (line {first['<img> tags']}) and LLaVA "
-            f"image fields or <image> placeholders (line {first['llava']}); set data.format "
-            "(--format) to monkey or llava",
-            file,
-        )
-    return "llava" if "llava" in first else "monkey"
 
 
 class _Parser:
