@@ -180,6 +180,21 @@ def test_convert_packages_any_input_as_parquet_and_reads_it_back(tmp_path, tok, 
     assert_same_items(items(back, tok, cfg), got)
 
 
+def test_convert_writes_a_folder_of_shards_that_reads_back(tmp_path, tok, cfg, capsys, monkeypatch):
+    from monkeytune.cli import main
+    from monkeytune.data import convert
+
+    monkeypatch.setattr(convert, "ROWS_PER_GROUP", 1)  # a row group per record, a shard per group
+    rows = llava_rows()
+    jsonl = as_jsonl(rows, tmp_path)
+    out = tmp_path / "packaged"
+    assert main(["data", "convert", str(jsonl), f"{out}/", "--shard-mb", "0.000001"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [f"train-{k:05d}-of-00004.parquet" for k in range(4)]
+    assert_same_items(items(out, tok, cfg), items(jsonl, tok, cfg))
+    assert main(["data", "convert", str(jsonl), f"{tmp_path}/other/", "--shard-mb", "0"]) == 2
+    assert "shard size must be above 0 MB" in capsys.readouterr().out
+
+
 def test_rows_read_in_batches_equal_rows_read_alone(tmp_path, monkeypatch):
     # Record batches of 3 rows over two shards: list cells that are null or empty, structs
     # without bytes (a path), and plain path strings keep their places across batch edges.

@@ -67,10 +67,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Read IN in any supported format (monkey, llava, sharegpt, openai; JSON, JSON Lines or a "
         "table) and write OUT: as Monkey-format JSON Lines with absolute image paths (images held in "
         "the input are written as files into OUT's folder, OUT-stem_images/), or, when OUT ends in "
-        ".parquet, as one parquet file of sharegpt rows with every image's bytes inside.",
+        ".parquet, as one parquet file of sharegpt rows with every image's bytes inside, or, when OUT is "
+        "a folder (existing, or written with a trailing /), as parquet shards train-00000-of-0000N.parquet "
+        "there. One pass: memory does not grow with the input.",
     )
     v.add_argument("input", metavar="IN", help="data file, table or save_to_disk folder")
-    v.add_argument("output", metavar="OUT", help="JSON Lines file, or .parquet file, to write")
+    v.add_argument("output", metavar="OUT", help="JSON Lines file, .parquet file, or folder of parquet shards to write")
+    v.add_argument("--shard-mb", type=float, default=500, metavar="MB",
+                   help="largest shard written to a folder (default 500, as datasets shards)")
     _format_options(v)
     v.set_defaults(func=run_convert)
 
@@ -141,7 +145,7 @@ def run_convert(args: argparse.Namespace) -> int:
     try:
         written, fmt = convert_file(
             args.input, args.output, errors, format=args.format or "auto",
-            image_root=args.image_root, allow_empty_answers=bool(args.allow_empty_answers),
+            image_root=args.image_root, allow_empty_answers=bool(args.allow_empty_answers), shard_mb=args.shard_mb,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}")

@@ -5,7 +5,7 @@ sample is written exactly as training parsed it, image paths absolute and in pla
 placeholders. Images inside the input (``data:`` URIs, table cells) are written as files next to
 the output (``<OUT stem>_images/<record>_<k>.<type>``) since a Monkey tag holds a path.
 
-To parquet (``OUT.parquet``), to package a dataset: one row per sample in the sharegpt layout
+To parquet (``OUT.parquet``, or a folder of shards), to package a dataset: one row per sample in the sharegpt layout
 (``messages`` with ``<image>`` placeholders, ``images`` as ``datasets.Image`` cells holding the
 bytes, ``id``), so the file carries its images and LLaMA-Factory, ms-swift and ``datasets`` read
 it too. monkeytune reads it back into the same samples (:mod:`monkeytune.data.tables`).
@@ -23,7 +23,7 @@ from typing import Any
 from PIL import Image
 
 from monkeytune.data.messages import PLACEHOLDER, ImageRef, Sample
-from monkeytune.data.reading import load_samples
+from monkeytune.data.reading import Samples
 from monkeytune.data.errors import MALFORMED_RECORD, UNREADABLE_IMAGE, DataError
 from monkeytune.data.tables import embedded_bytes
 
@@ -114,6 +114,10 @@ def monkey_record(sample: Sample, image_dir: Path | None = None) -> dict[str, An
     return {"id": sample.id, "conversations": convs, **sample.extra}
 
 
+SHARD_MB = 500  # the size of a parquet shard written to a folder, as ``datasets`` shards by default
+ROWS_PER_GROUP = 1000  # rows of a parquet row group: memory holds one group's images
+
+
 def convert_file(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -121,75 +125,128 @@ def convert_file(
     format: str = "auto",
     image_root: str | None = None,
     allow_empty_answers: bool = False,
+    shard_mb: float = SHARD_MB,
 ) -> tuple[int, str]:
-    """Write ``src`` (any format) to ``dst``: Monkey-format JSON Lines, or parquet when ``dst`` ends in ``.parquet``.
+    """Write ``src`` (any format) to ``dst``: parquet when ``dst`` ends in ``.parquet``, parquet
+    shards (``train-00000-of-00003.parquet``, ...) when ``dst`` is a folder (it exists, or is
+    written with a trailing ``/``), a new shard once the one before holds ``shard_mb`` MB, else
+    Monkey-format JSON Lines.
 
-    Bad records are appended to ``errors`` and left out; every good one is written.
+    One pass over the input: each record is written as it is read, so memory does not grow with
+    the input. Bad records are appended to ``errors`` and left out; every good one is written.
 
     Returns:
         ``(records written, format read)``.
 
     Raises:
         DataError: the input file cannot be read or its format not decided (``data_file``,
-            ``unknown_format``).
+            ``unknown_format``); nothing is left at ``dst`` then.
     """
+    if shard_mb <= 0:
+        raise ValueError(f"the shard size must be above 0 MB, got {shard_mb:g}")
+    folder = str(dst).endswith(("/", os.sep)) or Path(dst).is_dir()
+    dst = Path(dst)
+    if folder:
+        out: _JsonLinesOutput | _ParquetOutput = _ParquetOutput(dst, int(shard_mb * 2**20))
+    elif dst.suffix == ".parquet":
+        out = _ParquetOutput(dst)
+    else:
+        out = _JsonLinesOutput(dst)
     formats: dict[str, str] = {}
     found: list[DataError] = []
-    samples = load_samples([src], found, format, image_root, allow_empty_answers, formats)
-    for e in found:
-        if e.index is None:
-            raise e
-    errors.extend(found)
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if dst.suffix == ".parquet":
-        written = _write_parquet(samples, dst, errors)
-        errors.sort(key=lambda e: e.index if e.index is not None else -1)
-        return written, formats.get(str(src), format)
-    image_dir = dst.parent / f"{dst.stem}_images"
-    written = 0
-    with open(dst, "w", encoding="utf-8") as f:
-        for s in samples:
-            try:
-                rec = monkey_record(s, image_dir)
-            except DataError as e:
-                errors.append(e)
-                continue
-            f.write(json.dumps(rec, ensure_ascii=False, default=str) + "\n")
-            written += 1
-    errors.sort(key=lambda e: e.index if e.index is not None else -1)
-    return written, formats.get(str(src), format)
-
-
-def _write_parquet(samples: list[Sample], dst: Path, errors: list[DataError], rows_per_group: int = 1000) -> int:
-    """Write ``samples`` as one parquet file of sharegpt rows with embedded images; rows written.
-
-    Rows are encoded and written a row group at a time, so memory holds one group's images.
-    """
-    import datasets  # noqa: PLC0415 - heavy, and only this output needs it
-    import pyarrow.parquet as pq  # noqa: PLC0415
-
-    turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
-    features = datasets.Features({"id": datasets.Value("string"), "messages": datasets.List(turn),
-                                  "images": datasets.List(datasets.Image())})
-    tmp = dst.with_name(f".tmp-{dst.name}")
-    written, group, writer = 0, [], None
     try:
-        for i, s in enumerate(samples):
-            try:
-                group.append(sharegpt_record(s))
-            except DataError as e:
-                errors.append(e)
-            if group and (len(group) == rows_per_group or i == len(samples) - 1):
-                # The features' metadata travels in the schema: datasets reads the cells as images.
-                table = datasets.Dataset.from_list(group, features=features).data.table
-                writer = writer or pq.ParquetWriter(str(tmp), table.schema)
-                writer.write_table(table)
-                written, group = written + len(group), []
-        if writer is None:  # nothing to write: an empty table with the schema
-            writer = pq.ParquetWriter(str(tmp), datasets.Dataset.from_list([], features=features).data.table.schema)
-    finally:
-        if writer is not None:
-            writer.close()
-    os.replace(tmp, dst)  # a reader never sees half a file
-    return written
+        # visit writes each good record as it is parsed; a DataError it raises is the record's.
+        Samples([src], found, format, image_root, allow_empty_answers, formats, visit=lambda i, s: out.add(s))
+        for e in found:
+            if e.index is None:
+                raise e
+    except BaseException:
+        out.abort()
+        raise
+    errors.extend(found)
+    errors.sort(key=lambda e: e.index if e.index is not None else -1)
+    return out.close(), formats.get(str(src), format)
+
+
+class _JsonLinesOutput:
+    """Monkey-format records, one a line; images held in the data are written beside as files."""
+
+    def __init__(self, dst: Path) -> None:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        self.dst, self.image_dir = dst, dst.parent / f"{dst.stem}_images"
+        self.file = open(dst, "w", encoding="utf-8")
+        self.written = 0
+
+    def add(self, sample: Sample) -> None:
+        self.file.write(json.dumps(monkey_record(sample, self.image_dir), ensure_ascii=False, default=str) + "\n")
+        self.written += 1
+
+    def close(self) -> int:
+        self.file.close()
+        return self.written
+
+    def abort(self) -> None:
+        self.file.close()
+        self.dst.unlink(missing_ok=True)
+
+
+class _ParquetOutput:
+    """Sharegpt rows with embedded images, a row group (:data:`ROWS_PER_GROUP`) at a time, so memory holds
+    one group's images: one file, or (``shard_bytes``) numbered shards in a folder, each starting
+    once the one before holds ``shard_bytes``. Files are written under a temporary name and
+    renamed when complete: a reader never sees half a file."""
+
+    def __init__(self, dst: Path, shard_bytes: int | None = None) -> None:
+        import datasets  # noqa: PLC0415 - heavy, and only this output needs it
+
+        turn = {"role": datasets.Value("string"), "content": datasets.Value("string")}
+        self.features = datasets.Features({"id": datasets.Value("string"), "messages": datasets.List(turn),
+                                           "images": datasets.List(datasets.Image())})
+        self.dst, self.shard_bytes = dst, shard_bytes
+        (dst if shard_bytes else dst.parent).mkdir(parents=True, exist_ok=True)
+        self.group: list[dict[str, Any]] = []
+        self.files: list[Path] = []  # written so far, under temporary names
+        self.writer = None
+        self.written = 0
+
+    def add(self, sample: Sample) -> None:
+        self.group.append(sharegpt_record(sample))
+        if len(self.group) == ROWS_PER_GROUP:
+            self._flush()
+
+    def _table(self, rows: list[dict[str, Any]]):
+        import datasets  # noqa: PLC0415
+
+        # The features' metadata travels in the schema: datasets reads the cells as images.
+        return datasets.Dataset.from_list(rows, features=self.features).data.table
+
+    def _flush(self) -> None:
+        import pyarrow.parquet as pq  # noqa: PLC0415
+
+        table = self._table(self.group)
+        if self.writer is not None and self.shard_bytes and os.path.getsize(self.files[-1]) >= self.shard_bytes:
+            self.writer.close()
+            self.writer = None
+        if self.writer is None:
+            name = f".tmp-{len(self.files):05d}.parquet" if self.shard_bytes else f".tmp-{self.dst.name}"
+            self.files.append((self.dst if self.shard_bytes else self.dst.parent) / name)
+            self.writer = pq.ParquetWriter(str(self.files[-1]), table.schema)
+        self.writer.write_table(table)
+        self.written, self.group = self.written + len(self.group), []
+
+    def close(self) -> int:
+        if self.group or self.writer is None:  # the last group, or an empty table with the schema
+            self._flush()
+        self.writer.close()
+        if not self.shard_bytes:
+            os.replace(self.files[0], self.dst)
+            return self.written
+        for k, f in enumerate(self.files):
+            os.replace(f, f.with_name(f"train-{k:05d}-of-{len(self.files):05d}.parquet"))
+        return self.written
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        for f in self.files:
+            f.unlink(missing_ok=True)
