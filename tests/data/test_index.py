@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from monkeytune.data import ConversationDataset, SkipBadSamples
-from monkeytune.data.index import CACHE_FOLDER
 from monkeytune.data.errors import MISSING_IMAGE, TOO_LONG, DataError
+from monkeytune.data.index import CACHE_FOLDER
 
 from .conftest import make_image, write_jsonl
 

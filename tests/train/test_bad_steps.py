@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from monkeytune.train.loop import TrainingError, train
-from monkeytune.train.step import TrainingModule
 from monkeytune.train.metrics import read_metrics
+from monkeytune.train.step import TrainingModule
 
 
 def poison(monkeypatch, bad_calls):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from monkeytune.data import ConversationDataset
-from monkeytune.train.step import sample_weights
 from monkeytune.train.loop import train
 from monkeytune.train.setup import load_model_and_tokenizer
+from monkeytune.train.step import sample_weights
 
 
 def test_sample_weights_follow_packed_samples():

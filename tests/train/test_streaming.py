@@ -12,8 +12,8 @@ from PIL import Image
 
 from monkeytune.cli import main
 from monkeytune.data import stream
-from monkeytune.data.errors import DataError
 from monkeytune.data.blocks import deal, list_blocks, read_block, sources
+from monkeytune.data.errors import DataError
 from monkeytune.train.checkpoint import CheckpointManager, read_state
 from monkeytune.train.loop import train
 from monkeytune.train.metrics import read_metrics

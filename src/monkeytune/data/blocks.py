@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from monkeytune.data.reading import _is_json_list, _iter_json_lines, _open, is_table
 from monkeytune.data.errors import DATA_FILE, DataError
+from monkeytune.data.reading import _is_json_list, _iter_json_lines, _open, is_table
 from monkeytune.data.tables import IMAGE_COLUMNS, SAVED_MARK, open_table
 
 BLOCK_BYTES = 1 << 20

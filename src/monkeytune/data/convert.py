@@ -22,9 +22,9 @@ from typing import Any
 
 from PIL import Image
 
+from monkeytune.data.errors import MALFORMED_RECORD, UNREADABLE_IMAGE, DataError
 from monkeytune.data.messages import PLACEHOLDER, ImageRef, Sample
 from monkeytune.data.reading import Samples
-from monkeytune.data.errors import MALFORMED_RECORD, UNREADABLE_IMAGE, DataError
 from monkeytune.data.tables import embedded_bytes
 
 

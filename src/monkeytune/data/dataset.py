@@ -9,7 +9,8 @@ The chain, shared by training and ``monkeytune data check`` (which runs it dry):
 2. **render** (:meth:`ConversationDataset.prepare`, its length kept): a cheap size check on the raw text,
    then :func:`~monkeytune.data.templates.render` to ids and labels, then the fit to
    ``max_length``; no image is opened;
-3. **load views** (:meth:`ConversationDataset.load`): decode each image into its views.
+3. **load views** (:meth:`ConversationDataset.load`): decode each image into its views
+   (:class:`~monkeytune.data.views.ImageViews`).
 
 This dataset raises a :class:`~monkeytune.data.errors.DataError` for a bad sample, or, once
 the skip policy (:class:`~monkeytune.data.skipping.SkipBadSamples`: count, report, threshold)
@@ -32,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 
 from monkeytune.config import ModelConfig
+from monkeytune.data.errors import TEMPLATE, TOO_LONG, DataError
 from monkeytune.data.index import (
     errors_from_array,
     errors_to_array,
@@ -41,10 +43,8 @@ from monkeytune.data.index import (
     save_index,
     tokenizer_identity,
 )
-from monkeytune.data.reading import Samples
-from monkeytune.data.errors import TEMPLATE, TOO_LONG, DataError
 from monkeytune.data.messages import ImageRef, Sample
-from monkeytune.data.views import ImageViews, image_problem
+from monkeytune.data.reading import Samples
 from monkeytune.data.templates import (
     CONVERSATION_TEMPLATES,
     IGNORE_INDEX,
@@ -57,6 +57,7 @@ from monkeytune.data.templates import (
     render,
     size_problem,
 )
+from monkeytune.data.views import ImageViews, image_problem
 from monkeytune.tokenizer.base import Tokenizer
 
 logger = logging.getLogger(__name__)

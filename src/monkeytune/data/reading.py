@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from monkeytune.data.columns import RecordShape
-from monkeytune.data.json_list import iter_json_list, utf8_error
 from monkeytune.data.errors import DATA_FILE, MALFORMED_JSON, UNKNOWN_FORMAT, DataError
-from monkeytune.data.messages import FORMAT_CHOICES, FORMATS, PLACEHOLDER, Sample, parse_record
 from monkeytune.data.hub import PREFIX as DATASET_PREFIX
+from monkeytune.data.json_list import iter_json_list, utf8_error
+from monkeytune.data.messages import FORMAT_CHOICES, FORMATS, PLACEHOLDER, Sample, parse_record
 from monkeytune.data.parquet_rows import SAVED_MARK
 from monkeytune.data.tables import TABLE_SUFFIXES, iter_table_records, table_record
 

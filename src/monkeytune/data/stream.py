@@ -54,11 +54,11 @@ from monkeytune.data.blocks import (
     read_block,
     sources,
 )
+from monkeytune.data.collate import pack_items
 from monkeytune.data.dataset import ConversationDataset
+from monkeytune.data.errors import DATA_FILE, TOO_MANY_SKIPPED, DataError
 from monkeytune.data.messages import FORMAT_CHOICES, Sample, parse_record
 from monkeytune.data.reading import detect_format
-from monkeytune.data.collate import pack_items
-from monkeytune.data.errors import DATA_FILE, TOO_MANY_SKIPPED, DataError
 
 logger = logging.getLogger(__name__)
 

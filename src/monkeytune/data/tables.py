@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from monkeytune.data import hub, parquet_rows
-from monkeytune.data.parquet_rows import SAVED_MARK
 from monkeytune.data.errors import DATA_FILE, DataError
+from monkeytune.data.parquet_rows import SAVED_MARK
 
 TABLE_SUFFIXES = (".parquet", ".arrow")
 EMBEDDED = "table:"

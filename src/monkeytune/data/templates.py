@@ -40,6 +40,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from monkeytune.data.chat_template import render_chat_template
+from monkeytune.data.errors import TOO_LONG, DataError
 from monkeytune.data.messages import (
     ASSISTANT,
     ROLE_ALIASES,
@@ -51,7 +52,6 @@ from monkeytune.data.messages import (
     Sample,
     Turn,
 )
-from monkeytune.data.errors import TOO_LONG, DataError
 from monkeytune.model.loss import IGNORE_INDEX  # the label the loss skips, defined beside it
 from monkeytune.tokenizer.base import DEFAULT_SYSTEM, IM_END, IM_START, Tokenizer, image_block  # noqa: F401 - re-exported
 

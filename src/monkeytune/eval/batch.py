@@ -25,8 +25,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
-from monkeytune.data.reading import iter_raw_records
 from monkeytune.data.errors import MALFORMED_RECORD, MISSING_IMAGE, DataError
+from monkeytune.data.reading import iter_raw_records
 from monkeytune.eval.runner import generate_answers
 from monkeytune.generate import GenerationSettings, default_template
 

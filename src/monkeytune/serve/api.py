@@ -36,7 +36,6 @@ from monkeytune.serve.api_errors import APIError, error_body
 from monkeytune.serve.api_inputs import ImageStore, render_prompt
 from monkeytune.serve.api_request import ChatRequest, RequestLimits, parse_body, parse_chat_request
 from monkeytune.serve.batching import Batcher, Job, QueueFull
-from monkeytune.vision.processor import ImageProcessor
 
 __all__ = ["APIServer", "APISettings"]
 
@@ -122,7 +121,6 @@ class APIServer:
         self.batcher = Batcher(model, tokenizer, settings.template, settings.max_batch_size, settings.max_queue,
                                arriving=lambda: self.arriving)
         self.images = ImageStore(settings.limits)
-        self.processor = ImageProcessor(model.config.image)
         self.created = int(time.time())
         # Computed once per tokenizer by the prompt-length check; here rather than in a request.
         longest_token_chars(tokenizer)
@@ -271,26 +269,12 @@ class APIServer:
                                f"{len(ids) + room:,} positions of the model and leaves no room for an answer",
                                "context_length_exceeded", "messages")
             max_new = min(s.default_max_tokens, room)
-        views = await run_in_threadpool(self._checked_views, chat, paths, images) if paths else None
+        if paths:
+            await run_in_threadpool(self.images.write_and_check, chat, paths)
         deadline = started + s.time_limit_s if s.time_limit_s else None
         job = Job(ids, images, max_new, on_event=lambda event: None, temperature=chat.temperature,
-                  top_p=chat.top_p, seed=chat.seed, stop=chat.stop, stream=chat.stream, deadline=deadline,
-                  views=views)
+                  top_p=chat.top_p, seed=chat.seed, stop=chat.stop, stream=chat.stream, deadline=deadline)
         return job, paths
-
-    def _checked_views(self, chat: ChatRequest, paths: list[str], images: list[str]) -> tuple | None:
-        """Write and check the request's images, then cut the checked images into views, here in a
-        request thread: the model's thread, which every request waits on, only stacks them.
-
-        Raises:
-            APIError: from the checks. A failure to cut views leaves them to the model's thread (None),
-                which answers the request with it.
-        """
-        decoded = dict(zip(paths, self.images.write_and_check(chat, paths)))
-        try:
-            return self.processor.batch([decoded.get(path, path) for path in images])
-        except Exception:  # noqa: BLE001 - reported by the worker, as for any request
-            return None
 
 
 class _Reply:

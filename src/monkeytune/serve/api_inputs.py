@@ -131,29 +131,24 @@ class ImageStore:
         return [str(im.path) if im.path is not None else str(self.folder / f"{uuid.uuid4().hex}.img")
                 for im in request.images]
 
-    def write_and_check(self, request: ChatRequest, paths: list[str]) -> list[Image.Image]:
+    def write_and_check(self, request: ChatRequest, paths: list[str]) -> None:
         """Write the decoded images to their planned paths and check each one (blocking).
-
-        Returns:
-            Each image decoded (RGB), in the order of ``paths``.
 
         Raises:
             APIError: 413 for an image over the byte or pixel limit, 400 for one that is not a
                 usable image. Files written so far are removed.
         """
-        decoded = []
         try:
             for part, path in zip(request.images, paths):
                 if part.data is not None:
                     Path(path).write_bytes(part.data)
                     part.data = None  # the file holds it now
-                decoded.append(self._check(part, Path(path)))
+                self._check(part, Path(path))
         except BaseException:
             self.release(paths)
             raise
-        return decoded
 
-    def _check(self, part: ImagePart, path: Path) -> Image.Image:
+    def _check(self, part: ImagePart, path: Path) -> None:
         limits = self.limits
         size = path.stat().st_size
         if size > limits.max_image_bytes:
@@ -164,7 +159,7 @@ class ImageStore:
             raise APIError(413, f"the image has {pixels:,} pixels; the most accepted is {limits.max_image_pixels:,} "
                            "(decompression-bomb guard)", "image_too_large", part.param)
         try:
-            return check_upload(path, UploadLimits(limits.max_image_bytes, limits.max_image_pixels), name="the image")
+            check_upload(path, UploadLimits(limits.max_image_bytes, limits.max_image_pixels), name="the image")
         except UploadError as e:
             raise bad_request(str(e), part.param, "invalid_image") from None
 

@@ -57,8 +57,6 @@ class Job:
         on_event: Called from the worker thread with ``("text", piece)`` (streamed jobs) and,
             once, ``("done", self)``; must not block.
         deadline: ``time.monotonic()`` after which the row is ended (None: no limit).
-        views: ``(pixel_values [N, 3, S, S], view_slots [N])`` of ``images``, cut before the job
-            was queued; None: the worker cuts them from ``images``.
 
     After ``done``: ``tokens`` (without the end-of-answer token), ``text`` (stripped, cut at a
     stop string), ``finish_reason`` (``stop``, ``length``, ``timeout``, ``cancelled`` or
@@ -75,7 +73,6 @@ class Job:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     deadline: float | None = None
-    views: tuple[Any, Any] | None = None
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None

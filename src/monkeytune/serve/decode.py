@@ -163,22 +163,13 @@ class Decoder:
             ids[row, width - len(job.ids):] = torch.tensor(job.ids, dtype=torch.long)
             mask[row, width - len(job.ids):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        pixel_values, slots = self._views(jobs)
+        pixel_values, slots = load_views(self.model, [path for job in jobs for path in job.images])
         embeds = self.model.embed_inputs(ids, pixel_values, slots)
         # Position ids count real tokens only (padding gets 0; it is masked anyway).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, scores = self._forward(None, inputs_embeds=embeds, attention_mask=mask, position_ids=positions)
         generators = [self._generator(job, device) for job in jobs]
         return Batch(list(jobs), cache, mask, mask.sum(-1), scores, generators, _joinable(cache))
-
-    def _views(self, jobs: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The jobs' image views in prompt order: those cut before queueing (``job.views``), else cut here."""
-        with_images = [job for job in jobs if job.images]
-        if not with_images or any(job.views is None for job in with_images):
-            return load_views(self.model, [path for job in jobs for path in job.images])
-        param = next(self.model.parameters())
-        views = torch.cat([job.views[0] for job in with_images]).to(device=param.device, dtype=param.dtype)
-        return views, torch.cat([job.views[1] for job in with_images]).to(param.device)
 
     @staticmethod
     def _generator(job: Any, device: torch.device) -> torch.Generator | None:

@@ -28,10 +28,9 @@ from monkeytune.train.engine import (
     shard_fsdp2,
     write_run_record,
 )
-from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.final import rebuild_from_state, save_final, training_record
+from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.lock import claim_run_dir
-from monkeytune.train.step import StepContext, TrainingError, TrainingModule, run_step
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
 from monkeytune.train.optim import build_optimizer, build_scheduler
 from monkeytune.train.sampler import Position, micro_batches, stream_batches
@@ -56,6 +55,7 @@ from monkeytune.train.setup import (
     total_steps,
 )
 from monkeytune.train.state import RUN_CONFIG_FILE, check_same_run, ever_trained_names, load_engine_state, load_model_state
+from monkeytune.train.step import StepContext, TrainingError, TrainingModule, run_step
 from monkeytune.train.trackers import start_trackers
 
 __all__ = ["TrainResult", "TrainingError", "train"]

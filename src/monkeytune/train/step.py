@@ -38,12 +38,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from monkeytune.data.collate import model_inputs
+from monkeytune.model.loss import IGNORE_INDEX, loss_chunk_count
 from monkeytune.train.checkpoint import CheckpointManager
 from monkeytune.train.config import TrainConfig
 from monkeytune.train.engine import Engine
 from monkeytune.train.final import assert_finite
-from monkeytune.data.collate import model_inputs
-from monkeytune.model.loss import IGNORE_INDEX, loss_chunk_count
 from monkeytune.train.metrics import MetricsLog, Progress
 from monkeytune.train.sampler import Position
 from monkeytune.train.state import ever_trained_names, write_checkpoint
