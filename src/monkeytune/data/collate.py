@@ -50,18 +50,21 @@ sample is tokenized once for the plan and the row), with greedy first-fit: each 
 goes into the first row that still has room, else opens a new row. A packed row concatenates
 its samples; ``position_ids`` restart at 0 for every sample and ``seq_lens`` lists the sample
 lengths, so the model can keep attention inside each sample (a block-diagonal causal mask; see
-:mod:`monkeytune.data.collate`). Samples are whole in exactly one row: nothing is cut.
+:func:`packed_attention_mask`). Samples are whole in exactly one row: nothing is cut.
 """
 
 from __future__ import annotations
 
 import random
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from monkeytune.data.templates import IGNORE_INDEX
+
+if TYPE_CHECKING:  # the dataset module is above this one
+    from monkeytune.data.dataset import ConversationDataset
 
 FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids", "labels", "pixel_values", "view_slots", *FLASH_KEYS)
@@ -320,7 +323,7 @@ class PackedDataset(Dataset):
 
     def __init__(
         self,
-        base: Any,
+        base: ConversationDataset,
         max_length: int | None = None,
         shuffle: bool = True,
         seed: int = 0,

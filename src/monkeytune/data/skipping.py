@@ -119,6 +119,7 @@ class SkipBadSamples:
         return format_summary(self.kinds, self.total)
 
     def every_sample_bad(self) -> DataError:
+        """The error that stops a run in which no sample is usable."""
         return DataError(TOO_MANY_SKIPPED, f"every sample is bad ({self.summary()})", ", ".join(self.dataset.paths))
 
     # -- bookkeeping ---------------------------------------------------------------------------
