@@ -20,11 +20,12 @@ Every format names images differently (``<img>path</img>``, an ``image`` field, 
 :class:`ImageViews` turns a sample's image references into the views the model takes, through
 the image processor (:mod:`monkeytune.vision.processor`) and a :class:`ViewCache`.
 
-**The view cache.** Decoding a PNG and cutting it into views costs about as much as the vision tower's forward pass
-on a small model, and a dataset whose images are each asked about several times decodes every
-image again for every question. The cache keeps what an image was processed into, keyed by the
-image, so each is decoded once. The first images drawn stay; once the budget is spent, later ones
-are processed every time (nothing is evicted, so the cost of a full cache is never paid twice).
+**The view cache.** Decoding a PNG and cutting it into views costs about as much as the vision
+tower's forward pass on a small model, and a dataset whose images are each asked about several
+times decodes every image again for every question. The cache keeps what an image was processed
+into, keyed by the image, so each is decoded once. The first images drawn stay; once the budget
+is spent, later ones are processed every time (nothing is evicted, so the cost of a full cache is
+never paid twice).
 
 Each DataLoader worker process holds its own cache, for as long as the worker lives (training
 starts new workers each epoch; with ``num_workers: 0`` the cache lasts the whole run).
