@@ -51,13 +51,17 @@ def test_a_jsonl_record_reaches_the_loss_through_seven_files(make_config, tmp_pa
     module = TrainingModule(model)
 
     dataset, collator, _ = build_data(cfg, tok, model.config, tmp_path, rank=0, world_size=1)
+    records = getattr(dataset, "base", dataset).samples
+    index = next(i for i in range(len(records)) if records[i].images)  # a record with an image
+    if mode == "packing":
+        index = next(row for row, samples in enumerate(dataset.rows) if index in samples)
 
     def one_record_to_the_loss():
-        batch = collator([dataset[0]])
+        batch = collator([dataset[index]])
         weights, _ = sample_weights(batch["labels"], batch.get("position_ids"))
-        return supervised_count(batch["labels"]), module(batch, weights)
+        return batch, supervised_count(batch["labels"]), module(batch, weights)
 
-    (targets, loss), files = _traced(one_record_to_the_loss)
-    assert targets > 0 and loss.isfinite()
+    (batch, targets, loss), files = _traced(one_record_to_the_loss)
+    assert batch["pixel_values"].shape[0] > 0 and targets > 0 and loss.isfinite()
     path = {f for f in files if not f.startswith(MODEL_SIDE)}
     assert path == DATA_PATH, f"extra {sorted(path - DATA_PATH)}, missing {sorted(DATA_PATH - path)}"
