@@ -59,7 +59,7 @@ def supervised_loss(
     Returns:
         ``(loss_sum, num_tokens)``: a float32 scalar and an int64 scalar. The per-token mean is
         ``loss_sum / num_tokens``; returning both lets a trainer normalise over a whole
-        gradient-accumulation window or over data-parallel ranks.
+        optimizer step of several micro-batches or over data-parallel ranks.
 
     Raises:
         ValueError: ``num_chunks`` is below 1.

@@ -283,7 +283,7 @@ class Engine:
 
     @property
     def updates_in_backward(self) -> bool:
-        """DeepSpeed applies the update inside its backward at the window's end; it cannot be skipped."""
+        """DeepSpeed applies the update inside its backward at the step's last micro-batch; it cannot be skipped."""
         return self.name.startswith("deepspeed")
 
     def grad_reduce_dtype(self, configured: str) -> str:
@@ -300,10 +300,10 @@ class Engine:
 
     @contextmanager
     def accumulate(self) -> Iterator[None]:
-        """Around one micro-batch's forward and backward: gradients sync at the window's last one.
+        """Around one micro-batch's forward and backward: gradients sync at the step's last one.
 
-        accelerate skips DDP's gradient all-reduce inside a window, and DeepSpeed knows the window
-        itself; FSDP2 is told here, since accelerate does not know the model is FSDP2-sharded
+        accelerate skips DDP's gradient all-reduce before a step's last micro-batch, and DeepSpeed knows
+        the step's length itself; FSDP2 is told here, since accelerate does not know the model is FSDP2-sharded
         and would otherwise let it reduce-scatter after every micro-batch.
         """
         with self.accelerator.accumulate(self.module):
