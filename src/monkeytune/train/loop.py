@@ -218,10 +218,10 @@ def _open_run(cfg: TrainConfig, acc, run_dir: Path, resume: str | None, accept_c
                 read_state(resume_dir) if resume_dir else None, fingerprint)
 
 
-def _resume_dir(ckpts: CheckpointManager, spec: str | None) -> Path | None:
-    """The checkpoint ``spec`` names (None: a fresh run, refused over an earlier run's checkpoints)."""
-    resume_dir = ckpts.resolve(spec) if spec else None
-    if spec == "latest" and resume_dir is None:
+def _resume_dir(ckpts: CheckpointManager, resume: str | None) -> Path | None:
+    """The checkpoint ``resume`` names (None: a fresh run, refused over an earlier run's checkpoints)."""
+    resume_dir = ckpts.resolve(resume) if resume else None
+    if resume == "latest" and resume_dir is None:
         logger.info("no checkpoint under %s yet: starting a fresh run", ckpts.root)
     if resume_dir is None and ckpts.checkpoints():
         # A fresh run would interleave its checkpoints with the old ones (and prune by step).
