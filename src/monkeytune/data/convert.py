@@ -13,7 +13,6 @@ it too. monkeytune reads it back into the same samples (:mod:`monkeytune.data.ta
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -25,30 +24,20 @@ from PIL import Image
 from monkeytune.data.errors import MALFORMED_RECORD, UNREADABLE_IMAGE, DataError
 from monkeytune.data.messages import PLACEHOLDER, ImageRef, Sample
 from monkeytune.data.reading import Samples
-from monkeytune.data.tables import embedded_bytes
+from monkeytune.data.views import image_bytes
 
 
 def _inline_to_file(ref: ImageRef, folder: Path, stem: str) -> str:
     """Write an image held in the data (a ``data:`` URI or a table cell) to a file; its path."""
+    data = image_bytes(ref)
     if ref.inline:
-        head, payload = ref.source.split(",", 1)
-        ext, data = head[len("data:image/") :].split(";", 1)[0] or "img", base64.b64decode(payload)
+        ext = ref.source[len("data:image/") :].split(";", 1)[0] or "img"
     else:
-        data = embedded_bytes(ref.source)
         ext = (Image.open(io.BytesIO(data)).format or "img").lower()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.{ext}"
     path.write_bytes(data)
     return str(path.resolve())
-
-
-def image_bytes(ref: ImageRef) -> bytes:
-    """The encoded bytes of any image reference: a file, a ``data:`` URI or a table cell."""
-    if ref.inline:
-        return base64.b64decode(ref.source.split(",", 1)[1])
-    if ref.embedded:
-        return embedded_bytes(ref.source)
-    return Path(ref.source).read_bytes()
 
 
 def sharegpt_record(sample: Sample) -> dict[str, Any]:
@@ -107,7 +96,10 @@ def monkey_record(sample: Sample, image_dir: Path | None = None) -> dict[str, An
             if part.inline or part.embedded:
                 if image_dir is None:
                     raise ValueError("an image held in the data needs an image folder to be written to")
-                source = _inline_to_file(part, image_dir, f"{sample.index}_{k}")
+                try:
+                    source = _inline_to_file(part, image_dir, f"{sample.index}_{k}")
+                except (OSError, ValueError) as e:
+                    raise sample.error(UNREADABLE_IMAGE, f"{part.display()}: {e}", part.field) from None
             k += 1
             pieces.append(f"<img>{source}</img>")
         convs.append({"from": turn.role, "value": "".join(pieces)})

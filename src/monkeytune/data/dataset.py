@@ -428,9 +428,9 @@ class ConversationDataset(Dataset):
         n = len(self.samples)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
-        if self.skip is None:
-            return self.load(i % n)
-        # A bad sample is replaced by the next good one, so batches keep their size.
+        i %= n
+        # With the skip policy a bad sample is replaced by the next good one, so batches keep
+        # their size; without it, try_load raises for the first bad one.
         for step in range(n):
             item = self.try_load((i + step) % n)
             if item is not None:

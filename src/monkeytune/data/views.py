@@ -122,6 +122,21 @@ def _embedded_bytes(ref: ImageRef) -> bytes:
         raise ImageLoadError(f"image {ref.display()}: {e}") from e
 
 
+def image_bytes(ref: ImageRef) -> bytes:
+    """The encoded bytes of any image reference: a file, a ``data:`` URI or a table cell.
+
+    Raises:
+        ImageLoadError: invalid base64, or a table cell that cannot be read.
+        OSError: a file that cannot be read.
+    """
+    if ref.inline:
+        return _inline_bytes(ref.source)
+    if ref.embedded:
+        return _embedded_bytes(ref)
+    with open(ref.source, "rb") as f:
+        return f.read()
+
+
 def image_problem(ref: ImageRef, max_pixels: int, decode: bool) -> tuple[str, str] | None:
     """``(kind, reason)`` when ``ref`` cannot be used, else ``None``.
 
