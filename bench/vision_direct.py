@@ -8,7 +8,7 @@ same held-out windows, side by side in one run:
 
 * ``tower`` / ``resampler``: peak learning rates (0 freezes), AdamW, no warm-up;
 * ``readout``: ``resampler`` (the 4 visual tokens, flattened: what the LLM receives), ``window``
-  (the mean of the 4 RMS-normalised visual tokens: what the vision warm-up trains, and about
+  (the mean of the 4 RMS-normalised visual tokens: what the window_answer warm-up trains, and about
   what the LLM's attention can read), ``vit`` (the 16 ViT tokens flattened, no pooling) or
   ``mean`` (the ViT tokens averaged).
 
@@ -35,7 +35,7 @@ from monkeytune.demo.generator import generate_dataset
 from monkeytune.demo.run import demo_model_config
 from monkeytune.demo.scene import REGIONS
 from monkeytune.model.monkey import MonkeyForCausalLM
-from monkeytune.train.vision_warmup import window_readout
+from monkeytune.train.objectives import window_readout
 from monkeytune.vision.processor import ImageProcessor
 
 # (tower lr, resampler and head lr, readout)

@@ -74,12 +74,10 @@ def test_yaml_values_and_overrides_are_converted(tmp_path):
         (BASE, ["--optim.weight_decay", "nan"], r"optim\.weight_decay must be a finite number"),
         (BASE, ["--optim.betas", "[0.9, .nan]"], r"optim\.betas must be a finite number"),
         (BASE, ["--policy.lr", "{llm: .inf}"], r"policy\.lr\.llm must be a non-negative number"),
-        (BASE, ["--vision_warmup.lr", "nan"], r"vision_warmup\.lr must be a finite number, got nan"),
         (BASE, ["--data.view_cache_gib", "-1"], r"data\.view_cache_gib must be >= 0, got -1"),
         (BASE, ["--data.view_cache_gib", ".inf"], r"data\.view_cache_gib must be a finite number, got inf"),
-        (BASE, ["--vision_warmup.steps", "-1"], r"vision_warmup\.steps must be >= 0"),
-        (BASE, ["--vision_warmup.batch_size", "0"], r"vision_warmup\.batch_size must be >= 1"),
-        (BASE, ["--vision_warmup.step", "3"], r"vision_warmup\.step: unknown key \(did you mean vision_warmup\.steps\?\)"),
+        (BASE, ["--train.objective", "window"], r"train\.objective"),
+        (BASE, ["--train.objectiv", "lm"], r"train\.objectiv: unknown key \(did you mean train\.objective\?\)"),
     ],
 )
 def test_errors_name_the_place(tmp_path, text, overrides, pattern):

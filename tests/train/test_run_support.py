@@ -26,3 +26,16 @@ def test_llm_qlora_is_refused_under_parameter_sharding_engines(make_config, engi
     # Every other preset runs under every engine (as far as this check goes).
     check_run_support(make_config("lora", policy={"preset": "llm-lora"}), engine, "cuda")
     assert qlora_engine_reason("llm-lora", engine) is None
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_unfreezing_stages_are_refused_under_sharding_engines(make_config, engine):
+    """DeepSpeed and FSDP2 fix the trainable set when they wrap the model; one process and DDP rewrap."""
+    cfg = make_config("stages", policy={"preset": "monkey", "unfreeze": [{"start_step": 2,
+                                                                          "rules": ["train: vision.blocks.*"]}]})
+    if engine in ("fsdp2", "deepspeed-zero2", "deepspeed-zero3"):
+        with pytest.raises(SetupError, match=rf"^policy.unfreeze stages need a single-process or DDP run: {engine} "
+                                             "fixes the trainable set when it wraps the model$"):
+            check_run_support(cfg, engine, "cpu")
+    else:
+        check_run_support(cfg, engine, "cpu")

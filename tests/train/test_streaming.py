@@ -134,8 +134,9 @@ def test_streaming_refuses_what_it_cannot_do(make_config):
 
     with pytest.raises(ConfigError, match=r"data\.streaming needs train\.max_steps"):
         make_config("x", data={"streaming": True})
-    with pytest.raises(ConfigError, match=r"vision_warmup\.steps .* data\.streaming"):
-        make_config("x", data={"streaming": True}, train={"max_steps": 2}, vision_warmup={"steps": 2})
+    with pytest.raises(ConfigError, match=r"train\.objective window_answer .* data\.streaming false"):
+        make_config("x", data={"streaming": True}, train={"max_steps": 2, "objective": "window_answer"},
+                    policy={"preset": "vision"})
     with pytest.raises(ConfigError, match=r"data\.columns and hf: dataset names are not streamed yet"):
         make_config("x", data={"streaming": True, "columns": {"messages": "dialog"}}, train={"max_steps": 2})
 

@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="model preset name (tiny, mid, monkey-7b, qwen-vl-7b) or a YAML/JSON file holding a "
                    "model config (the whole file or its 'model' key; a 'policy' key is used as the default policy)")
     p.add_argument("--policy", default=None,
-                   help="policy preset (monkey, monkey-fix-llm, align, lora-only, llm-lora, llm-qlora, full) or a "
+                   help="policy preset (monkey, monkey-fix-llm, vision, align, lora-only, llm-lora, llm-qlora, full) or a "
                    "YAML/JSON plan file; default: the config file's 'policy' or 'monkey'")
     p.add_argument("--rule", action="append", default=[], metavar="RULE",
                    help="extra rule 'train: PATTERN' or 'freeze: PATTERN' (repeatable; applied after the policy's rules)")

@@ -41,6 +41,7 @@ Bookkeeping (not model inputs):
     ``num_images`` int: images in the batch (``pixel_values`` holds ``views`` per image).
     ``num_samples`` int: samples in the batch (packed samples counted one by one).
     ``ids`` list of the record ids, row by row.
+    ``indices`` list of the dataset indices, row by row (batches that are not packed).
 
 **Packing.** Sequence packing: several samples share one row of ``max_length`` tokens.
 
@@ -163,6 +164,7 @@ class Collator:
         }
         if not packed_batch:
             batch["attention_mask"] = attention_mask
+            batch["indices"] = [it.get("index") for it in items]
         return batch
 
 

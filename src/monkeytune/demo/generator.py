@@ -25,7 +25,8 @@ the right window's tokens:
 
 Every training image is asked all eight questions (four regions, fine and coarse), as eight
 records. Each record names the 2x2 window that shows its answer (``window``, row-major), which
-the vision warm-up of stage 1 trains on (:mod:`monkeytune.train.vision_warmup`). Evaluation
+the vision warm-up before stage 1 trains on (the ``window_answer`` objective,
+:mod:`monkeytune.train.objectives`). Evaluation
 records follow the Monkey VQA layout (``question_id``, ``image``, ``question``, ``answer``) plus
 ``kind`` (``fine``/``coarse``) and ``region``.
 

@@ -30,20 +30,21 @@ def results_table(result: "DemoResult") -> str:
     """The printed summary: accuracy per kind, trainable parameters and time of every model."""
     from monkeytune.demo.run import LABELS
 
-    rows = [("model", "fine", "coarse", "probe: windows", "probe: global", "warm-up", "trainable", "steps", "train s",
-             "eval s")]
+    rows = [("model", "fine", "coarse", "probe: windows", "probe: global", "warm-up loss", "trainable", "steps",
+             "train s", "eval s")]
     for name, st in result.stages.items():
         probe = st.probe.get("accuracy", {})
-        warm = st.warmup.get("curve", [{}])[-1].get("accuracy")
+        warm = st.warmup.get("loss")
+        steps = f"{st.warmup['steps']} + {st.steps}" if st.warmup else str(st.steps)
         rows.append((LABELS[name], _pct(st.accuracy.get("fine")), _pct(st.accuracy.get("coarse")),
-                     _pct(probe.get("windows")), _pct(probe.get("global")), _pct(warm),
-                     f"{_count(st.trainable_params)} / {_count(st.total_params)}", str(st.steps),
-                     f"{st.train_seconds:.0f}", f"{st.eval_seconds:.0f}"))
+                     _pct(probe.get("windows")), _pct(probe.get("global")), "-" if warm is None else f"{warm:.3f}",
+                     f"{_count(st.trainable_params)} / {_count(st.total_params)}", steps,
+                     f"{st.train_seconds + st.warmup.get('seconds', 0.0):.0f}", f"{st.eval_seconds:.0f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     lines.insert(1, "-" * len(lines[0]))
     lines.append("probe: a linear probe's held-out accuracy on the fine answers from the frozen visual tokens; "
-                 "warm-up: the vision warm-up's training accuracy over its last logged steps (train s includes it)")
+                 "warm-up loss: the vision warm-up run's loss at its last step (steps and train s include the run)")
     v = result.visibility
     if v:
         lines.append(f"pixels: a linear classifier reads the fine answer from the full-resolution window in "
@@ -89,7 +90,7 @@ def metrics_dict(result: "DemoResult") -> dict[str, Any]:
                 "steps": st.steps,
                 "train_seconds": round(st.train_seconds, 2),
                 "eval_seconds": round(st.eval_seconds, 2),
-                "vision_warmup": st.warmup,
+                "warmup": st.warmup,
             }
             for name, st in result.stages.items()
         },

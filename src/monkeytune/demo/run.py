@@ -2,9 +2,10 @@
 
 1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
    policy on one-question records mixing fine (texture or digit) and coarse (colour) questions,
-   after a grounded vision warm-up (:mod:`monkeytune.train.vision_warmup`) on the same records:
-   the tower and resampler first learn to tell the answers apart from the window each record
-   names, then the LLM learns to route the questions to them;
+   after a grounded vision warm-up on the same records, a run of its own with the
+   ``window_answer`` objective (:mod:`monkeytune.train.objectives`): the tower and resampler
+   first learn to tell the answers apart from the window each record names, then stage 1 starts
+   from that run's folder and the LLM learns to route the questions to them;
 2. ``stage2``: that model fine-tuned the Monkey way, ``monkey-fix-llm`` (LLM frozen; per-window
    LoRA and resampler train), on fine questions only;
 3. ``baseline``: the same architecture with a single global view (grid ``[0, 0]``), trained like
@@ -100,8 +101,11 @@ class DemoSettings:
         steps1, steps2: Optimizer steps of stages 1 and 2; the baseline runs ``steps1 + steps2``.
         batch_size: Questions per optimizer step.
         lr1: Peak learning rate of the LLM in stage 1 and the baseline.
-        vision_warmup_steps: Steps of the vision warm-up before stage 1 and the baseline (batches of
-            ``batch_size`` records), at the warm-up's default rates (tower 3e-5, resampler 1e-3).
+        vision_warmup_steps: Steps of the vision warm-up run before stage 1 and the baseline
+            (batches of ``batch_size`` records).
+        warmup_lr, warmup_vision_lr: Peak rates of the warm-up: the resampler and the
+            objective's head, and the tower with its adapters (1e-4 and above lose the digits),
+            decayed to zero on a cosine.
         vision_lr1: Peak learning rate of the vision tower and its adapters in stage 1 and the
             baseline. The digits are lost at 1e-4 and above (``bench/vision_direct.py``).
         resampler_lr1: Peak learning rate of the resampler in stage 1 and the baseline: slow
@@ -130,6 +134,8 @@ class DemoSettings:
     batch_size: int = 64
     lr1: float = 1e-3
     vision_warmup_steps: int = 600
+    warmup_lr: float = 1e-3
+    warmup_vision_lr: float = 3e-5
     vision_lr1: float = 3e-5
     resampler_lr1: float = 1e-4
     lr2: float = 1e-5
@@ -164,37 +170,38 @@ class StageResult:
     accuracy: dict[str, float] = field(default_factory=dict)
     predictions: list[dict] = field(default_factory=list)
     probe: dict[str, Any] = field(default_factory=dict)
-    warmup: dict[str, Any] = field(default_factory=dict)  # the run's vision_warmup.json, if it warmed up
+    warmup: dict[str, Any] = field(default_factory=dict)  # its warm-up run: steps, last loss, seconds
 
 
 def _train_config(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str,
                   train_file: Path, steps: int, lr: float, component_lr: dict[str, float],
-                  vision_warmup_steps: int) -> "Any":
+                  objective: str = "lm") -> "Any":
     from monkeytune.train.config_load import load_config
 
     gpu = torch.cuda.is_available()
+    optim = {"lr": lr, "weight_decay": 0.0, "warmup_steps": max(1, steps // 20), "scheduler": "cosine"}
+    if objective == "window_answer":
+        # The warm-up's own schedule: cosine from the first step, AdamW's usual betas, no clipping.
+        optim |= {"warmup_steps": 0, "warmup_ratio": 0.0, "betas": [0.9, 0.999], "grad_clip": 0.0}
     raw = {
         "model": dataclasses.replace(model, tokenizer=str(data.tokenizer), init_seed=settings.seed),
         # Each image is asked about 8 times: decode it once (stage 1 keeps 1.1 GB of views).
         "data": {"train": [str(train_file)], "template": "monkey", "max_length": 256, "view_cache_gib": 2.0},
         "policy": {"preset": policy, "lr": component_lr},
-        "optim": {"lr": lr, "weight_decay": 0.0, "warmup_steps": max(1, steps // 20), "scheduler": "cosine"},
+        "optim": optim,
         "train": {"max_steps": steps, "micro_batch_size": settings.batch_size, "grad_accum": 1,
-                  "precision": "bf16" if gpu else "fp32", "seed": settings.seed},
+                  "precision": "bf16" if gpu else "fp32", "seed": settings.seed, "objective": objective},
         "checkpoint": {"output_dir": str(settings.out_dir / "runs" / name), "every": 0, "final_save": "full"},
         "log": {"progress": settings.progress, "plot": False},
-        "vision_warmup": {"steps": vision_warmup_steps, "batch_size": settings.batch_size},
     }
     return load_config(data=raw)
 
 
 def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, policy: str, train_file: Path,
-           steps: int, lr: float, component_lr: dict[str, float] | None = None,
-           vision_warmup_steps: int = 0) -> StageResult:
+           steps: int, lr: float, component_lr: dict[str, float] | None = None, objective: str = "lm") -> StageResult:
     from monkeytune.train.loop import train
 
-    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {},
-                        vision_warmup_steps)
+    cfg = _train_config(settings, data, name, model, policy, train_file, steps, lr, component_lr or {}, objective)
     start = time.perf_counter()
     result = train(cfg)
     seconds = time.perf_counter() - start
@@ -212,9 +219,17 @@ def _train(settings: DemoSettings, data: DemoData, name: str, model: ModelSpec, 
     final.parent.mkdir(parents=True, exist_ok=True)
     # Training recorded the data's prompt layout in the folder, so chat, serve and eval use it unasked.
     Path(result.final_dir).rename(final)
-    warm = Path(result.run_dir) / "vision_warmup.json"
-    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds,
-                       warmup=json.loads(warm.read_text(encoding="utf-8")) if warm.is_file() else {})
+    return StageResult(name, final, Path(result.run_dir), trainable, total, result.steps, seconds)
+
+
+def _warmed_up(settings: DemoSettings, data: DemoData, name: str, grid: tuple[int, int]) -> tuple[ModelSpec, dict]:
+    """The grounded vision warm-up of a fresh demo model: ``(spec of its folder, what it did)``."""
+    warm = _train(settings, data, name, ModelSpec(config=demo_model_config(grid)), "vision", data.train,
+                  settings.vision_warmup_steps, settings.warmup_lr, {"vision": settings.warmup_vision_lr},
+                  objective="window_answer")
+    rows = [json.loads(line) for line in (warm.run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    return ModelSpec(from_dir=str(warm.model_dir)), {"steps": warm.steps, "loss": rows[-1]["loss"],
+                                                     "seconds": round(warm.train_seconds, 1)}
 
 
 def _evaluate(settings: DemoSettings, data: DemoData, stage: StageResult) -> None:
@@ -300,13 +315,16 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     visibility = fine_detail_visibility(data.root, demo_model_config().image.window_size, settings.visibility_scenes)
     slow_vision = {"vision": settings.vision_lr1, "resampler": settings.resampler_lr1}
     stages: dict[str, StageResult] = {}
-    stages["stage1"] = _train(settings, data, "stage1", ModelSpec(config=demo_model_config((2, 2))), "full",
-                             data.train, settings.steps1, settings.lr1, slow_vision, settings.vision_warmup_steps)
+    warm, warmup = _warmed_up(settings, data, "stage1-warmup", (2, 2))
+    stages["stage1"] = _train(settings, data, "stage1", warm, "full", data.train, settings.steps1, settings.lr1,
+                              slow_vision)
+    stages["stage1"].warmup = warmup
     stages["stage2"] = _train(settings, data, "stage2", ModelSpec(from_dir=str(stages["stage1"].model_dir)),
                              "monkey-fix-llm", data.train_fine, settings.steps2, settings.lr2)
-    stages["baseline"] = _train(settings, data, "baseline", ModelSpec(config=demo_model_config((0, 0))), "full",
-                               data.train, settings.steps1 + settings.steps2, settings.lr1, slow_vision,
-                               settings.vision_warmup_steps)
+    warm, warmup = _warmed_up(settings, data, "baseline-warmup", (0, 0))
+    stages["baseline"] = _train(settings, data, "baseline", warm, "full", data.train, settings.steps1 + settings.steps2,
+                                settings.lr1, slow_vision)
+    stages["baseline"].warmup = warmup
     for name in STAGES:
         _evaluate(settings, data, stages[name])
     seconds = time.perf_counter() - start

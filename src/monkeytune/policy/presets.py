@@ -77,6 +77,8 @@ POLICY_PRESETS: dict[str, Preset] = {
                ("vision_adapters",) + _CONNECTOR + _LLM_ALL),
         Preset("monkey-fix-llm", "as monkey with the whole LLM frozen",
                ("vision_adapters",) + _CONNECTOR),
+        Preset("vision", "the vision tower, its per-window LoRA and the connector (LLM frozen): for a vision "
+               "objective such as window_answer", ("vision_tower", "vision_adapters") + _CONNECTOR),
         Preset("align", "LLaVA-style alignment: only the connector (and a composed model's image-token embeddings)",
                _CONNECTOR),
         Preset("lora-only", "only parameters whose name contains 'lora'", None, name_contains="lora"),

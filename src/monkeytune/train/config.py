@@ -31,6 +31,7 @@ from monkeytune.memory import PRECISIONS
 from monkeytune.model.spec import ModelSpec, ModelSpecError
 
 LOSS_NORMS = ("per_token", "per_sample")
+OBJECTIVES = ("lm", "window_answer")  # see monkeytune.train.objectives
 SCHEDULERS = ("cosine", "linear", "constant")
 PADDINGS = ("dynamic", "max_length")
 FINAL_SAVES = ("full", "adapters", "none")
@@ -181,6 +182,9 @@ class TrainSection:
         seed: Seed of the data order, dropout and every RNG.
         loss_norm: ``per_token`` (every supervised token of the optimizer step weighs the
             same) or ``per_sample`` (every sample weighs the same).
+        objective: ``lm`` (the language-model loss on the answers) or ``window_answer`` (a
+            grounded vision stage on records that name their answer's window, see
+            :mod:`monkeytune.train.objectives`).
         max_bad_steps: Stop after this many consecutive steps with a non-finite loss or gradient.
         find_unused_parameters: Let DDP tolerate parameters a batch does not use. Not needed
             for text-only batches (they run the vision path too, multiplied by zero); DDP then
@@ -206,6 +210,7 @@ class TrainSection:
     attention: str = "sdpa"
     seed: int = 42
     loss_norm: str = "per_token"
+    objective: str = "lm"
     max_bad_steps: int = 10
     find_unused_parameters: bool = False
     grad_reduce_dtype: str = "fp32"
@@ -265,27 +270,6 @@ class LogSection:
     tensorboard: str | None = field(default=None, metadata={"deprecated": True})
 
 
-@dataclass
-class VisionWarmupSection:
-    """A grounded vision warm-up before step 1 (see :mod:`monkeytune.train.vision_warmup`).
-
-    It needs records with a ``window`` field (the grid window that holds the answer), is meant
-    for a vision path trained from scratch, runs in a single process, and is skipped on resume.
-
-    Attributes:
-        steps: Warm-up steps (0: none).
-        batch_size: Records per warm-up step.
-        lr: Rate of the resampler and the warm-up's linear head.
-        vision_lr: Rate of the vision tower and its adapters. The fine detail is lost at a fast
-            rate: on the demo's digits, 1e-4 and above learn nothing, 3e-5 does.
-    """
-
-    steps: int = 0
-    batch_size: int = 64
-    lr: float = 1e-3
-    vision_lr: float = 3e-5
-
-
 SECTIONS: dict[str, type] = {
     "model": ModelSpec,
     "data": DataSection,
@@ -294,7 +278,6 @@ SECTIONS: dict[str, type] = {
     "train": TrainSection,
     "checkpoint": CheckpointSection,
     "log": LogSection,
-    "vision_warmup": VisionWarmupSection,
 }
 
 
@@ -309,7 +292,6 @@ class TrainConfig:
     train: TrainSection = field(default_factory=TrainSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
-    vision_warmup: VisionWarmupSection = field(default_factory=VisionWarmupSection)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Plain data using the YAML key names (``from``, not ``from_dir``)."""
@@ -386,6 +368,7 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     _choice(cfg.train.attention, ATTENTIONS, "train.attention", origin)
     _choice(cfg.train.precision, tuple(PRECISIONS), "train.precision", origin)
     _choice(cfg.train.loss_norm, LOSS_NORMS, "train.loss_norm", origin)
+    _choice(cfg.train.objective, OBJECTIVES, "train.objective", origin)
     _choice(cfg.train.grad_reduce_dtype, ("fp32", "bf16"), "train.grad_reduce_dtype", origin)
     _choice(cfg.checkpoint.final_save, FINAL_SAVES, "checkpoint.final_save", origin)
     for part in cfg.train.gradient_checkpointing:
@@ -397,7 +380,6 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         "train.max_bad_steps": cfg.train.max_bad_steps,
         "train.ddp_timeout": cfg.train.ddp_timeout,
         "log.every": cfg.log.every,
-        "vision_warmup.batch_size": cfg.vision_warmup.batch_size,
     }
     for name, value in positive.items():
         if value < 1:
@@ -413,15 +395,12 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
         "optim.warmup_steps": cfg.optim.warmup_steps,
         "optim.weight_decay": cfg.optim.weight_decay,
         "optim.grad_clip": cfg.optim.grad_clip,
-        "vision_warmup.steps": cfg.vision_warmup.steps,
-        "vision_warmup.lr": cfg.vision_warmup.lr,
-        "vision_warmup.vision_lr": cfg.vision_warmup.vision_lr,
     }
     for name, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{origin}: {name} must be >= 0, got {value}")
     # NaN and inf pass every comparison below unnoticed (an inf rate applies a NaN update).
-    for section in ("data", "optim", "vision_warmup"):
+    for section in ("data", "optim"):
         for f in dataclasses.fields(getattr(cfg, section)):
             value = getattr(getattr(cfg, section), f.name)
             for v in value if isinstance(value, list) else [value]:
@@ -435,9 +414,8 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
     if cfg.data.streaming and (cfg.data.columns or any(str(p).startswith("hf:") for p in cfg.data.train)):
         raise ConfigError(f"{origin}: data.streaming reads local JSON Lines files and tables with the project's "
                           "field names: data.columns and hf: dataset names are not streamed yet")
-    if cfg.data.streaming and cfg.vision_warmup.steps:
-        raise ConfigError(f"{origin}: vision_warmup.steps reads every record before training, which "
-                          "data.streaming avoids; set vision_warmup.steps 0 or data.streaming false")
+    if cfg.train.objective == "window_answer":
+        _check_window_answer(cfg, origin)
     if not cfg.optim.lr > 0:
         raise ConfigError(f"{origin}: optim.lr must be > 0, got {cfg.optim.lr}")
     if not cfg.optim.eps > 0:
@@ -453,3 +431,14 @@ def validate(cfg: TrainConfig, origin: str = "config") -> None:
             ok = False
         if not ok:
             raise ConfigError(f"{origin}: policy.lr.{comp} must be a non-negative number, got {lr!r}")
+
+
+def _check_window_answer(cfg: TrainConfig, origin: str) -> None:
+    """What ``train.objective window_answer`` needs (see :mod:`monkeytune.train.objectives`)."""
+    need = "train.objective window_answer"
+    if cfg.data.streaming or cfg.data.packing:
+        raise ConfigError(f"{origin}: {need} reads whole records by index (its answer table is built at set-up): "
+                          "set data.streaming false and data.packing false")
+    if cfg.checkpoint.every or cfg.checkpoint.resume:
+        raise ConfigError(f"{origin}: {need} keeps its head outside the model, and checkpoints hold the model: "
+                          "set checkpoint.every 0 and no checkpoint.resume (the stage is short; rerun it)")

@@ -153,6 +153,14 @@ def _unknown(name: str, choices: list[str], what: str, prefix: str = "") -> str:
     return f"{prefix}{name}: unknown {what}{hint}; known: {', '.join(choices)}"
 
 
+def _unknown_section(sec: str, where: str) -> ConfigError:
+    if sec == "vision_warmup":  # configs written before the warm-up became a stage of its own
+        return ConfigError(f"{where}: the vision_warmup section is now a stage of its own: a run with train.objective "
+                           "window_answer and policy.preset vision, whose final folder the next run starts from "
+                           "(see examples/from-scratch-two-stage/warmup.yaml)")
+    return ConfigError(f"{where}: " + _unknown(sec, list(SECTIONS), "section"))
+
+
 def _fields(section_cls: type) -> dict[str, dataclasses.Field]:
     return {_key(f): f for f in dataclasses.fields(section_cls)}
 
@@ -174,7 +182,7 @@ def set_value(cfg: TrainConfig, dotted: str, value: Any, where: str = "override"
                           "(e.g. train.max_steps, model.config.image.grid)")
     sec = parts[0]
     if sec not in SECTIONS:
-        raise ConfigError(f"{where}: " + _unknown(sec, list(SECTIONS), "section"))
+        raise _unknown_section(sec, where)
     _set_in(getattr(cfg, sec), parts[1:], value, where, sec)
 
 
@@ -318,7 +326,7 @@ def load_config(
     for sec, body in data.items():
         where = f"{origin}:{lines[(sec,)]}" if (sec,) in lines else origin
         if sec not in SECTIONS:
-            raise ConfigError(f"{where}: " + _unknown(str(sec), list(SECTIONS), "section"))
+            raise _unknown_section(str(sec), where)
         if body is None:
             continue
         if isinstance(body, SECTIONS[sec]):  # given typed from Python (e.g. a ModelSpec)

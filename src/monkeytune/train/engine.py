@@ -200,9 +200,12 @@ def configure_engine(accelerator, cfg: TrainConfig) -> None:
         table[key] = wanted
 
 
+SHARDING_ENGINES = ("fsdp2", "fsdp1", "deepspeed-zero2", "deepspeed-zero3")
+
+
 def is_sharded(accelerator) -> bool:
     """Whether model/optimizer state is sharded by the engine (FSDP2, DeepSpeed)."""
-    return engine_of(accelerator) in ("fsdp2", "fsdp1", "deepspeed-zero2", "deepspeed-zero3")
+    return engine_of(accelerator) in SHARDING_ENGINES
 
 
 def shard_fsdp2(module: torch.nn.Module, precision: str, reduce: str = "fp32") -> torch.nn.Module:

@@ -32,6 +32,7 @@ from monkeytune.train.final import rebuild_from_state, save_final, training_reco
 from monkeytune.train.fingerprint import run_fingerprint
 from monkeytune.train.lock import claim_run_dir
 from monkeytune.train.metrics import PLOT_FILE, MetricsLog, Progress, plot_losses
+from monkeytune.train.objectives import build_training_module
 from monkeytune.train.optim import build_optimizer, build_scheduler
 from monkeytune.train.sampler import Position, micro_batches, stream_batches
 from monkeytune.train.setup import (
@@ -50,7 +51,6 @@ from monkeytune.train.setup import (
     load_model_and_tokenizer,
     resolve_run_model,
     compose_for_run,
-    run_vision_warmup,
     stream_position,
     total_steps,
 )
@@ -122,8 +122,8 @@ def train(cfg: TrainConfig, resume: str | None = None, on_step: Callable[[dict],
         model, tokenizer, schedule, stage = _load_model(run)
         dataset, collator, sampler = _build_data(run, model, tokenizer)
         trained_with = _trained_with(run, dataset, tokenizer)
-        ctx, position = _prepare_step(run, model, schedule, stage, total_steps(run.cfg, sampler.batches_per_epoch),
-                                      sampler.batches_per_epoch)
+        ctx, position = _prepare_step(run, build_training_module(run.cfg, model, dataset), schedule, stage,
+                                      total_steps(run.cfg, sampler.batches_per_epoch), sampler.batches_per_epoch)
         stream = _batches(run, dataset, collator, sampler, position)
         result = TrainResult(run.dir, run.start_step, last_checkpoint=run.resume_dir)
         for step in range(run.start_step + 1, ctx.total_steps + 1):
@@ -236,13 +236,8 @@ def _load_model(run: _Run):
 
     cfg, acc = run.cfg, run.acc
     model, tokenizer = load_model_and_tokenizer(cfg, device=acc.device, resolved=run.resolved)
-    if cfg.vision_warmup.steps and not run.saved:  # a resumed run's checkpoint holds the warmed-up weights
-        run_vision_warmup(cfg, model, run.dir, acc.num_processes, acc.device, run.main)
     precision = compute_precision(acc, cfg)
     _, schedule = build_schedule(cfg, model, precision)  # llm-qlora: the 4-bit compute dtype
-    if is_sharded(acc) and schedule.stages:
-        raise SetupError(f"policy.unfreeze stages need a single-process or DDP run: {engine_of(acc)} fixes the "
-                         "trainable set when it wraps the model")
     # The stage in force when the checkpoint was written (the loop switches to the next
     # stage before its first step, exactly as the uninterrupted run did).
     stage = _stage_by_index(schedule, int(run.saved["stage"])) if run.saved else schedule.stage_at(0)
@@ -274,20 +269,21 @@ def _trained_with(run: _Run, dataset, tokenizer) -> dict[str, Any]:
     return trained_with
 
 
-def _prepare_step(run: _Run, model, schedule, stage, steps_total: int,
+def _prepare_step(run: _Run, module: TrainingModule, schedule, stage, steps_total: int,
                   batches_per_epoch: int) -> tuple[StepContext, Position]:
-    """The engine-wrapped model and optimizer, restored when resuming, in the step's context;
-    and the data position to start from."""
+    """The engine-wrapped training module (the model and its objective) and optimizer, restored
+    when resuming, in the step's context; and the data position to start from."""
     from accelerate.utils import send_to_device, set_seed
 
     from monkeytune.policy import apply_stage, plan_report
 
     cfg, acc, sharded = run.cfg, run.acc, is_sharded(run.acc)
-    module = TrainingModule(model)
+    model, objective = module.model, module
     if engine_of(acc) == "fsdp2":
         # before the optimizer: it replaces the parameters
         module = shard_fsdp2(module, cfg.train.precision, cfg.train.grad_reduce_dtype)
-    optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages))
+    optimizer = build_optimizer(model, cfg.optim, cfg.policy.lr, cfg.policy.no_decay, bool(schedule.stages),
+                                extra=module.extra_parameters())
     scheduler = build_scheduler(optimizer, cfg.optim, steps_total)
     apply_stage(model, optimizer, stage, scheduler)
     if run.main:
@@ -301,7 +297,7 @@ def _prepare_step(run: _Run, model, schedule, stage, steps_total: int,
     else:
         module, optimizer = acc.prepare(module, optimizer)
     check_engine(acc, cfg)
-    engine = Engine(acc, module, optimizer, [p for p in model.parameters() if p.requires_grad])
+    engine = Engine(acc, module, optimizer, [p for p in objective.parameters() if p.requires_grad])
     logger.info("gradients accumulate and reduce in %s", engine.grad_reduce_dtype(cfg.train.grad_reduce_dtype))
     position = _start_position(run)
     if run.saved:
@@ -311,7 +307,8 @@ def _prepare_step(run: _Run, model, schedule, stage, steps_total: int,
     resume_step = run.start_step if run.saved else None
     start_trackers(acc, cfg, resume_step)
     ctx = StepContext(
-        cfg=cfg, engine=engine, model=model, scheduler=scheduler, schedule=schedule, stage_index=stage.index,
+        cfg=cfg, engine=engine, model=model, objective=objective, scheduler=scheduler, schedule=schedule,
+        stage_index=stage.index,
         sharded=sharded, metrics=MetricsLog(run.dir, run.main, acc, resume_step=resume_step),
         progress=Progress(steps_total, run.start_step, run.main and cfg.log.progress), checkpoints=run.checkpoints,
         batches_per_epoch=batches_per_epoch, total_steps=steps_total, send_to_device=send_to_device,
@@ -374,7 +371,7 @@ def _enter_stage(ctx: StepContext, stage, step: int) -> None:
     engine = ctx.engine
     if change.changed and isinstance(engine.module, torch.nn.parallel.DistributedDataParallel):
         engine.module = rewrap_ddp(engine.module)
-    engine.params = [p for p in ctx.model.parameters() if p.requires_grad]
+    engine.params = [p for p in ctx.objective.parameters() if p.requires_grad]
     ctx.stage_index = stage.index
     ctx.progress.write(f"step {step}: unfreezing stage {stage.index} "
                        f"(+{len(change.newly_trainable)} / -{len(change.newly_frozen)} trainable tensors)")
@@ -391,7 +388,8 @@ def _finish(cfg: TrainConfig, ctx: StepContext, model, tokenizer, run_dir: Path,
             # full state (every process takes part) and rebuild an unsharded model from it.
             state = ctx.engine.full_state_dict()
             if acc.is_main_process:
-                bare = {k.removeprefix("model."): v for k, v in state.items()}
+                # The model's weights only: an objective's own head is not part of the model.
+                bare = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
                 # Sharded runs have no unfreezing stages, so the base plan is the one in force.
                 model = rebuild_from_state(model.config, bare, ctx.schedule.plan)
         if acc.is_main_process:

@@ -35,6 +35,7 @@ def build_optimizer(
     lr_by_component: dict[str, float],
     no_decay: list[str],
     include_frozen: bool,
+    extra: list[nn.Parameter] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (``optim.name`` says which implementation) with one group per (component, decay) pair.
 
@@ -45,12 +46,17 @@ def build_optimizer(
         no_decay: Extra no-decay patterns on top of the policy's defaults.
         include_frozen: Hold frozen parameters too (needed when unfreezing stages exist, so the
             groups never change and saved optimizer states always load).
+        extra: Parameters of the training objective outside the model (a head), in a group of
+            their own (component ``objective``) at ``optim.lr``, without weight decay.
     """
     lrs = {"default": float(optim.lr), **{k: float(v) for k, v in lr_by_component.items()}}
     groups = build_param_groups(
         model, lrs, weight_decay=optim.weight_decay,
         no_decay_patterns=tuple(DEFAULT_NO_DECAY) + tuple(no_decay), include_frozen=include_frozen,
     )
+    if extra:
+        groups.append({"params": list(extra), "lr": float(optim.lr), "base_lr": float(optim.lr), "weight_decay": 0.0,
+                       "name": "objective", "component": "objective"})
     betas = (float(optim.betas[0]), float(optim.betas[1]))
     if optim.name == "adamw_torch":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=betas, eps=optim.eps, fused=use_fused_adamw(groups) or None)

@@ -19,6 +19,7 @@ from monkeytune.model.io import load_model
 from monkeytune.model.monkey import enable_llm_checkpointing
 from monkeytune.model.spec import ModelSpecError, ResolvedModel, resolve_model
 from monkeytune.train.config import TrainConfig
+from monkeytune.train.engine import SHARDING_ENGINES
 from monkeytune.train.sampler import EpochBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def check_environment(cfg: TrainConfig) -> None:
 
 
 def check_run_support(cfg: TrainConfig, engine: str, device_type: str) -> None:
-    """Refuse an optimizer, preset or attention this engine/device cannot run (one line, no fallback).
+    """Refuse an optimizer, preset, unfreezing stages or attention this engine/device cannot run (one line, no fallback).
 
     Called before the model is built, so nothing is loaded, quantised or sharded first.
 
@@ -86,6 +87,9 @@ def check_run_support(cfg: TrainConfig, engine: str, device_type: str) -> None:
     reason = qlora_engine_reason(cfg.policy.preset, engine)
     if reason:
         raise SetupError(reason)
+    if cfg.policy.unfreeze and engine in SHARDING_ENGINES:
+        raise SetupError(f"policy.unfreeze stages need a single-process or DDP run: {engine} fixes the trainable set "
+                         "when it wraps the model")
     if cfg.train.attention == "flash_attention_2":
         if importlib.util.find_spec("flash_attn") is None:
             raise SetupError("train.attention flash_attention_2 needs the flash_attn package, which is not installed: "
@@ -415,84 +419,3 @@ def total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
             f"step of train.grad_accum={cfg.train.grad_accum} micro-batches; lower grad_accum or set train.max_steps"
         )
     return steps
-
-
-def check_warmup_fits(model: nn.Module, total: int, batch_size: int) -> None:
-    """Refuse a vision warm-up that cannot fit the GPU, and warn when it may not.
-
-    The warm-up moves the whole model to the GPU and trains the tower and resampler in fp32 with
-    AdamW, one window view per record: the model's weights as held, 12 more bytes per vision
-    parameter (gradient, two moments), and each view's activations through every ViT block
-    (about 20 ``[patches, width]`` fp32 tensors a block: norms, q/k/v, attention, the MLP's
-    hidden layer and residuals). It is meant for a small vision path trained from scratch; with
-    ViT-bigG one view alone keeps ~6 GiB of activations.
-
-    Args:
-        model: The model (a model on the meta device will do).
-        total: The GPU's memory in bytes.
-        batch_size: ``vision_warmup.batch_size``.
-
-    Raises:
-        SetupError: the estimate exceeds the GPU's memory.
-    """
-    vision = [p for part in (model.vision, model.resampler) for p in part.parameters()]
-    cfg = model.config
-    patches = (cfg.image.window_size // cfg.vision.patch_size) ** 2
-    per_view = 20 * 4 * patches * cfg.vision.width * cfg.vision.layers
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    need = weights + 12 * sum(p.numel() for p in vision) + batch_size * per_view
-    if need > total:
-        raise SetupError(f"vision_warmup needs about {need / 2**30:.1f} GiB (the model, fp32 AdamW states of the "
-                         f"{sum(p.numel() for p in vision) / 1e6:.0f}M vision parameters and {per_view / 2**30:.2f} GiB "
-                         f"of activations per view x batch_size {batch_size}), more than this GPU's "
-                         f"{total / 2**30:.1f} GiB: lower vision_warmup.batch_size or set vision_warmup.steps 0 (the "
-                         "warm-up is meant for a small vision path trained from scratch)")
-    if need > 0.8 * total:
-        logger.warning("vision_warmup: about %.1f GiB of this GPU's %.1f GiB by the estimate; lower "
-                       "vision_warmup.batch_size if it runs out of memory", need / 2**30, total / 2**30)
-
-
-def run_vision_warmup(cfg: TrainConfig, model: nn.Module, run_dir: Path, num_processes: int, device: Any,
-                      main: bool) -> None:
-    """The run's grounded vision warm-up (``vision_warmup.steps > 0``), before step 1; see
-    :mod:`monkeytune.train.vision_warmup`. Its curve is logged and written to ``vision_warmup.json``.
-
-    Raises:
-        SetupError: a multi-process run, or no usable record.
-        DataError: a bad record (as the training data would raise it).
-    """
-    import json
-
-    from monkeytune.data.reading import load_samples
-    from monkeytune.train.vision_warmup import WINDOW_FIELD, VisionWarmupError, warm_up_vision, window_examples
-
-    if num_processes > 1:
-        raise SetupError(f"vision_warmup needs a single-process run ({num_processes} processes here): run this "
-                         "stage in one process, or warm up in a short one-process run and start this one from its "
-                         "final folder (model.from) with vision_warmup.steps 0")
-    # Bad records are the training data's to report (error or skip, as data.on_bad_sample says).
-    errors: list | None = [] if cfg.data.on_bad_sample == "skip" else None
-    samples = load_samples(cfg.data.train, errors, cfg.data.format, cfg.data.image_root, cfg.data.allow_empty_answers,
-                           columns=cfg.data.columns, load_options=cfg.data.load_options)
-    try:
-        examples, skipped = window_examples(samples, model.config.image.num_windows)
-        if not examples:
-            raise VisionWarmupError(f"no record of {', '.join(cfg.data.train)} has a '{WINDOW_FIELD}' field")
-    except VisionWarmupError as e:
-        raise SetupError(f"vision_warmup: {e}") from None
-    logger.info("vision warm-up: %d steps on %d records that name a window (%d without one, not used)",
-                cfg.vision_warmup.steps, len(examples), skipped)
-    if torch.device(device).type == "cuda":
-        check_warmup_fits(model, torch.cuda.get_device_properties(torch.device(device)).total_memory,
-                          cfg.vision_warmup.batch_size)
-    home = next(model.parameters()).device
-    model.to(device)
-
-    def log(step: int, loss: float, accuracy: float) -> None:
-        logger.info("vision warm-up step %d: loss %.4f, accuracy %.1f%%", step, loss, 100 * accuracy)
-
-    result = warm_up_vision(model, examples, cfg.vision_warmup, cfg.train.seed, progress=log)
-    result.skipped = skipped
-    model.to(home)
-    if main:
-        (run_dir / "vision_warmup.json").write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -91,11 +91,31 @@ def sample_weights(labels: torch.Tensor, position_ids: torch.Tensor | None) -> t
     return weights.view(b, t), int((counts > 0).sum())
 
 
+@dataclass
+class StepCounts:
+    """What one micro-batch adds to its step's counts (summed over the step's micro-batches and ranks).
+
+    Attributes:
+        targets: Supervised targets (the ``per_token`` divisor).
+        samples: Samples with targets (the ``per_sample`` divisor).
+        tokens: Tokens read (for ``tokens_per_s``).
+        head_calls: LM-head calls of the loss (every rank makes the step's most).
+        weights: ``[B, T]`` per-target weights of the ``per_sample`` loss, or None.
+    """
+
+    targets: int
+    samples: int
+    tokens: float
+    head_calls: int
+    weights: torch.Tensor | None
+
+
 class TrainingModule(nn.Module):
     """What the engine wraps (DDP/FSDP/DeepSpeed): the model plus the step's loss reduction.
 
     Wrapping this module rather than the model lets the per-sample loss run inside the wrapped
-    forward, so data-parallel gradient hooks see every parameter use.
+    forward, so data-parallel gradient hooks see every parameter use. This is the language-model
+    objective (``train.objective lm``); :mod:`monkeytune.train.objectives` has the others.
 
     Args:
         model: A :class:`~monkeytune.model.MonkeyForCausalLM`.
@@ -104,6 +124,18 @@ class TrainingModule(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Parameters the objective trains beside the model's (none here); not saved with the model."""
+        return []
+
+    def counts(self, batch: dict[str, Any], per_sample: bool) -> StepCounts:
+        """The micro-batch's counts, read from its labels before the forward pass."""
+        labels = batch["labels"]
+        weights, samples = sample_weights(labels, batch.get("position_ids"))
+        tokens = float(batch["seq_lens"].sum()) if "seq_lens" in batch else batch["input_ids"].numel()
+        return StepCounts(supervised_count(labels), samples, tokens, loss_chunk_count(labels),
+                          weights if per_sample else None)
 
     def forward(self, batch: dict[str, Any], token_weights: torch.Tensor | None = None,
                 loss_chunks: int | None = None) -> torch.Tensor:
@@ -129,6 +161,7 @@ class StepContext:
     cfg: TrainConfig
     engine: Engine
     model: Any  # the bare model (weights, names, finiteness checks)
+    objective: TrainingModule  # the bare module the engine wraps (the step's counts)
     scheduler: Any
     schedule: Any  # the unfreezing schedule
     stage_index: int
@@ -164,17 +197,17 @@ def run_step(ctx: StepContext, step: int, micro: list[tuple[Position, dict[str, 
     position = micro[-1][0]
     per_sample = cfg.train.loss_norm == "per_sample"
 
-    # Step counts: supervised tokens (or samples) of the whole step, over every rank, and the
+    # Step counts: supervised targets (or samples) of the whole step, over every rank, and the
     # LM-head calls of each micro-batch, the most any rank needs (one gather for both): a
     # sharded head is gathered at every call, so every rank must make the same number.
     weights, counts = [], torch.zeros(3 + len(batches), dtype=torch.float64)
     for i, b in enumerate(batches):
-        counts[0] += supervised_count(b["labels"])
-        w, n = sample_weights(b["labels"], b.get("position_ids"))
-        counts[1] += n
-        counts[2] += float(b["seq_lens"].sum()) if "seq_lens" in b else b["input_ids"].numel()
-        counts[3 + i] = loss_chunk_count(b["labels"])
-        weights.append(w if per_sample else None)
+        c = ctx.objective.counts(b, per_sample)
+        counts[0] += c.targets
+        counts[1] += c.samples
+        counts[2] += c.tokens
+        counts[3 + i] = c.head_calls
+        weights.append(c.weights)
     counts = acc.gather(counts.to(acc.device)).view(acc.num_processes, -1).cpu()
     totals, head_calls = counts[:, :3].sum(0), counts[:, 3:].amax(0).long().tolist()
     denom = float(totals[1] if per_sample else totals[0])
