@@ -39,7 +39,7 @@ demo: $(VENV)/.installed
 # Two workers, each running a whole test file at a time (module fixtures are built once): the
 # single-process tests use the second core while another file's two-rank launches run.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15  # the slowest tests, so a regression shows
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15  # the slowest tests, so a regression shows
 
 bench: $(VENV)/.installed
 	$(PY) bench/vision.py

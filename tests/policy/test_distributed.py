@@ -13,6 +13,8 @@ from torch import nn
 
 from monkeytune.policy import TrainPlan, apply_plan, check_trainable_consistent
 
+pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):

@@ -46,9 +46,9 @@ def micro_model():
     return copy.deepcopy(MICRO_MODEL)
 
 
-@pytest.fixture
-def make_config(synthetic, tmp_path):
-    """Build a validated TrainConfig for the micro model; nested dict overrides per section."""
+def config_maker(synthetic, folder):
+    """``make(run, **sections)``: a validated TrainConfig for the micro model, its run under ``folder``;
+    nested dict overrides per section."""
 
     def make(run="run", **sections):
         train_file, tok = synthetic
@@ -58,7 +58,7 @@ def make_config(synthetic, tmp_path):
             "policy": {"preset": "full"},
             "optim": {"lr": 3e-3, "warmup_ratio": 0.1},
             "train": {"epochs": 1, "micro_batch_size": 4, "grad_accum": 1, "precision": "fp32"},
-            "checkpoint": {"output_dir": str(tmp_path / run), "final_save": "none"},
+            "checkpoint": {"output_dir": str(folder / run), "final_save": "none"},
             "log": {"progress": False, "plot": False},
         }
         for sec, body in sections.items():
@@ -66,6 +66,12 @@ def make_config(synthetic, tmp_path):
         return load_config(data=data)
 
     return make
+
+
+@pytest.fixture
+def make_config(synthetic, tmp_path):
+    """:func:`config_maker` under the test's own folder."""
+    return config_maker(synthetic, tmp_path)
 
 
 LONG_ANSWER = " " + " ".join(["a red square on a blue background"] * 9)  # about 110 tokens

@@ -16,6 +16,8 @@ from monkeytune.train.loop import train
 from tests.model.compose_parts import save_clip, save_qwen2
 from tests.train.test_engines import finish, kill, launch, losses, start
 
+pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+
 
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):

@@ -11,6 +11,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -165,6 +165,8 @@ class WindowAnswerObjective(TrainingModule):
         return views, records
 
     def counts(self, batch: dict[str, Any], per_sample: bool) -> StepCounts:
+        """One target per record that names a window (``per_token`` and ``per_sample`` agree);
+        the metrics' ``tokens`` and ``tokens_per_s`` count those records."""
         n = len(self._rows(batch)[1])
         return StepCounts(targets=n, samples=n, tokens=n, head_calls=0, weights=None)
 
