@@ -20,11 +20,16 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_ex
 
 
 def pytest_collection_modifyitems(items):
-    """Files marked ``processes`` (they launch ranks) first, the rest in their order.
+    """Files marked ``processes`` (they launch ranks) first, longest first; the rest in their order.
 
     ``make test`` runs two workers a file at a time in this order (``--dist loadfile
     --no-loadscope-reorder``): the long multi-process files start at once and the many short
     single-process files fill the other core meanwhile, instead of the run ending on one long
-    file with a core idle.
+    file with a core idle. ``seconds`` is the file's measured time in such a run.
     """
-    items.sort(key=lambda item: item.get_closest_marker("processes") is None)
+
+    def cost(item) -> float:
+        mark = item.get_closest_marker("processes")
+        return -mark.kwargs.get("seconds", 1) if mark is not None else 0
+
+    items.sort(key=cost)

@@ -18,7 +18,7 @@ from monkeytune.generate import default_template
 from monkeytune.model.io import load_model
 from monkeytune.serve.launch import find_demo_model
 
-pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=50)  # starts several processes (see tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from torch import nn
 
 from monkeytune.policy import TrainPlan, apply_plan, check_trainable_consistent
 
-pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=1)  # starts several processes (see tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,9 @@ def ranks(tmp_path_factory):
     try:
         worker = importlib.import_module("policy_ddp_worker")
         out = tmp_path_factory.mktemp("ddp")
-        mp.spawn(worker.run, args=(2, str(out)), nprocs=2, join=True)
+        # Forked, the ranks start with torch and monkeytune already imported (spawned, each
+        # would import them again: about 10 s of a 2-core machine).
+        mp.start_processes(worker.run, args=(2, str(out)), nprocs=2, join=True, start_method="fork")
     finally:
         sys.path.remove(here)
     return [torch.load(out / f"rank{r}.pt") for r in range(2)]

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,9 +13,9 @@ from monkeytune.model.compose import ComposeOptions, compose
 from monkeytune.model.io import read_tensors
 from monkeytune.train.loop import train
 from tests.model.compose_parts import save_clip, save_qwen2
-from tests.train.test_engines import finish, kill, launch, losses, start
+from tests.train.test_engines import finish, kill, losses, start
 
-pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=60)  # starts several processes (see tests/conftest.py)
 
 
 @pytest.fixture(scope="module")
@@ -78,34 +77,28 @@ def _assert_matches(run: Path, reference: list[float]) -> dict[int, float]:
     return got
 
 
-def test_fsdp2_and_zero3_shard_the_composed_model_match_one_process_and_fsdp2_resumes_exactly(
+def test_fsdp2_and_zero3_shard_the_composed_model_and_match_one_process(
         composed, uneven, make_config, tmp_path):
     # The two engines that split the composed model: FSDP2 wraps the encoder's own layers
     # (EncoderTower.blocks) and the LLM's; ZeRO-3 partitions every part, so the parts must be
     # built by their classes, not on its meta device. Both launches run side by side, and the
     # ranks draw text-only and image micro-batches at the same step (the `uneven` data). DDP and
-    # ZeRO-2 hold the model whole, as for a Monkey model (tests/train/test_engines.py).
+    # ZeRO-2 hold the model whole, as for a Monkey model (tests/train/test_engines.py, which also
+    # resumes each sharding engine's checkpoint: the same code, whatever the model).
     engines = {"fsdp2": "fsdp.yaml", "deepspeed-zero3": "deepspeed_zero3.yaml"}
     procs = {}
     for engine, config_file in engines.items():
         cfg = make_config(engine, **_sections(composed, uneven, "monkey"))
-        cfg.checkpoint.every = 3
+        cfg.checkpoint.every = 3  # the engine's sharded checkpoint of the composed parts is written
         cfg.save(tmp_path / f"{engine}.yaml")
         procs[engine] = start(config_file, tmp_path / f"{engine}.yaml")
     try:  # the reference trains while the ranks start
         reference = _one_process(composed, uneven, make_config)
-        got = {}
         for engine, proc in procs.items():
             finish(proc)
-            got[engine] = _assert_matches(tmp_path / engine, reference)
+            _assert_matches(tmp_path / engine, reference)
     finally:
         kill(list(procs.values()))
-    resumed = tmp_path / "resumed"
-    ckpt = tmp_path / "fsdp2" / "checkpoints" / "step-00000003"
-    shutil.copytree(ckpt, resumed / "checkpoints" / ckpt.name)
-    launch(engines["fsdp2"], tmp_path / "fsdp2.yaml", "--resume", "--checkpoint.output_dir", str(resumed))
-    again = losses(resumed)
-    assert [again[s] for s in (4, 5, 6)] == [got["fsdp2"][s] for s in (4, 5, 6)]
 
 
 def test_a_training_config_composes_in_the_run_folder_and_resumes_from_it(parts, synthetic, make_config, composed):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=17)  # starts several processes (see tests/conftest.py)
 
 
 def free_port() -> int:

@@ -21,7 +21,7 @@ from monkeytune.train.setup import SetupError
 
 from .test_engines import finish, losses, start
 
-pytestmark = pytest.mark.processes  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=25)  # starts several processes (see tests/conftest.py)
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 
