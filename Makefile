@@ -36,8 +36,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/monkeytune demo
 
-# Two workers, each running a whole test file at a time (module fixtures are built once): the
-# single-process tests use the second core while another file's two-rank launches run.
+# Two workers, each running a whole test file at a time (module fixtures are built once), in the
+# order tests/conftest.py gives: the files that launch ranks first, longest first, while the
+# single-process files fill the other core.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15  # the slowest tests, so a regression shows
 
