@@ -70,14 +70,15 @@ $(UPSTREAM)/.installed: pyproject.toml $(LOCK)
 	test -x $(UPSTREAM)/bin/python || $(PYTHON) -m venv $(UPSTREAM)
 	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) pip
 	$(UPSTREAM)/bin/python -m pip install -q $(TORCH_SPEC)
-	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) -e ".[dev]"
+	# The upstream tests need the package and pytest only (not the serving, browser and API clients of dev).
+	$(UPSTREAM)/bin/python -m pip install -q -c $(LOCK) -e . pytest pytest-xdist
 	touch $@
 
 test-upstream: $(UPSTREAM)/.installed
 	# Every time, so a kept environment still meets the newest releases.
 	$(UPSTREAM)/bin/python -m pip install -q --upgrade transformers peft accelerate
 	$(UPSTREAM)/bin/python -m pip list 2>/dev/null | grep -E '^(transformers|peft|accelerate|torch) '
-	$(UPSTREAM)/bin/python -m pytest -q $(UPSTREAM_TESTS)
+	$(UPSTREAM)/bin/python -m pytest -q -n 2 --dist loadfile $(UPSTREAM_TESTS)
 
 # The same package at the floors of pyproject.toml's ranges (each direct requirement at the lowest
 # version it allows), for the whole suite. Run by hand when a floor moves; the result is in the README.
