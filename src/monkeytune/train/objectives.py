@@ -102,12 +102,12 @@ def window_table(dataset: Any, windows: int) -> WindowTable:
         where = f"{s.file}:{s.line}: field '{WINDOW_FIELD}'"
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise SetupError(f"{where}: expected the row-major index of a grid window (0 is the top-left), "
-                                 f"got {value!r}")
+                             f"got {value!r}")
         if windows and value >= windows:
             raise SetupError(f"{where}: the model has {windows} windows (0..{windows - 1}), got {value}")
         if len(s.turns[0].images) != 1:
             raise SetupError(f"{where}: a record that names a window needs exactly one image in its first "
-                                 f"message, this one has {len(s.turns[0].images)}")
+                             f"message, this one has {len(s.turns[0].images)}")
         window[i] = value
         question[i] = questions.setdefault(s.turns[0].plain_text.strip(), len(questions))
         answer[i] = answers.setdefault(s.turns[1].plain_text.strip(), len(answers))
@@ -205,7 +205,7 @@ def build_training_module(cfg: Any, model: nn.Module, dataset: Any) -> TrainingM
     llm_trains = [n for n, p in model.llm.named_parameters() if p.requires_grad]
     if llm_trains:
         raise SetupError(f"train.objective window_answer trains the vision path only, but the policy trains "
-                             f"{len(llm_trains)} LLM tensors (e.g. llm.{llm_trains[0]}): use policy.preset vision")
+                         f"{len(llm_trains)} LLM tensors (e.g. llm.{llm_trains[0]}): use policy.preset vision")
     table = window_table(dataset, model.config.image.num_windows)
     logger.info("window_answer objective: %d records name a window (%d do not and weigh nothing), %d answers",
                 int((table.window >= 0).sum()), table.skipped, len(table.answers))
