@@ -1,4 +1,4 @@
-"""A shortened demo run exercises every step end to end: data, three trainings, eval, report."""
+"""A shortened demo run exercises every step end to end: data, two warm-ups, three trainings, eval, report."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``monkeytune demo``: the embedded synthetic task end to end (data, three trainings, eval, report)."""
+"""``monkeytune demo``: the embedded synthetic task end to end (data, warm-ups, trainings, eval, report)."""
 
 from __future__ import annotations
 

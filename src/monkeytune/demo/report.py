@@ -51,7 +51,7 @@ def results_table(result: "DemoResult") -> str:
                      f"{_pct(v['window']).strip()}, from the global view in {_pct(v['global']).strip()}, from a "
                      f"single-view image in {_pct(v['single_view']).strip()} (chance {_pct(v['chance']).strip()})")
     lines.append(f"task {result.settings.task}: total wall time {result.seconds:.0f} s "
-                 "(data, three trainings, three evaluations, report)")
+                 "(data, two vision warm-ups, three trainings, three evaluations, report)")
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""The demo run: data, three trainings, evaluation, report, for one task (``textures`` or ``digits``).
+"""The demo run: data, two warm-ups, three trainings, evaluation, report, for one task (``textures`` or ``digits``).
 
 1. ``stage1``: the demo model (2x2 windows + global view) trained from scratch with the ``full``
    policy on one-question records mixing fine (texture or digit) and coarse (colour) questions,
