@@ -185,10 +185,9 @@ class WindowAnswerObjective(TrainingModule):
         if not views:
             return idle
         logits = self.head(window_readout(tokens[: len(views)]))
-        table = self.table
-        rows = torch.tensor(records, dtype=torch.long)
-        allowed = table.allowed[torch.from_numpy(table.question[rows.numpy()]).long()].to(logits.device)
-        target = torch.from_numpy(table.answer[rows.numpy()]).long().to(logits.device)
+        rows = np.asarray(records)
+        allowed = self.table.allowed[torch.from_numpy(self.table.question[rows]).long()].to(logits.device)
+        target = torch.from_numpy(self.table.answer[rows]).long().to(logits.device)
         loss = F.cross_entropy(logits.float().masked_fill(~allowed, float("-inf")), target, reduction="sum")
         return loss + idle
 
