@@ -20,7 +20,7 @@ from monkeytune.model import build_model
 from monkeytune.model.monkey import MonkeyForCausalLM
 from monkeytune.model.qwen_compat import CompatConfig, apply_compat
 from monkeytune.serve.batching import Batcher, Job
-from monkeytune.serve.decode import Decoder
+from monkeytune.serve.decode import Decoder, GrowingLayer
 from monkeytune.tokenizer.simple import SimpleTokenizer
 
 TEXTS = ["what is in the picture? Answer: a red square", "the quick brown fox jumps over the lazy dog",
@@ -127,6 +127,32 @@ def test_rows_that_join_and_leave_mid_decode_answer_as_alone(model, tok, picture
     for job in (long_, pictured, wide, short):
         assert job.tokens == alone(model, tok, job.ids, job.images, job.max_tokens), job.ids[:8]
     assert joins == (model.llm.config.model_type != "qwen2" or not model.llm.config.use_sliding_window)
+
+
+def test_a_growing_layer_holds_what_concatenation_holds():
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    layer = GrowingLayer(keys, values)
+    for step, width in enumerate((1, 7, GrowingLayer.ROOM, 1, 1, 3)):  # past the spare columns twice
+        if step == 4:  # transformers' own reordering (beam search) replaces the tensors: still in step
+            layer.reorder_cache(torch.tensor([2, 0, 1]))
+            keys, values = keys[[2, 0, 1]], values[[2, 0, 1]]
+        k, v = torch.randn(3, 2, width, 4), torch.randn(3, 2, width, 4)
+        keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        got_k, got_v = layer.update(k, v)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+        assert layer.get_seq_length() == keys.shape[-2] and layer.get_mask_sizes(1) == (keys.shape[-2] + 1, 0)
+
+
+def test_rows_decoded_past_the_spare_columns_answer_as_alone(tok, picture):
+    model = make("native", tok)
+    n = GrowingLayer.ROOM + 12
+    first = Job(prompt(model, tok, "how many boxes are there?")[0], [], n, None)
+    ids, images = prompt(model, tok, "what is in the picture?", str(picture))
+    second = Job(ids, images, n, None)
+    drive(Decoder(model, tok.vocab_size, tok.pad_id), {0: [first], 40: [second]}, n)
+    for job in (first, second):
+        assert job.tokens == alone(model, tok, job.ids, job.images, n)
 
 
 def test_ids_no_token_maps_to_are_never_picked(tok):
