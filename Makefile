@@ -64,7 +64,7 @@ lock:
 	rm -rf $(LOCK_VENV)
 
 # The same package against the newest transformers, peft and accelerate that install here, for the
-# tests above. CI runs it before the locked suite and reports a failure without blocking.
+# tests above. CI runs it while the locked set installs, and reports a failure without blocking.
 UPSTREAM := .venv-upstream
 $(UPSTREAM)/.installed: pyproject.toml $(LOCK)
 	test -x $(UPSTREAM)/bin/python || $(PYTHON) -m venv $(UPSTREAM)
