@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 from monkeytune.train.config_load import load_config
 from monkeytune.train.synthetic import write_synthetic_dataset
@@ -119,3 +125,55 @@ def stop_at(step):
             raise Interrupt
 
     return hook
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank(rank: int, run_yaml: str, port: int, stderr: str) -> None:
+    """A rank's process: ``monkeytune train run_yaml`` as torchrun's rank ``rank`` of 2, exiting with its code."""
+    from monkeytune.cli import main
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    with open(stderr, "w") as err:
+        os.dup2(err.fileno(), 2)
+        sys.stderr = os.fdopen(2, "w", closefd=False)
+        code = main(["train", run_yaml])
+        sys.stderr.flush()
+    sys.exit(code)
+
+
+def fork_ranks(run_yaml: Path, folder: Path) -> list:
+    """Start two DDP ranks (gloo) of ``monkeytune train run_yaml``; their processes (see :func:`wait_ranks`).
+
+    Each rank gets the environment torchrun gives a rank and writes its stderr to
+    ``folder/rank{N}.err``. The ranks are forked from multiprocessing's fork server, which has
+    imported torch, transformers, accelerate and monkeytune once for the session: a launcher and
+    two fresh interpreters import them three times per launch (about 15 s of a 2-core machine).
+    They are not forked from this process, whose accelerate state earlier tests have set. The
+    engine tests launch ranks with ``accelerate launch``, as a user does.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "monkeytune.cli", "monkeytune.train.loop"])
+    port = free_port()
+    procs = [ctx.Process(target=_rank, args=(rank, str(run_yaml), port, str(folder / f"rank{rank}.err")))
+             for rank in (0, 1)]
+    for proc in procs:
+        proc.start()
+    return procs
+
+
+def wait_ranks(procs: list, folder: Path, timeout: float = 180) -> list[tuple[int, str]]:
+    """Each rank's ``(exit code, stderr)``; a rank still running after ``timeout`` s is killed."""
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.exitcode is None:  # hung, e.g. waiting for a peer that stopped
+            proc.kill()
+            proc.join()
+    return [(proc.exitcode, (folder / f"rank{rank}.err").read_text()) for rank, proc in enumerate(procs)]

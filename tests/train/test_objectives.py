@@ -19,9 +19,10 @@ from monkeytune.train.loop import train
 from monkeytune.train.objectives import window_readout
 from monkeytune.train.setup import SetupError
 
-from .test_engines import finish, losses, start
+from .conftest import fork_ranks, wait_ranks
+from .test_engines import losses
 
-pytestmark = pytest.mark.processes(seconds=25)  # starts several processes (see tests/conftest.py)
+pytestmark = pytest.mark.processes(seconds=10)  # starts several processes (see tests/conftest.py)
 
 COLOURS = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (50, 60, 210)}
 
@@ -149,7 +150,7 @@ def test_what_the_stage_cannot_use_is_refused_in_one_line(make_config, tmp_path)
 
 
 def test_two_processes_match_one_process(make_config, tmp_path):
-    """DDP with 2 ranks, on mixed records, against one process accumulating both ranks' micro-batches.
+    """DDP with 2 forked ranks, on mixed records, against one process accumulating both ranks' micro-batches.
 
     (FSDP2 gave the same losses as DDP to 1e-7 when this was written; the sharding engines run
     the same module, so the suite launches DDP only.)"""
@@ -157,9 +158,13 @@ def test_two_processes_match_one_process(make_config, tmp_path):
     sections["train"] |= {"micro_batch_size": 4}
     sections["optim"] |= {"lr": 1e-4}  # gentle steps: the summation order's gap is not amplified by a steep descent
     make_config("ddp", **sections).save(tmp_path / "ddp.yaml")
-    proc = start("ddp.yaml", tmp_path / "ddp.yaml")
-    one = train(make_config("one", **{**sections, "train": {**sections["train"], "grad_accum": 2}}))
-    finish(proc)
+    ranks = fork_ranks(tmp_path / "ddp.yaml", tmp_path)
+    try:  # the reference trains beside the ranks
+        one = train(make_config("one", **{**sections, "train": {**sections["train"], "grad_accum": 2}}))
+    finally:
+        ranks = wait_ranks(ranks, tmp_path)
+    for code, stderr in ranks:
+        assert code == 0, stderr[-3000:]
     got, want = losses(tmp_path / "ddp"), losses(one.run_dir)
     assert got.keys() == want.keys() and len(got) == 4
     assert json.loads((tmp_path / "ddp" / "run.json").read_text())["engine"] == "ddp"
