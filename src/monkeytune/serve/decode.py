@@ -22,12 +22,12 @@ Caches are handled through transformers' public cache API only: a merged or trim
 new ``Cache`` of :class:`GrowingLayer` built from per-layer tensors. A ``GrowingLayer`` is a
 ``DynamicLayer`` that keeps spare columns after its tokens, so that a decoding step writes its
 keys and values in place rather than copying the whole cache into a new tensor (``DynamicLayer``
-concatenates: a quarter of a CPU step at 13 rows of 250 columns). Only a cache whose every layer
-is a plain ``DynamicLayer`` (keys and values of every token seen, one column per token) can be
-padded and grown that way. Sliding-window layers keep only their last window and
-linear-attention layers a state per row, with no column to pad: a model with such layers gets
-today's batches instead (its rows start together, take no one in, and ended rows stay in the
-batch, ignored, until the last ends).
+concatenates: a fifth of a CPU step of 16 rows at 250 columns, two fifths at 1,000). Only a
+cache whose every layer is a plain ``DynamicLayer`` (keys and values of every token seen, one
+column per token) can be padded and grown that way. Sliding-window layers keep only their last
+window and linear-attention layers a state per row, with no column to pad: a model with such
+layers gets today's batches instead (its rows start together, take no one in, and ended rows
+stay in the batch, ignored, until the last ends).
 
 Official Qwen checkpoints scale a query by its cache index (log-n attention, padding counted,
 see :mod:`monkeytune.model.qwen_compat`) past ``seq_length`` positions: padding added by a join
