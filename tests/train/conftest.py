@@ -1,4 +1,4 @@
-"""Shared pieces for the training tests: a synthetic dataset and a very small model config."""
+"""Shared pieces for the training tests: a synthetic dataset, a very small model config and forked DDP ranks."""
 
 from __future__ import annotations
 
@@ -176,4 +176,6 @@ def wait_ranks(procs: list, folder: Path, timeout: float = 180) -> list[tuple[in
         if proc.exitcode is None:  # hung, e.g. waiting for a peer that stopped
             proc.kill()
             proc.join()
-    return [(proc.exitcode, (folder / f"rank{rank}.err").read_text()) for rank, proc in enumerate(procs)]
+    errs = [folder / f"rank{rank}.err" for rank in range(len(procs))]
+    return [(proc.exitcode, err.read_text() if err.exists() else "(the rank ended before its stderr opened)")
+            for proc, err in zip(procs, errs)]

@@ -1,7 +1,7 @@
 """Under DDP, every rank stops with the message when another run holds the folder.
 
-The two ranks are forked from this process (``fork_ranks`` in conftest.py). That DDP trains
-like one process is checked in test_engines.py (two launchers, uneven data).
+The two ranks fork from a fork server (``fork_ranks`` in conftest.py). That DDP trains like one
+process is checked in test_engines.py (two launchers, uneven data).
 """
 
 from __future__ import annotations

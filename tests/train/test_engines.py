@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -28,19 +27,13 @@ import torch
 from monkeytune.model.io import load_model, read_tensors
 from monkeytune.train.loop import train
 
-from .conftest import MICRO_MODEL, config_maker
+from .conftest import MICRO_MODEL, config_maker, free_port
 
 pytestmark = pytest.mark.processes(seconds=200)  # starts several processes (see tests/conftest.py)
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 STEPS = 6  # 48 samples, 4 per micro-batch, 2 processes (or 2 accumulated micro-batches)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
