@@ -7,6 +7,7 @@ its path printed.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import time
@@ -14,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("gradio")
-selenium = pytest.importorskip("selenium")
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = "/usr/bin/chromedriver" if os.path.exists("/usr/bin/chromedriver") else shutil.which("chromedriver")
 pytestmark = [
+    # Looked up, not imported: every pytest worker collects this file, and gradio takes 4 s to import.
+    pytest.mark.skipif(not all(importlib.util.find_spec(m) for m in ("gradio", "selenium")),
+                       reason="needs gradio and selenium (the serve and dev extras)"),
     pytest.mark.skipif(
         not (CHROMIUM and CHROMEDRIVER),
         reason="chromium and chromedriver are not installed (apt-get install chromium chromium-driver)",

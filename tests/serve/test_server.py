@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 
 import pytest
 
-pytest.importorskip("gradio")
-from gradio_client import Client, handle_file  # noqa: E402
-
-# Gradio's queue trips pandas deprecation warnings that are not ours to fix.
-pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")
+pytestmark = [
+    # Looked up, not imported: every pytest worker collects this file, and gradio takes 4 s to
+    # import (the fixtures that start the page import it).
+    pytest.mark.skipif(importlib.util.find_spec("gradio") is None, reason="needs gradio (the serve extra)"),
+    # Gradio's queue trips pandas deprecation warnings that are not ours to fix.
+    pytest.mark.filterwarnings("ignore::Warning:gradio.queueing"),
+]
+if importlib.util.find_spec("gradio_client") is not None:  # light: the client, not gradio
+    from gradio_client import Client, handle_file
 
 ASK = dict(template="vqa", max_new_tokens=32, sampling=False, temperature=0.7, top_p=0.9)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 
 import pytest
@@ -13,7 +14,12 @@ from monkeytune.train.metrics import read_metrics
 from monkeytune.train.optim import optimizer_unavailable_reason
 from monkeytune.train.setup import SetupError
 
-bnb = pytest.importorskip("bitsandbytes")
+# Looked up, not imported: every pytest worker collects this file, and bitsandbytes takes 3 s to import.
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes (the quant extra)"),
+    # bitsandbytes' own use of a deprecated torch API, raised when a test first imports it.
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+]
 
 
 class Interrupt(Exception):
@@ -41,6 +47,8 @@ def test_8bit_adamw_state_is_8bit_for_large_tensors():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.LayerNorm(64))
     opt = build_optimizer(model, OptimSection(name="adamw_bnb_8bit", lr=1e-3), {}, [], include_frozen=False)
+    import bitsandbytes as bnb
+
     assert isinstance(opt, bnb.optim.AdamW8bit)
     model(torch.randn(4, 128)).square().sum().backward()
     opt.step()
