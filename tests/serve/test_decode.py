@@ -144,6 +144,17 @@ def test_a_growing_layer_holds_what_concatenation_holds():
         assert layer.get_seq_length() == keys.shape[-2] and layer.get_mask_sizes(1) == (keys.shape[-2] + 1, 0)
 
 
+def test_a_growing_layer_adopts_a_buffer_with_spare_columns_and_writes_into_it():
+    torch.manual_seed(0)
+    buffer_k, buffer_v = torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4)
+    layer = GrowingLayer(buffer_k, buffer_v, width=5)
+    k, v = torch.randn(2, 2, 1, 4), torch.randn(2, 2, 1, 4)
+    got_k, got_v = layer.update(k, v)
+    assert torch.equal(got_k, torch.cat([buffer_k[:, :, :5], k], dim=-2))
+    assert torch.equal(got_v, torch.cat([buffer_v[:, :, :5], v], dim=-2))
+    assert got_k.data_ptr() == buffer_k.data_ptr()  # written in place, not copied
+
+
 def test_rows_decoded_past_the_spare_columns_answer_as_alone(tok, picture):
     model = make("native", tok)
     n = GrowingLayer.ROOM + 12

@@ -110,16 +110,24 @@ class GrowingLayer(DynamicLayer):
     length, masks, selection) is ``DynamicLayer``'s, which reads ``keys`` and ``values``.
 
     Args:
-        keys, values: The layer's cached states, ``[B, heads, W, head_dim]``.
+        keys, values: The layer's cached states, ``[B, heads, W, head_dim]`` (copied into new
+            buffers); or, with ``width``, buffers whose first ``width`` columns hold the states
+            and the rest are spare (kept as they are, no copy).
+        width: See ``keys``.
     """
 
     ROOM = 64  # spare columns per reallocation: one copy of the cache every 64 steps
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, width: int | None = None) -> None:
         super().__init__()
         self._k: torch.Tensor | None = None
         self._v: torch.Tensor | None = None
-        self.update(keys, values)
+        if width is None:
+            self.update(keys, values)
+        else:
+            self.lazy_initialization(keys, values)
+            self._k, self._v = keys, values
+            self.keys, self.values = keys[:, :, :width], values[:, :, :width]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,11 +166,14 @@ def _joinable(cache: Any) -> bool:
                     and layer.keys.dim() == 4 for layer in layers))
 
 
-def _stack_left(a: torch.Tensor, b: torch.Tensor, width: int) -> torch.Tensor:
-    """``a``'s rows then ``b``'s, each right-aligned in ``width`` columns (the last dim for masks, else -2)."""
+def _stack_left(a: torch.Tensor, b: torch.Tensor, width: int, room: int = 0) -> torch.Tensor:
+    """``a``'s rows then ``b``'s, each right-aligned in ``width`` columns (the last dim for masks, else -2).
+
+    ``room`` more columns follow, unwritten: a :class:`GrowingLayer`'s spare columns.
+    """
     dim = -1 if a.dim() == 2 else -2
     shape = list(a.shape)
-    shape[0], shape[dim] = a.shape[0] + b.shape[0], width
+    shape[0], shape[dim] = a.shape[0] + b.shape[0], width + room
     out = a.new_zeros(shape)  # zeros: padding keys and values, and mask 0
     out[: a.shape[0]].narrow(dim, width - a.shape[dim], a.shape[dim]).copy_(a)
     out[a.shape[0]:].narrow(dim, width - b.shape[dim], b.shape[dim]).copy_(b)
@@ -268,9 +279,11 @@ class Decoder:
         if not (running.joins and new.joins):
             raise ValueError("these batches' caches cannot be merged")
         width = max(running.width, new.width)
-        layers = [(_stack_left(a.keys, b.keys, width), _stack_left(a.values, b.values, width))
-                  for a, b in zip(running.cache.layers, new.cache.layers)]
-        return Batch(running.rows + new.rows, _growing(layers), _stack_left(running.mask, new.mask, width),
+        room = GrowingLayer.ROOM  # stacked straight into buffers with spare columns: one copy per join
+        cache = Cache(layers=[GrowingLayer(_stack_left(a.keys, b.keys, width, room),
+                                           _stack_left(a.values, b.values, width, room), width)
+                              for a, b in zip(running.cache.layers, new.cache.layers)])
+        return Batch(running.rows + new.rows, cache, _stack_left(running.mask, new.mask, width),
                      torch.cat([running.positions, new.positions]), torch.cat([running.scores, new.scores]),
                      running.generators + new.generators, True)
 
