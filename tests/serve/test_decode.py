@@ -155,6 +155,25 @@ def test_a_growing_layer_adopts_a_buffer_with_spare_columns_and_writes_into_it()
     assert got_k.data_ptr() == buffer_k.data_ptr()  # written in place, not copied
 
 
+def test_a_growing_layer_keeps_some_rows_and_columns_in_one_copy_and_grows_on():
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 6, 4), torch.randn(3, 2, 6, 4)
+    layer = GrowingLayer(keys, values)
+    rows = torch.tensor([2, 0])
+    kept = layer.select(rows, 2)
+    keys, values = keys[[2, 0], :, 2:], values[[2, 0], :, 2:]
+    assert torch.equal(kept.keys, keys) and torch.equal(kept.values, values)
+    assert kept.keys.data_ptr() == kept._k.data_ptr() and kept._k.shape[-2] > 4  # its spare columns came along
+    for width in (1, GrowingLayer.ROOM):  # into them, then past them
+        k, v = torch.randn(2, 2, width, 4), torch.randn(2, 2, width, 4)
+        keys, values = torch.cat([keys, k], dim=-2), torch.cat([values, v], dim=-2)
+        got_k, got_v = kept.update(k, v)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+    kept.reorder_cache(torch.tensor([1, 0]))  # tensors no longer in its buffers: still right
+    again = kept.select(torch.tensor([0]), 0)
+    assert torch.equal(again.keys, keys[[1]]) and torch.equal(again.values, values[[1]])
+
+
 def test_rows_decoded_past_the_spare_columns_answer_as_alone(tok, picture):
     model = make("native", tok)
     n = GrowingLayer.ROOM + 12
@@ -239,3 +258,23 @@ def test_a_request_submitted_while_another_decodes_joins_it(tok, picture, kind):
         assert steps[:3] == [1, 1, 1] and 2 in steps and steps[-1] == 1
     else:  # the second waited for the first batch to end
         assert set(steps) == {1} and len(steps) == 24 + 8
+
+
+def test_a_picture_that_cannot_be_read_fails_its_own_request_only(tok, picture, tmp_path):
+    model = make("native", tok)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a picture at all")
+    good = Job(*prompt(model, tok, "what is in the picture?", str(picture)), 6, None)
+    bad = Job(*prompt(model, tok, "what is in the picture?", str(broken)), 6, None)
+    done = threading.Semaphore(0)
+    for job in (good, bad):
+        job.on_event = lambda event: event[0] == "done" and done.release()
+    batcher = Batcher(model, tok, "raw", max_batch_size=4)
+    with batcher._cond:  # the worker waits for this lock: both start in one prefill
+        batcher.submit(good)
+        batcher.submit(bad)
+    assert done.acquire(timeout=30) and done.acquire(timeout=30)
+    batcher.close()
+    assert bad.finish_reason == "error" and "broken.png" in str(bad.error)
+    assert good.finish_reason == "length" and good.tokens == alone(model, tok, good.ids, good.images, 6)
+    assert list(batcher.recent) == [1] * 6  # the good one ran alone

@@ -3,7 +3,8 @@
 One worker thread owns the model and runs one decode loop (:mod:`.decode`). Before every step
 it takes in the requests that wait, oldest first, up to ``max_batch_size`` rows: their prompts
 are prefilled (images included) and merged into the running batch's KV cache, and they get
-their first token in the same step as the running rows get their next. A row leaves the batch
+their first token in the same step as the running rows get their next. A request's images are
+cut into views by a second thread as soon as it is queued, so the worker finds them ready. A row leaves the batch
 as soon as it ends: at its end-of-answer token, its own ``max_tokens``, a stop string, its time
 limit, or when its client went away; its slot is free for the next waiting request at the next
 step. So short and long answers, greedy and sampled ones, share a batch; a request is answered
@@ -28,6 +29,7 @@ import logging
 import threading
 import time
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -57,6 +59,7 @@ class Job:
         on_event: Called from the worker thread with ``("text", piece)`` (streamed jobs) and,
             once, ``("done", self)``; must not block.
         deadline: ``time.monotonic()`` after which the row is ended (None: no limit).
+        views: Its images' views, being prepared while it waits (set by :meth:`Batcher.submit`).
 
     After ``done``: ``tokens`` (without the end-of-answer token), ``text`` (stripped, cut at a
     stop string), ``finish_reason`` (``stop``, ``length``, ``timeout``, ``cancelled`` or
@@ -80,6 +83,7 @@ class Job:
     sent: int = 0
     cut: bool = False
     cancelled: threading.Event = field(default_factory=threading.Event)
+    views: Future | None = None
 
     def cancel(self) -> None:
         """Stop generating for this job (its client went away); safe from any thread."""
@@ -91,6 +95,11 @@ class Job:
             self.on_event(event)
         except Exception:  # noqa: BLE001 - e.g. the server's event loop closed during shutdown
             logger.debug("event %s for a job nobody listens to", event[0], exc_info=True)
+
+
+def _ready(job: Job) -> bool:
+    """Whether ``job`` can start: its images' views are prepared (or it has none)."""
+    return job.views is None or job.views.done()
 
 
 class _Answers:
@@ -208,6 +217,11 @@ class Batcher:
         compat = get_compat(model)
         self._ntk_length = compat.seq_length if compat is not None and compat.use_dynamic_ntk else None
         self._waiting: list[Job] = []
+        # Images are cut into views in a thread of their own as their jobs are queued: Pillow and
+        # torch code that mostly releases the GIL, so on a CPU it runs on the core the decoding
+        # steps leave free, and a job starts with its views ready. One thread: a burst of
+        # pictures does not crowd out the event loop, which answers refusals meanwhile.
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="monkeytune-api-views")
         self._cond = threading.Condition()
         self._closed = False
         self.running = 0
@@ -224,7 +238,14 @@ class Batcher:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self._waiting)} requests are already waiting")
+            if job.images:
+                job.views = self._preparer.submit(self.decoder.views, job.images)
+                job.views.add_done_callback(self._wake)
             self._waiting.append(job)
+            self._cond.notify()
+
+    def _wake(self, _: Any = None) -> None:
+        with self._cond:
             self._cond.notify()
 
     def cancel(self, job: Job) -> None:
@@ -235,6 +256,8 @@ class Batcher:
             if waiting:
                 self._waiting.remove(job)
         if waiting:
+            if job.views is not None:
+                job.views.cancel()  # not prepared yet: never will be
             job.finish_reason = "cancelled"
             job.emit(("done", job))
 
@@ -256,6 +279,7 @@ class Batcher:
             job.finish_reason = "cancelled"
             job.emit(("done", job))
         self._thread.join(timeout)
+        self._preparer.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ taking jobs
     def _key(self, job: Job) -> float:
@@ -272,18 +296,23 @@ class Batcher:
 
         Idle, the oldest job and the compatible ones after it start. Beside a running batch,
         jobs join oldest first, and none past one that cannot join: that one waits for the
-        batch to end, and would wait for ever if later ones kept it running.
+        batch to end, and would wait for ever if later ones kept it running. Either way none
+        past one whose views are not ready yet: it joins at a later step, and the batch does
+        not wait for it.
         """
         taken: list[Job] = []
-        if batch is None:
-            key = self._key(self._waiting[0])
-            taken = [job for job in self._waiting if self._key(job) == key][: self.max_batch_size]
-        else:
-            key = self._key(batch.rows[0])
-            for job in self._waiting[: self.max_batch_size - len(batch.rows)]:
-                if self._key(job) != key or not self.decoder.fits(batch, [*taken, job]):
-                    break
-                taken.append(job)
+        key = self._key(self._waiting[0] if batch is None else batch.rows[0])
+        room = self.max_batch_size - (0 if batch is None else len(batch.rows))
+        for job in self._waiting:
+            if len(taken) == room:
+                break
+            if self._key(job) != key:
+                if batch is None:
+                    continue
+                break
+            if not _ready(job) or (batch is not None and not self.decoder.fits(batch, [*taken, job])):
+                break
+            taken.append(job)
         for job in taken:
             self._waiting.remove(job)
         return taken
@@ -310,6 +339,8 @@ class Batcher:
                 if batch is None:
                     self._cond.wait_for(lambda: self._waiting or self._closed)
                     self._gather()
+                    # Idle, the oldest job's views are worth waiting for (their thread wakes us).
+                    self._cond.wait_for(lambda: self._closed or not self._waiting or _ready(self._waiting[0]))
                 if self._closed and batch is None:
                     return
                 new = self._take(batch) if self._waiting and not self._closed else []
@@ -326,17 +357,19 @@ class Batcher:
 
     def _start(self, jobs: list[Job]) -> Batch | None:
         """Prefill ``jobs`` into a batch of their own; None when none could start (each is answered)."""
-        fitting = []
+        fitting, views = [], []
         for job in jobs:
-            try:  # a prompt that cannot fit with its answer fails alone
+            try:  # a prompt that cannot fit with its answer, or an image that cannot be read, fails alone
                 check_prompt_length(len(job.ids), self.model.config, job.max_tokens)
+                views.append(job.views.result() if job.views is not None else None)
                 fitting.append(job)
             except Exception as e:  # noqa: BLE001 - reported to that request
                 self.answers.fail(job, e)
+            job.views = None  # the batch's cache holds what the views gave; the tensors go
         if not fitting:
             return None
         try:
-            return self.decoder.start(fitting)
+            return self.decoder.start(fitting, views)
         except Exception as e:  # noqa: BLE001 - these requests get the error; the running rows go on
             logger.exception("starting %d requests failed", len(fitting))
             for job in fitting:

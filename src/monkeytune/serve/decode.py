@@ -45,8 +45,9 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from monkeytune.generate import OnlyTokenizerIds, load_views
+from monkeytune.generate import OnlyTokenizerIds
 from monkeytune.model.qwen_compat import get_compat
+from monkeytune.vision.processor import ImageProcessor
 
 __all__ = ["Batch", "Decoder", "GrowingLayer", "sample"]
 
@@ -152,6 +153,18 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : width + new], self._v[:, :, : width + new]
         return self.keys, self.values
 
+    def select(self, rows: torch.Tensor, start: int) -> "GrowingLayer":
+        """A new layer of ``rows`` (``[n]`` indices) and the columns from ``start`` on.
+
+        One copy: the rows are gathered from the whole buffers, spare columns included.
+        """
+        width = self.get_seq_length() - start
+        if self._k is None or self.keys.data_ptr() != self._k.data_ptr() or self.keys.shape[0] != self._k.shape[0]:
+            return GrowingLayer(self.keys[:, :, start:].index_select(0, rows),
+                                self.values[:, :, start:].index_select(0, rows))
+        return GrowingLayer(self._k[:, :, start:].index_select(0, rows), self._v[:, :, start:].index_select(0, rows),
+                            width)
+
 
 def _growing(layers: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Cache:
     """A cache of :class:`GrowingLayer` holding each layer's ``(keys, values)``."""
@@ -200,6 +213,7 @@ class Decoder:
         self.only_tokens = OnlyTokenizerIds(vocab_size) if model.config.llm.vocab_size > vocab_size else None
         compat = get_compat(model)
         self.logn_length = compat.seq_length if compat is not None and compat.use_logn_attn else None
+        self.processor = ImageProcessor(model.config.image)
 
     # ------------------------------------------------------------------ model calls
     @torch.no_grad()
@@ -213,8 +227,21 @@ class Decoder:
             scores = self.only_tokens(None, scores)
         return cache, scores
 
-    def start(self, jobs: Sequence[Any]) -> Batch:
+    def views(self, images: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(pixel_values [N, 3, S, S] float32, slots [N])`` of image files, on the CPU; from any thread.
+
+        The batcher prepares each job's views this way while the job waits (see :meth:`start`).
+        """
+        return self.processor.batch(list(images))
+
+    @torch.no_grad()  # the vision tower too: serving never keeps activations for a backward pass
+    def start(self, jobs: Sequence[Any], views: Sequence[tuple[torch.Tensor, torch.Tensor] | None] = ()) -> Batch:
         """Prefill ``jobs``' prompts (left-padded, images included) into a batch of their own.
+
+        Args:
+            jobs: The jobs, each with ``ids`` and the image paths ``images``.
+            views: Each job's :meth:`views`, already prepared, or None (or nothing at all):
+                its images are read here.
 
         Raises:
             Exception: whatever the images or the model raise (the caller answers these jobs).
@@ -227,7 +254,7 @@ class Decoder:
             ids[row, width - len(job.ids):] = torch.tensor(job.ids, dtype=torch.long)
             mask[row, width - len(job.ids):] = 1
         ids, mask = ids.to(device), mask.to(device)
-        pixel_values, slots = load_views(self.model, [path for job in jobs for path in job.images])
+        pixel_values, slots = self._pixels(jobs, views)
         embeds = self.model.embed_inputs(ids, pixel_values, slots)
         # Position ids count real tokens only (padding gets 0; it is masked anyway).
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -237,6 +264,16 @@ class Decoder:
         if joins:
             cache = _growing([(layer.keys, layer.values) for layer in cache.layers])
         return Batch(list(jobs), cache, mask, mask.sum(-1), scores, generators, joins)
+
+    def _pixels(self, jobs: Sequence[Any], views: Sequence[Any]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The views of every job's images, in job order, on the model's device and in its dtype."""
+        given = list(views) or [None] * len(jobs)
+        parts = [v if v is not None else self.views(job.images) for job, v in zip(jobs, given) if job.images]
+        if not parts:
+            return None, None
+        dtype = next(self.model.parameters()).dtype
+        return (torch.cat([p[0] for p in parts]).to(self.model.device, dtype),
+                torch.cat([p[1] for p in parts]).to(self.model.device))
 
     @staticmethod
     def _generator(job: Any, device: torch.device) -> torch.Generator | None:
@@ -301,7 +338,6 @@ class Decoder:
         # Columns that only the leaving rows used (padding for everyone left) go too.
         used = mask.any(dim=0).nonzero()
         start = int(used[0]) if used.numel() and self._logn_free(batch.width, batch.remaining()) else 0
-        cache = _growing([(layer.keys[:, :, start:].index_select(0, index),
-                           layer.values[:, :, start:].index_select(0, index)) for layer in batch.cache.layers])
+        cache = Cache(layers=[layer.select(index, start) for layer in batch.cache.layers])
         return Batch([batch.rows[r] for r in rows], cache, mask[:, start:], batch.positions[index],
                      batch.scores[index], [batch.generators[r] for r in rows], True)
