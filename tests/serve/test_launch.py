@@ -98,3 +98,17 @@ def test_cli_serves_the_page_until_interrupted(parrot_dir, free_port):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="uvloop does not build on Windows")
+def test_the_api_runs_on_uvicorn_s_c_event_loop_and_http_parser():
+    from types import SimpleNamespace
+
+    from monkeytune.serve.api_launch import _uvicorn
+
+    # The serve extra installs both and uvicorn picks them itself: with its pure-Python parser and
+    # loop, refusals answered under load took longer (docs/serve.md, "Load benchmark").
+    config = _uvicorn(SimpleNamespace(app=lambda scope, receive, send: None), "warning").config
+    config.load()
+    assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
+    assert config.get_loop_factory().__module__.startswith("uvloop")
