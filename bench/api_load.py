@@ -15,12 +15,13 @@ Starts ``monkeytune api`` on the loopback address in a subprocess (a tiny random
 Reported side by side: answers/s and generated tokens/s at each concurrency and the ratio of
 16 to 1, the mean batch, p50 and p95 latency of answers, the refusals' latency (median, p95,
 max; per kind in the JSON), and the server's peak resident set (``VmHWM``). The levels take
-turns (``--rounds``), so that the machine's other load, which drifts, weighs on each alike.
-The run is bounded: ``--requests`` per level and a ``--deadline`` per level. Nothing listens
-beyond 127.0.0.1.
+turns (``--rounds``), so that the machine's other load, which drifts, weighs on each alike; the
+ratio of each round's 16 to its 1 is printed too (least, median, most), which shows how much the
+machine moved during the run. The run is bounded: ``--requests`` per level and a ``--deadline``
+per level. Nothing listens beyond 127.0.0.1.
 
-Usage: ``python bench/api_load.py [--requests 96] [--batch-size 16] [--preset-vision]``. The
-last line printed is a JSON object with all figures.
+Usage: ``python bench/api_load.py [--requests 192] [--rounds 6] [--batch-size 16] [--preset-vision]``.
+The last line printed is a JSON object with all figures.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import argparse
 import base64
 import io
 import json
+import statistics
 import struct
 import subprocess
 import sys
@@ -210,7 +212,15 @@ def start_server(model: Path, log: Path, batch_size: int, threads: int) -> tuple
     return proc, line.split("on ", 1)[1].split()[0]
 
 
-def print_table(levels: list[dict], rss: int) -> None:
+def round_ratios(rounds: dict[int, list[dict]]) -> list[float]:
+    """Answers/s of each round at the highest concurrency over the same round's at the lowest."""
+    def rate(one: dict) -> float:
+        return sum(r["status"] == 200 for r in one["results"]) / one["seconds"]
+
+    return [rate(most) / rate(one) for one, most in zip(rounds[LEVELS[0]], rounds[LEVELS[-1]])]
+
+
+def print_table(levels: list[dict], rss: int, per_round: list[float]) -> None:
     cols = [("concurrency", "{:>11}"), ("answers", "{:>7}"), ("answers_per_s", "{:>9.2f}"),
             ("tokens_per_s", "{:>8.1f}"), ("mean_batch", "{:>5.1f}"), ("p50_ms", "{:>7.0f}"), ("p95_ms", "{:>7.0f}"),
             ("refused_ok", "{:>7}"), ("refusal_p50_ms", "{:>8.1f}"), ("refusal_p95_ms", "{:>8.1f}"),
@@ -221,16 +231,20 @@ def print_table(levels: list[dict], rss: int) -> None:
     one, most = levels[0], levels[-1]
     answers, tokens = most["answers_per_s"] / one["answers_per_s"], most["tokens_per_s"] / one["tokens_per_s"]
     print(f"ratio {most['concurrency']} vs {one['concurrency']}: answers/s x{answers:.2f}, tokens/s x{tokens:.2f}")
+    print(f"per round: least x{min(per_round):.2f}, median x{statistics.median(per_round):.2f}, "
+          f"most x{max(per_round):.2f}")
     print(f"server peak RSS: {rss / 2**20:.0f} MiB")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="model folder (default: a tiny random model)")
-    p.add_argument("--requests", type=int, default=96, help="requests per concurrency level")
+    p.add_argument("--requests", type=int, default=192, help="requests per concurrency level")
     p.add_argument("--mix", default=",".join(KINDS),
                    help=f"the kinds of request, cycled (default {','.join(KINDS)})")
-    p.add_argument("--rounds", type=int, default=3,
+    # Six rounds of 32: on a 2-core machine whose speed drifts by a third within seconds, three
+    # rounds left the ratio of 16 to 1 a tenth or more apart from run to run.
+    p.add_argument("--rounds", type=int, default=6,
                    help="the levels take turns this many times, each with its share of the requests, so that a "
                    "change in the machine's other load falls on every level alike")
     p.add_argument("--batch-size", type=int, default=16)
@@ -263,13 +277,15 @@ def main() -> None:
                         part = bodies[r * share : (r + 1) * share]
                         rounds[c].append(run_round(client, url, part, c, args.deadline / args.rounds))
                 levels = [summarize(c, rounds[c]) for c in LEVELS]
+                per_round = round_ratios(rounds)
                 alive = _health(client, url)["status"] == "ok"
             rss = _peak_rss(proc.pid)
         finally:
             proc.terminate()
             proc.wait(30)
-    print_table(levels, rss)
+    print_table(levels, rss, per_round)
     print(json.dumps({"levels": levels, "server_peak_rss_bytes": rss, "alive_after": alive,
+                      "ratio_answers_per_round": per_round,
                       "ratio_answers": levels[-1]["answers_per_s"] / levels[0]["answers_per_s"],
                       "ratio_tokens": levels[-1]["tokens_per_s"] / levels[0]["tokens_per_s"]}))
 

@@ -4,11 +4,12 @@ One worker thread owns the model and runs one decode loop (:mod:`.decode`). Befo
 it takes in the requests that wait, oldest first, up to ``max_batch_size`` rows: their prompts
 are prefilled (images included) and merged into the running batch's KV cache, and they get
 their first token in the same step as the running rows get their next. A request's images are
-cut into views by a second thread as soon as it is queued, so the worker finds them ready. A row leaves the batch
-as soon as it ends: at its end-of-answer token, its own ``max_tokens``, a stop string, its time
-limit, or when its client went away; its slot is free for the next waiting request at the next
-step. So short and long answers, greedy and sampled ones, share a batch; a request is answered
-as soon as its row ends. A request cancelled while waiting is dropped before it takes a slot.
+cut into views by a second thread as soon as it is queued: a request joins once they are ready,
+and the running batch does not wait for them. A row leaves the batch as soon as it ends: at its
+end-of-answer token, its own ``max_tokens``, a stop string, its time limit, or when its client
+went away; its slot is free for the next waiting request at the next step. So short and long
+answers, greedy and sampled ones, share a batch; a request is answered as soon as its row ends.
+A request cancelled while waiting is dropped before it takes a slot.
 
 Each row keeps its own settings (temperature, top-p, seed: a seeded row draws from its own
 generator) and its own limits; :class:`_Answers` records each row's tokens, cuts stop strings

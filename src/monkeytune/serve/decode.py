@@ -153,7 +153,7 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : width + new], self._v[:, :, : width + new]
         return self.keys, self.values
 
-    def select(self, rows: torch.Tensor, start: int) -> "GrowingLayer":
+    def select(self, rows: torch.Tensor, start: int) -> GrowingLayer:
         """A new layer of ``rows`` (``[n]`` indices) and the columns from ``start`` on.
 
         One copy: the rows are gathered from the whole buffers, spare columns included.
