@@ -217,7 +217,8 @@ def round_ratios(rounds: dict[int, list[dict]]) -> list[float]:
     def rate(one: dict) -> float:
         return sum(r["status"] == 200 for r in one["results"]) / one["seconds"]
 
-    return [rate(most) / rate(one) for one, most in zip(rounds[LEVELS[0]], rounds[LEVELS[-1]])]
+    return [rate(most) / rate(one) if rate(one) else float("nan")
+            for one, most in zip(rounds[LEVELS[0]], rounds[LEVELS[-1]])]
 
 
 def print_table(levels: list[dict], rss: int, per_round: list[float]) -> None:
