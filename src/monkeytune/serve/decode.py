@@ -136,10 +136,7 @@ class GrowingLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         width, new = self.get_seq_length(), key_states.shape[-2]
-        # Write in place only while ``keys`` is still the buffer's start: ``DynamicLayer``'s own
-        # selection and reordering replace it with a new tensor, which is copied over again.
-        in_place = (self._k is not None and width > 0 and self.keys.data_ptr() == self._k.data_ptr()
-                    and self.keys.shape[:2] == key_states.shape[:2] == self._k.shape[:2]
+        in_place = (width > 0 and self._in_buffers() and key_states.shape[:2] == self._k.shape[:2]
                     and width + new <= self._k.shape[-2])
         if not in_place:
             shape = (*key_states.shape[:2], width + new + self.ROOM, key_states.shape[-1])
@@ -153,13 +150,19 @@ class GrowingLayer(DynamicLayer):
         self.keys, self.values = self._k[:, :, : width + new], self._v[:, :, : width + new]
         return self.keys, self.values
 
+    def _in_buffers(self) -> bool:
+        """Whether ``keys`` is still the start of its buffer: ``DynamicLayer``'s own selection and
+        reordering replace it with a new tensor, which is then copied over again."""
+        return (self._k is not None and self.keys.data_ptr() == self._k.data_ptr()
+                and self.keys.shape[:2] == self._k.shape[:2])
+
     def select(self, rows: torch.Tensor, start: int) -> GrowingLayer:
         """A new layer of ``rows`` (``[n]`` indices) and the columns from ``start`` on.
 
         One copy: the rows are gathered from the whole buffers, spare columns included.
         """
         width = self.get_seq_length() - start
-        if self._k is None or self.keys.data_ptr() != self._k.data_ptr() or self.keys.shape[0] != self._k.shape[0]:
+        if not self._in_buffers():
             return GrowingLayer(self.keys[:, :, start:].index_select(0, rows),
                                 self.values[:, :, start:].index_select(0, rows))
         return GrowingLayer(self._k[:, :, start:].index_select(0, rows), self._v[:, :, start:].index_select(0, rows),
